@@ -1,0 +1,83 @@
+"""Checkpoints are plain data (dicts, lists, numbers, strings, tensors), so
+`torch.load(path, weights_only=True)` reads them; they carry everything needed to rebuild the
+model: config, class names, image size, normalisation and the calibration temperature.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .model import CXRMultiTaskNet, build_model
+
+FORMAT = "cxrkit-checkpoint-v1"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; str() names the file and the fix."""
+
+
+def atomic_torch_save(obj, path) -> None:
+    """Write to a temp file in the same folder, then os.replace: a crash never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Strip wrapper prefixes (DistributedDataParallel 'module.', torch.compile '_orig_mod.')."""
+    out = {}
+    for k, v in sd.items():
+        for pre in ("module.", "_orig_mod."):
+            while k.startswith(pre):
+                k = k[len(pre):]
+        out[k] = v
+    return out
+
+
+def make_checkpoint(model: torch.nn.Module, cfg: ModelConfig, class_names, img_size: int, **extra) -> dict:
+    sd = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
+    ck = {"format": FORMAT, "model_config": cfg.to_dict(), "class_names": list(class_names),
+          "img_size": int(img_size), "normalization": {"mean": list(cfg.mean), "std": list(cfg.std)},
+          "temperature": 1.0, "state_dict": {k: v.detach().cpu() for k, v in clean_state_dict(sd).items()}}
+    ck.update(extra)
+    return ck
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (train one with model_arch.py or pass --checkpoint)")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable cxrkit checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cxrkit checkpoint (no '{FORMAT}' format tag); "
+                              f"retrain with model_arch.py")
+    ck["state_dict"] = clean_state_dict(ck["state_dict"])
+    return ck
+
+
+def model_from_checkpoint(ck_or_path, map_location="cpu") -> tuple[CXRMultiTaskNet, dict]:
+    """Rebuild the network from a checkpoint alone; returns (model in eval mode, checkpoint dict)."""
+    ck = load_checkpoint(ck_or_path, map_location) if not isinstance(ck_or_path, dict) else ck_or_path
+    cfg = ModelConfig.from_dict(ck["model_config"])
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ck["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not match its own config ({str(e).splitlines()[0]})") from None
+    model.eval()
+    return model, ck
+
+
+def strip_for_release(ck: dict) -> dict:
+    """Weights and metadata only (no optimizer / scheduler / scaler state)."""
+    drop = {"optimizer", "scheduler", "scaler", "train_state_dict"}
+    return {k: v for k, v in ck.items() if k not in drop}

@@ -1,0 +1,106 @@
+"""Every default lives here, in one commented place.
+
+`ModelConfig` fully describes a network; it is stored in each checkpoint as a plain dict, so a
+checkpoint rebuilds its model with no architecture flags. `PRESETS` are the variants compared in
+the README's variant table; `seed` is the original specification, kept selectable.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# Images are fed as RGB float32 in [0, 1]; normalisation is then applied inside preprocessing with
+# these statistics (stored in every checkpoint / ONNX meta so both backends agree). 0.5/0.5 maps
+# [0,1] to [-1,1]: symmetric around zero, which suits a network trained from scratch.
+DEFAULT_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_STD = (0.5, 0.5, 0.5)
+
+# The class order of the COVID-19 Radiography Database folders (sorted). The real order of a model
+# always comes from its checkpoint; this is only used by the synthetic-data generator.
+DEFAULT_CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "seed"
+    in_channels: int = 3
+    num_classes: int = 4
+    # MONAI UNet backbone
+    channels: tuple = (32, 64, 128, 256, 512)
+    strides: tuple = (2, 2, 2, 2)
+    features: int = 64            # UNet output channels = width of the full-resolution feature map
+    num_res_units: int = 2
+    norm: str = "batch"
+    dropout: float = 0.1
+    # input normalisation, applied inside the network so every caller feeds RGB in [0, 1]
+    mean: tuple = DEFAULT_MEAN
+    std: tuple = DEFAULT_STD
+    # classification head
+    cls_source: str = "top"       # "top": GAP of the full-res map (seed); "multiscale": GAP of every
+                                  # encoder level + bottleneck + top map, concatenated
+    cls_hidden: tuple = (256, 128)
+    cls_dropout: tuple = (0.5, 0.3, 0.2)
+    # segmentation head: conv features -> seg_hidden (BN, ReLU) -> 1
+    seg_hidden: int = 32
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}: checkpoint from a newer version?")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+
+PRESETS = {
+    # the original specification: 64-channel full-resolution top, classification from it
+    "seed": dict(),
+    # same encoder, classification from pooled multi-scale features, thinner top and seg head
+    "seed_ms": dict(features=32, cls_source="multiscale", seg_hidden=16),
+    # half-width backbone, multi-scale classification
+    "small": dict(channels=(16, 32, 64, 128, 256), features=16, cls_source="multiscale", seg_hidden=16),
+    # quarter-width backbone
+    "tiny": dict(channels=(8, 16, 32, 64, 128), features=8, cls_source="multiscale", seg_hidden=8,
+                 cls_hidden=(128, 64)),
+}
+
+
+def make_config(preset: str = "seed", num_classes: int = 4, **overrides) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown --arch '{preset}'; choose one of {sorted(PRESETS)}")
+    kw = dict(PRESETS[preset])
+    kw.update(overrides)
+    return ModelConfig(preset=preset, num_classes=num_classes, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Training recipe defaults (model_arch.py's argparse reads its defaults from here)."""
+    num_epochs: int = 100
+    batch_size: int = 16
+    img_size: int = 256
+    lr: float = 1e-3              # AdamW; cosine decay with a short linear warm-up
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    seg_weight: float = 1.0       # total = seg_weight * (Dice + BCE) + cls_weight * CE
+    cls_weight: float = 2.0
+    patience: int = 15            # early stopping on the validation score; 0 disables
+    seed: int = 42
+    workers: int = 2
+    val_frac: float = 0.15
+    test_frac: float = 0.15
+    dup_threshold: float = 0.985  # 32-px correlation above which two images are near-duplicates
+    grad_clip: float = 5.0
+    ema_decay: float = 0.998      # weight EMA (validated and shipped); 0 disables
+    # augmentation (applied to image and mask together; no horizontal flips, see data.py)
+    aug_rotate_deg: float = 10.0
+    aug_scale: float = 0.10
+    aug_shift: float = 0.06
+    aug_brightness: float = 0.10
+    aug_contrast: float = 0.15
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,367 @@
+"""Data pipeline: discover the database layout, decode each image ONCE into a uint8 cache, make a
+stratified near-duplicate-aware split, and serve batches (augmented on the training device).
+
+Layouts accepted (class names come from the folders, sorted):
+    <data_dir>/<Class>/images/<name>  with  <data_dir>/<Class>/masks/<name>   (database layout)
+    <data_dir>/<Class>/<name>                                                  (classification only)
+A sample without a mask still trains the classifier; its segmentation loss is skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .preprocess import IMAGE_EXTS, ImageReadError, list_images, read_gray, read_mask, resize_gray, resize_mask
+
+log = logging.getLogger("cxrkit")
+
+
+class DataError(Exception):
+    """A user-fixable problem with the data folder; str() is a one-line message with the fix."""
+
+
+@dataclass
+class Sample:
+    image: str            # path relative to data_dir (the split file stores these)
+    label: int
+    mask: str | None      # relative path, or None when the class has no masks folder / no mask
+
+
+def _find_mask(mask_dir: Path, image_name: str) -> Path | None:
+    p = mask_dir / image_name
+    if p.is_file():
+        return p
+    stem = Path(image_name).stem
+    for ext in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+        q = mask_dir / (stem + ext)
+        if q.is_file():
+            return q
+    return None
+
+
+def discover(data_dir) -> tuple[list[str], list[Sample]]:
+    """Class names and samples of a data folder; raises DataError with the fix when unusable."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"--data_dir {root}: not a folder; point it at the database root "
+                        f"(<Class>/images/*.png with <Class>/masks/*.png)")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"--data_dir {root}: no class folders found; expected <Class>/images/*.png "
+                        f"(with <Class>/masks/) or <Class>/*.png")
+    classes, samples, n_nomask = [], [], 0
+    for cdir in class_dirs:
+        img_dir = cdir / "images" if (cdir / "images").is_dir() else cdir
+        if img_dir == cdir:
+            files = sorted(p for p in cdir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                           and not p.name.startswith("."))
+        else:
+            files = list_images(img_dir)
+        if not files:
+            raise DataError(f"class folder {cdir} has no images ({', '.join(sorted(IMAGE_EXTS))}): "
+                            f"add images or remove the folder")
+        label = len(classes)
+        classes.append(cdir.name)
+        mask_dir = cdir / "masks"
+        for f in files:
+            m = _find_mask(mask_dir, f.name) if mask_dir.is_dir() else None
+            if m is None and mask_dir.is_dir():
+                n_nomask += 1
+            samples.append(Sample(str(f.relative_to(root)), label,
+                                  str(m.relative_to(root)) if m is not None else None))
+    if n_nomask:
+        log.warning("%d images have no mask in their class's masks/ folder: classification only", n_nomask)
+    return classes, samples
+
+
+# ----------------------------------------------------------------------------------------- cache
+def _decode_one(args):
+    root, s, size = args
+    try:
+        img = resize_gray(read_gray(Path(root) / s.image), size)
+    except ImageReadError as e:
+        return None, None, e.reason
+    mask, mreason = None, None
+    if s.mask is not None:
+        try:
+            mask = resize_mask(read_mask(Path(root) / s.mask), size)
+        except ImageReadError as e:
+            mreason = f"mask {s.mask}: {e.reason}"
+    return img, mask, mreason
+
+
+def _cache_key(root: Path, samples: list[Sample], size: int) -> str:
+    h = hashlib.sha1(f"v1|{size}".encode())
+    for s in samples:
+        for rel in (s.image, s.mask):
+            if rel is None:
+                h.update(b"|-")
+                continue
+            st = (root / rel).stat()
+            h.update(f"|{rel}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class CachedData:
+    classes: list[str]
+    paths: list[str]         # relative image paths, aligned with the arrays
+    labels: np.ndarray       # (N,) int64
+    images: np.ndarray       # (N, S, S) uint8 (memory-mapped)
+    masks: np.ndarray        # (N, S, S) uint8 0/1
+    has_mask: np.ndarray     # (N,) bool
+    skipped: list[dict]      # [{"path", "reason"}]
+    root: str
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def build_cache(data_dir, img_size: int, cache_dir, workers: int = 2, progress: bool = True) -> CachedData:
+    """Decode + resize every image and mask once; reuse the cache while the files are unchanged."""
+    root = Path(data_dir)
+    classes, samples = discover(root)
+    key = _cache_key(root, samples, img_size)
+    cdir = Path(cache_dir) / f"{img_size}px-{key}"
+    meta_p = cdir / "meta.json"
+    if not meta_p.is_file():
+        cdir.mkdir(parents=True, exist_ok=True)
+        n = len(samples)
+        images = np.zeros((n, img_size, img_size), np.uint8)
+        masks = np.zeros((n, img_size, img_size), np.uint8)
+        has_mask = np.zeros(n, bool)
+        ok = np.zeros(n, bool)
+        skipped = []
+        jobs = [(str(root), s, img_size) for s in samples]
+        it = map(_decode_one, jobs) if workers <= 0 else None
+        pool = ProcessPoolExecutor(max_workers=workers) if workers > 0 else None
+        try:
+            if pool is not None:
+                it = pool.map(_decode_one, jobs, chunksize=64)
+            from tqdm import tqdm
+            for i, (img, mask, reason) in enumerate(tqdm(it, total=n, desc=f"caching {img_size}px",
+                                                          disable=not progress, leave=False)):
+                s = samples[i]
+                if img is None:
+                    skipped.append({"path": s.image, "reason": reason})
+                    log.warning("skipped %s: %s", s.image, reason)
+                    continue
+                ok[i] = True
+                images[i] = img
+                if mask is not None:
+                    masks[i], has_mask[i] = mask, True
+                elif reason:
+                    skipped.append({"path": s.mask, "reason": reason + " (image kept, classification only)"})
+                    log.warning("%s", reason)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        keep = np.flatnonzero(ok)
+        if keep.size == 0:
+            raise DataError(f"--data_dir {root}: none of the {n} images could be decoded")
+        _atomic_save_npy(cdir / "images.npy", images[keep])
+        _atomic_save_npy(cdir / "masks.npy", masks[keep])
+        meta = {"classes": classes, "img_size": img_size,
+                "paths": [samples[i].image for i in keep],
+                "labels": [samples[i].label for i in keep],
+                "has_mask": has_mask[keep].tolist(), "skipped": skipped}
+        tmp = meta_p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, meta_p)  # meta last: its presence marks a complete cache
+        if skipped:
+            log.warning("%d files skipped while caching (listed in %s)", len(skipped), meta_p)
+    return load_cache(cdir, root)
+
+
+def load_cache(cdir, root="") -> CachedData:
+    cdir = Path(cdir)
+    meta = json.loads((cdir / "meta.json").read_text())
+    return CachedData(classes=meta["classes"], paths=meta["paths"],
+                      labels=np.asarray(meta["labels"], np.int64),
+                      images=np.load(cdir / "images.npy", mmap_mode="r"),
+                      masks=np.load(cdir / "masks.npy", mmap_mode="r"),
+                      has_mask=np.asarray(meta["has_mask"], bool),
+                      skipped=meta["skipped"], root=str(root))
+
+
+# ----------------------------------------------------------------------------------------- split
+def near_duplicate_groups(images: np.ndarray, threshold: float = 0.985, thumb: int = 32,
+                          block: int = 2048) -> np.ndarray:
+    """Group id per image; images whose 32-px thumbnails correlate above `threshold` share a group."""
+    import cv2
+    n = len(images)
+    th = np.stack([cv2.resize(np.asarray(im), (thumb, thumb), interpolation=cv2.INTER_AREA)
+                   for im in images]).reshape(n, -1).astype(np.float32)
+    th -= th.mean(axis=1, keepdims=True)
+    th /= np.linalg.norm(th, axis=1, keepdims=True) + 1e-6
+    parent = np.arange(n)
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for s in range(0, n, block):
+        sim = th[s:s + block] @ th.T
+        ii, jj = np.nonzero(sim > threshold)
+        for i, j in zip(ii + s, jj):
+            if i < j:
+                ra, rb = find(i), find(j)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(i) for i in range(n)])
+
+
+def make_split(labels: np.ndarray, groups: np.ndarray, val_frac: float, test_frac: float,
+               seed: int) -> dict[str, np.ndarray]:
+    """Stratified by class, whole near-duplicate groups to one side; deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    out = {"train": [], "val": [], "test": []}
+    uniq = np.unique(groups)
+    members = {g: np.flatnonzero(groups == g) for g in uniq}
+    glabel = {g: np.bincount(labels[m]).argmax() for g, m in members.items()}
+    for c in np.unique(labels):
+        gs = np.array(sorted(g for g in uniq if glabel[g] == c))
+        rng.shuffle(gs)
+        n_c = sum(len(members[g]) for g in gs)
+        targets = {"test": round(n_c * test_frac), "val": round(n_c * val_frac)}
+        counts = {"test": 0, "val": 0}
+        for g in gs:
+            side = next((k for k in ("test", "val") if counts[k] < targets[k]), "train")
+            if side != "train":
+                counts[side] += len(members[g])
+            out[side].extend(members[g].tolist())
+    return {k: np.array(sorted(v), np.int64) for k, v in out.items()}
+
+
+def load_or_make_split(data: CachedData, split_path, val_frac=0.15, test_frac=0.15, seed=42,
+                       dup_threshold=0.985) -> dict[str, np.ndarray]:
+    """Reuse split_path when it exists (resume, evaluation), else make and write it atomically."""
+    split_path = Path(split_path)
+    index = {p: i for i, p in enumerate(data.paths)}
+    if split_path.is_file():
+        js = json.loads(split_path.read_text())
+        if js.get("classes") != data.classes:
+            raise DataError(f"{split_path}: made for classes {js.get('classes')}, data has {data.classes}; "
+                            f"use a new --output_dir or delete the split file")
+        out = {}
+        for k in ("train", "val", "test"):
+            missing = [p for p in js[k] if p not in index]
+            if missing:
+                log.warning("%d %s images of %s are not in the data (skipped), e.g. %s",
+                            len(missing), k, split_path, missing[0])
+            out[k] = np.array(sorted(index[p] for p in js[k] if p in index), np.int64)
+        return out
+    groups = near_duplicate_groups(data.images, dup_threshold)
+    split = make_split(data.labels, groups, val_frac, test_frac, seed)
+    n_groups = int(sum(np.bincount(groups)[np.unique(groups)] > 1))
+    js = {"seed": seed, "val_frac": val_frac, "test_frac": test_frac, "dup_threshold": dup_threshold,
+          "classes": data.classes, "near_duplicate_groups": n_groups,
+          "counts": {k: {c: int((data.labels[v] == i).sum()) for i, c in enumerate(data.classes)}
+                     for k, v in split.items()}}
+    js.update({k: [data.paths[i] for i in v] for k, v in split.items()})
+    split_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = split_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(js, indent=1))
+    os.replace(tmp, split_path)
+    log.info("split written to %s (%d near-duplicate groups kept on one side)", split_path, n_groups)
+    return split
+
+
+# --------------------------------------------------------------------------------------- batches
+class BatchDataset(torch.utils.data.Dataset):
+    """Indexed by a LIST of indices: one fancy-index read of the memmap per batch."""
+
+    def __init__(self, data: CachedData, indices: np.ndarray):
+        self.data, self.indices = data, np.asarray(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, batch_pos):
+        idx = np.sort(self.indices[np.asarray(batch_pos)])
+        d = self.data
+        return (torch.from_numpy(np.ascontiguousarray(d.images[idx])),
+                torch.from_numpy(np.ascontiguousarray(d.masks[idx])),
+                torch.from_numpy(d.has_mask[idx]),
+                torch.from_numpy(d.labels[idx]))
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Shuffled (seed, epoch)-deterministic batches, sharded across DDP ranks; set_epoch per epoch."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world: int = 1, drop_last: bool = False):
+        self.n, self.bs, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world, self.drop_last, self.epoch = rank, world, drop_last, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _order(self):
+        order = np.arange(self.n)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        if self.world > 1:  # pad to a multiple of world so every rank runs the same number of steps
+            pad = (-len(order)) % self.world
+            order = np.concatenate([order, order[:pad]])[self.rank::self.world]
+        return order
+
+    def __iter__(self):
+        order = self._order()
+        for s in range(0, len(order), self.bs):
+            b = order[s:s + self.bs]
+            if self.drop_last and len(b) < self.bs:
+                break
+            yield b.tolist()
+
+    def __len__(self):
+        m = len(self._order())
+        return m // self.bs if self.drop_last else -(-m // self.bs)
+
+
+def make_loader(data: CachedData, indices, batch_size, shuffle, seed=0, rank=0, world=1,
+                workers=0, pin=False, drop_last=False):
+    sampler = EpochBatchSampler(len(indices), batch_size, shuffle, seed, rank, world, drop_last)
+    return torch.utils.data.DataLoader(BatchDataset(data, indices), batch_size=None, sampler=sampler,
+                                       num_workers=workers, pin_memory=pin,
+                                       persistent_workers=workers > 0)
+
+
+# ---------------------------------------------------------------------------------- augmentation
+def augment(x: torch.Tensor, m: torch.Tensor, cfg, gen: torch.Generator):
+    """Random affine (rotation, scale, shift) on image AND mask together, then brightness/contrast
+    on the image. x: (B, 3, S, S) in [0, 1]; m: (B, 1, S, S) in {0, 1}. Runs on x's device.
+
+    No horizontal flips: a chest film is not mirror-symmetric (heart and aortic knob on the left,
+    lateral markers), a flipped film is an anatomically implausible input, and the database holds
+    none, so flips would teach invariance the data never needs.
+    """
+    b, dev = x.shape[0], x.device
+    u = lambda: (torch.rand(b, generator=gen) * 2 - 1)  # noqa: E731  U(-1, 1) per sample, CPU RNG
+    ang = u() * np.deg2rad(cfg.aug_rotate_deg)
+    scale = 1 + u() * cfg.aug_scale
+    tx, ty = u() * cfg.aug_shift * 2, u() * cfg.aug_shift * 2  # affine_grid units: [-1, 1] = full width
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1).to(dev)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    m = (F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    bright = (u() * cfg.aug_brightness).to(dev).view(b, 1, 1, 1)
+    contrast = (1 + u() * cfg.aug_contrast).to(dev).view(b, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean + bright).clamp_(0, 1)
+    return x, m

@@ -1,0 +1,255 @@
+"""ONNX export of a cxrkit checkpoint, with a side-car `<model>.onnx.meta.json` and a parity check.
+
+Graph contract (what `OnnxBackend` and any other runtime feed / read):
+    input  `image`          (B, 3, H, W) float32 RGB in [0, 1]  (grayscale replicated to 3 channels;
+                            mean/std normalisation is INSIDE the graph)
+    output `segmentation`   (B, 1, H, W) lung probabilities (sigmoid already applied)
+    output `classification` (B, C) raw logits; calibrated probabilities = softmax(logits / temperature)
+                            with the temperature stored in the meta file.
+
+Exporter choice (torch 2.13): the TorchScript-based exporter (`dynamo=False`) is tried first. It
+still works and honours opset 17, but torch marks it deprecated (DeprecationWarning "The feature
+will be removed"), so when it is missing or fails, the torch.export-based exporter (`dynamo=True`)
+is used instead; that one implements opset >= 18 only (its down-conversion to 17 fails for this
+graph), so it exports at max(opset, 18). The meta file records which exporter ran and the opset the
+file really has.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger("cxrkit")
+
+META_FORMAT = "cxrkit-onnx-meta-v1"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("segmentation", "classification")
+# parity tolerances (ONNX Runtime CPU vs PyTorch CPU, same random inputs)
+CLASS_PROB_TOL = 1e-4   # max abs diff of class probabilities (raw and temperature-calibrated)
+SEG_PROB_TOL = 1e-3     # max abs diff of lung probabilities
+
+
+class ExportWrapper(nn.Module):
+    """image -> (sigmoid segmentation probabilities, classification logits)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        out = self.model(image)
+        return torch.sigmoid(out.segmentation), out.classification
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def meta_path_for(onnx_path) -> Path:
+    """The side-car meta file of an ONNX model: `<onnx_path>.meta.json`."""
+    p = Path(onnx_path)
+    return p.with_name(p.name + ".meta.json")
+
+
+def write_json_atomic(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _export_torchscript(wrapper, dummy, path, opset, dynamic_batch):
+    axes = {n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic_batch else None
+    with warnings.catch_warnings():
+        # the TorchScript exporter is deprecated in torch >= 2.9 (see the module docstring)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(wrapper, (dummy,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          opset_version=opset, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+    return opset
+
+
+def _export_dynamo(wrapper, dummy, path, opset, dynamic_batch):
+    opset = max(opset, 18)
+    shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(wrapper, (dummy,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          opset_version=opset, dynamic_shapes=shapes, dynamo=True, external_data=False,
+                          verbose=False)
+    return opset
+
+
+def _parity(onnx_file, wrapper_cpu, img_size, batches, temperature) -> dict:
+    """ONNX Runtime (CPU) vs PyTorch (CPU, eval) on fixed random inputs."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    res = {}
+    for b in batches:
+        x = torch.rand(b, 3, img_size, img_size, generator=gen)
+        with torch.no_grad():
+            seg_t, lg_t = wrapper_cpu(x)
+        seg_o, lg_o = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
+        lg_t = lg_t.numpy().astype(np.float64)
+        lg_o = np.asarray(lg_o, np.float64)
+        from .metrics import softmax
+        res[str(b)] = {
+            "max_abs_diff_seg_prob": float(np.abs(np.asarray(seg_o) - seg_t.numpy()).max()),
+            "max_abs_diff_logits": float(np.abs(lg_o - lg_t).max()),
+            "max_abs_diff_class_prob": float(np.abs(softmax(lg_o) - softmax(lg_t)).max()),
+            "max_abs_diff_class_prob_calibrated": float(np.abs(softmax(lg_o, temperature)
+                                                               - softmax(lg_t, temperature)).max()),
+            "same_argmax": bool((lg_o.argmax(1) == lg_t.argmax(1)).all()),
+        }
+    return res
+
+
+def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, dynamic_batch: bool = True,
+                   device=None, exporter: str = "auto") -> dict:
+    """Export a checkpoint to ONNX, validate it, write `<onnx_path>.meta.json`; returns the meta dict.
+
+    img_size None = the checkpoint's training size. exporter: "auto" (TorchScript first, then
+    dynamo), "torchscript" or "dynamo". Raises FileNotFoundError (missing checkpoint), ValueError
+    (bad size / options) or RuntimeError (exporter failure or parity outside tolerance); in those
+    cases nothing is left at onnx_path or its meta path.
+    """
+    import onnx
+
+    from .checkpoint import load_checkpoint, model_from_checkpoint  # imports MONAI: kept out of module import
+    checkpoint_path = Path(checkpoint_path)
+    ck = load_checkpoint(checkpoint_path)  # FileNotFoundError / CheckpointError, one line, names the path
+    model, ck = model_from_checkpoint(ck)
+    trained_size = int(ck["img_size"])
+    size = trained_size if img_size in (None, 0) else int(img_size)
+    factor = int(np.prod(model.cfg.strides))
+    if size <= 0 or size % factor:
+        raise ValueError(f"--img_size {size}: must be a positive multiple of {factor} (the UNet's total stride)")
+    if exporter not in ("auto", "torchscript", "dynamo"):
+        raise ValueError(f"exporter must be auto, torchscript or dynamo, got {exporter!r}")
+    if size != trained_size:
+        log.warning("exporting at %dpx although the model was trained at %dpx: accuracy may drop", size, trained_size)
+    temperature = float(ck.get("temperature", 1.0))
+    class_names = list(ck["class_names"])
+
+    dev = torch.device(device) if device not in (None, "", "auto") else torch.device("cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        log.warning("--device %s requested but CUDA is unavailable: exporting on CPU", device)
+        dev = torch.device("cpu")
+    wrapper = ExportWrapper(model).eval().to(dev)
+    dummy = torch.rand(2 if dynamic_batch else 1, 3, size, size, device=dev)
+
+    onnx_path = Path(onnx_path)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_p = meta_path_for(onnx_path)
+    tmp = onnx_path.with_name(onnx_path.name + ".tmp")
+    order = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"], "dynamo": ["dynamo"]}[exporter]
+    used, real_opset, errors = None, None, []
+    try:
+        for name in order:
+            try:
+                fn = _export_torchscript if name == "torchscript" else _export_dynamo
+                fn(wrapper, dummy, tmp, int(opset), dynamic_batch)
+                used = name
+                if name == "torchscript":
+                    log.info("exported with the TorchScript exporter (dynamo=False; deprecated since torch 2.9 "
+                             "but working in %s); --exporter dynamo uses the torch.export one (opset >= 18)",
+                             torch.__version__)
+                break
+            except Exception as e:  # noqa: BLE001 - try the next exporter, report all if none works
+                errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                log.warning("ONNX exporter %s failed (%s)%s", name, errors[-1],
+                            "; trying the next one" if name != order[-1] else "")
+        if used is None:
+            raise RuntimeError("ONNX export failed: " + " | ".join(errors))
+
+        onnx.checker.check_model(str(tmp), full_check=True)
+        proto = onnx.load(str(tmp), load_external_data=False)
+        real_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        in_shape = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+        out_names = [o.name for o in proto.graph.output]
+        if proto.graph.input[0].name != INPUT_NAME or out_names != list(OUTPUT_NAMES):
+            raise RuntimeError(f"exported graph has input {proto.graph.input[0].name} / outputs {out_names}, "
+                               f"expected {INPUT_NAME} / {list(OUTPUT_NAMES)}")
+        del proto
+
+        wrapper_cpu = wrapper.to("cpu")
+        parity = _parity(tmp, wrapper_cpu, size, [1, 4] if dynamic_batch else [1], temperature)
+        worst_cls = max(max(v["max_abs_diff_class_prob"], v["max_abs_diff_class_prob_calibrated"])
+                        for v in parity.values())
+        worst_seg = max(v["max_abs_diff_seg_prob"] for v in parity.values())
+        passed = worst_cls <= CLASS_PROB_TOL and worst_seg <= SEG_PROB_TOL
+        if not passed:
+            raise RuntimeError(f"ONNX Runtime disagrees with PyTorch: max class-probability diff {worst_cls:.3g} "
+                               f"(tolerance {CLASS_PROB_TOL}), max segmentation diff {worst_seg:.3g} "
+                               f"(tolerance {SEG_PROB_TOL}); the model was not written")
+        os.replace(tmp, onnx_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+    import onnxruntime
+    meta = {
+        "format": META_FORMAT,
+        "onnx_file": onnx_path.name,
+        "onnx_sha256": sha256_file(onnx_path),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "class_names": class_names,
+        "num_classes": len(class_names),
+        "img_size": size,
+        "trained_img_size": trained_size,
+        "normalization": ck.get("normalization", {"mean": list(model.cfg.mean), "std": list(model.cfg.std)}),
+        "normalization_applied_in_graph": True,
+        "temperature": temperature,
+        "calibration": "class probabilities = softmax(classification / temperature) (temperature scaling "
+                       "fitted on the validation split)",
+        "input": {
+            "name": INPUT_NAME, "shape": ["batch" if dynamic_batch else 1, 3, size, size], "dtype": "float32",
+            "range": [0.0, 1.0], "layout": "NCHW", "channels": "RGB; grayscale X-rays replicated to 3 channels",
+            "preprocessing": f"cxrkit.preprocess: decode to 8-bit grayscale (16-bit scaled by bit depth, DICOM "
+                             f"MONOCHROME1 inverted, VOI LUT applied, RGB(A) to luminance) -> resize to "
+                             f"{size}x{size} (area when shrinking) -> / 255 -> replicate to 3 channels; "
+                             f"mean/std normalisation is inside the graph, do not apply it again",
+            "graph_input_shape": in_shape,
+        },
+        "outputs": {
+            "segmentation": {"shape": ["batch" if dynamic_batch else 1, 1, size, size], "dtype": "float32",
+                             "meaning": "lung probability per pixel (sigmoid applied); lung = prob > 0.5"},
+            "classification": {"shape": ["batch" if dynamic_batch else 1, len(class_names)], "dtype": "float32",
+                               "meaning": "raw logits in class_names order; probabilities = "
+                                          "softmax(logits / temperature)"},
+        },
+        "opset": real_opset,
+        "opset_requested": int(opset),
+        "exporter": "torch.onnx TorchScript (dynamo=False)" if used == "torchscript"
+                    else "torch.onnx torch.export (dynamo=True)",
+        "dynamic_batch": bool(dynamic_batch),
+        "model_config": ck["model_config"],
+        "source_checkpoint": {"file": checkpoint_path.name, "sha256": sha256_file(checkpoint_path),
+                              "epoch": int(ck.get("epoch", -1)) + 1, "metrics": ck.get("metrics")},
+        "parity": {"reference": "PyTorch eval on CPU vs ONNX Runtime CPUExecutionProvider, uniform random inputs "
+                                "(torch seed 0)",
+                   "tolerances": {"class_prob_max_abs_diff": CLASS_PROB_TOL, "seg_prob_max_abs_diff": SEG_PROB_TOL},
+                   "batches": parity, "passed": True},
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "note": "research software; not for diagnosis",
+    }
+    if errors:
+        meta["exporter_fallback_reasons"] = errors
+    write_json_atomic(meta_p, meta)
+    return meta

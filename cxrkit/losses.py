@@ -1,0 +1,52 @@
+"""Multi-task loss: seg_weight * (soft Dice + BCE) + cls_weight * class-weighted cross-entropy.
+
+Samples without a mask contribute nothing to the segmentation term (has_mask selects them).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class LossParts(NamedTuple):
+    total: torch.Tensor
+    seg: torch.Tensor
+    cls: torch.Tensor
+
+
+def inverse_frequency_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """w_c = N / (C * n_c): mean weight over the training set is 1; an absent class gets 0."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Per-sample soft Dice loss (B,), computed in float32."""
+    p = torch.sigmoid(logits.float()).flatten(1)
+    t = target.float().flatten(1)
+    inter = (p * t).sum(1)
+    return 1 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)
+
+
+def seg_loss(logits, target, has_mask) -> torch.Tensor:
+    """Mean over masked samples of Dice + BCE; 0 (still in the graph) when the batch has no mask."""
+    w = has_mask.float()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").flatten(1).mean(1)
+    per = dice_loss(logits, target) + bce
+    return (per * w).sum() / w.sum().clamp(min=1.0)
+
+
+class MultiTaskLoss(torch.nn.Module):
+    def __init__(self, class_weights: torch.Tensor | None, seg_weight: float = 1.0, cls_weight: float = 2.0):
+        super().__init__()
+        self.register_buffer("class_weights", class_weights if class_weights is not None else None)
+        self.seg_weight, self.cls_weight = seg_weight, cls_weight
+
+    def forward(self, seg_logits, cls_logits, masks, has_mask, labels) -> LossParts:
+        s = seg_loss(seg_logits, masks, has_mask)
+        c = F.cross_entropy(cls_logits.float(), labels, weight=self.class_weights)
+        return LossParts(self.seg_weight * s + self.cls_weight * c, s, c)

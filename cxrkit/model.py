@@ -1,0 +1,134 @@
+"""The multi-task network: MONAI UNet backbone + classification head + segmentation head.
+
+forward(x) takes (B, 3, H, W) float32 RGB in [0, 1] (see preprocess.py; normalisation with the
+config's mean/std happens inside) and returns
+ModelOutput(segmentation=(B, 1, H, W) logits, classification=(B, C) logits).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from monai.networks.nets import UNet
+
+from .config import ModelConfig
+
+
+class ModelOutput(NamedTuple):
+    segmentation: torch.Tensor   # (B, 1, H, W) logits; sigmoid gives the lung probability
+    classification: torch.Tensor  # (B, C) logits
+
+
+def _unet_levels(unet: UNet) -> list[nn.Module]:
+    """The encoder blocks of a MONAI UNet, top to bottom, ending with the bottleneck.
+
+    MONAI builds UNet recursively as Sequential(down, SkipConnection(Sequential(...)), up); the
+    innermost submodule is the bottleneck block.
+    """
+    levels, m = [], unet.model
+    while isinstance(m, nn.Sequential) and len(m) == 3:
+        levels.append(m[0])
+        m = m[1].submodule
+    levels.append(m)
+    return levels
+
+
+class ClassificationHead(nn.Module):
+    """GAP features -> hidden FC layers (BN + ReLU + dropout) -> logits."""
+
+    def __init__(self, in_features: int, hidden: tuple, dropouts: tuple, num_classes: int):
+        super().__init__()
+        if len(dropouts) != len(hidden) + 1:
+            raise ValueError("cls_dropout needs one entry per layer input (len(cls_hidden) + 1)")
+        # seed spec: GAP(64) -> [drop .5] 256 -> [drop .3] 128 -> [drop .2] C, BN + ReLU after hidden FCs
+        layers, width = [], in_features
+        for h, p in zip(hidden, dropouts[:-1]):
+            layers += [nn.Dropout(p), nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            width = h
+        layers += [nn.Dropout(dropouts[-1]), nn.Linear(width, num_classes)]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pooled)
+
+
+class SegmentationHead(nn.Module):
+    def __init__(self, in_channels: int, hidden: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, 1, 1),
+        )
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.block(feats)
+
+
+class CXRMultiTaskNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if len(cfg.strides) != len(cfg.channels) - 1:
+            raise ValueError("strides needs len(channels) - 1 entries")
+        self.cfg = cfg
+        self.unet = UNet(
+            spatial_dims=2, in_channels=cfg.in_channels, out_channels=cfg.features,
+            channels=tuple(cfg.channels), strides=tuple(cfg.strides),
+            num_res_units=cfg.num_res_units, norm=cfg.norm, dropout=cfg.dropout,
+        )
+        self._levels = _unet_levels(self.unet)
+        self._captured: list[torch.Tensor] = []
+        if cfg.cls_source == "multiscale":
+            # forward hooks collect each encoder level's output during the UNet pass
+            for m in self._levels:  # a bound method (not a lambda) so deepcopy re-binds it to the copy
+                m.register_forward_hook(self._capture)
+            cls_in = sum(cfg.channels) + cfg.features
+        elif cfg.cls_source == "top":
+            cls_in = cfg.features
+        else:
+            raise ValueError(f"cls_source must be 'top' or 'multiscale', got {cfg.cls_source!r}")
+        self.cls_head = ClassificationHead(cls_in, tuple(cfg.cls_hidden), tuple(cfg.cls_dropout),
+                                           cfg.num_classes)
+        self.seg_head = SegmentationHead(cfg.features, cfg.seg_hidden)
+        # normalisation lives in the network (and so in the ONNX graph): inputs are RGB in [0, 1]
+        self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def _capture(self, _module, _inputs, out):
+        self._captured.append(out)
+
+    @property
+    def bottleneck(self) -> nn.Module:
+        """The deepest encoder block (the default Grad-CAM layer)."""
+        return self._levels[-1]
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        self._captured = []
+        feats = self.unet((x - self.mean) / self.std)
+        pooled = [feats.mean(dim=(2, 3))]
+        if self.cfg.cls_source == "multiscale":
+            pooled = [f.mean(dim=(2, 3)) for f in self._captured] + pooled
+            self._captured = []
+        cls = self.cls_head(torch.cat(pooled, dim=1))
+        return ModelOutput(self.seg_head(feats), cls)
+
+
+def build_model(cfg: ModelConfig) -> CXRMultiTaskNet:
+    return CXRMultiTaskNet(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_gflops(model: nn.Module, img_size: int, in_channels: int = 3) -> float:
+    """Forward GFLOP for one image (multiply-add = 2 FLOP), via torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, in_channels, img_size, img_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x)
+    model.train(was_training)
+    return fc.get_total_flops() / 1e9

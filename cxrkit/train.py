@@ -1,0 +1,339 @@
+"""Training engine behind model_arch.py: single process or torchrun/DDP (I/O on rank 0 only).
+
+Determinism: batch order and augmentation draw from (seed, epoch, rank) and the global torch RNG is
+re-seeded at every epoch start, so a run resumed from `last_checkpoint.pth` continues exactly as
+the uninterrupted run would have (bit-identical on CPU).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import plots
+from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, make_checkpoint,
+                         model_from_checkpoint, strip_for_release)
+from .config import ModelConfig, TrainConfig, make_config
+from .data import DataError, augment, build_cache, load_cache, load_or_make_split, make_loader
+from .evaluate import calibrate, predict_split, write_json, write_test_report
+from .losses import MultiTaskLoss, inverse_frequency_weights
+from .metrics import classification_metrics
+from .model import build_model, count_gflops, count_parameters
+from .preprocess import to_model_input
+
+log = logging.getLogger("cxrkit")
+
+BEST, LAST = "best_covid_model.pth", "last_checkpoint.pth"
+
+
+# ------------------------------------------------------------------------------ process / device
+def setup_distributed():
+    """(rank, world, local_rank); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return rank, world, local
+
+
+def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
+    if name in (None, "", "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            log.warning("--device %s requested but CUDA is unavailable: using CPU", name)
+            return torch.device("cpu")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    return torch.device(name)
+
+
+def amp_dtype_for(device: torch.device, amp: str):
+    """--amp auto|on|off. On CUDA: bf16 when supported (no loss scaling needed), else fp16.
+    On CPU autocast is off unless forced: bf16 matmuls are slow on CPUs without AVX-512 BF16."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def lr_lambda_factory(warmup_steps: int, total_steps: int):
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    return f
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """Exponential moving average of weights and float buffers (BN statistics), with the usual warm-up so early
+    epochs are not dominated by the random initialisation: d = min(decay, (1 + step) / (10 + step))."""
+    d = min(decay, (1 + step) / (10 + step))
+    ep, mp = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ep, mp, 1 - d)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        if eb.is_floating_point():
+            eb.lerp_(mb, 1 - d)
+        else:
+            eb.copy_(mb)
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------- data
+def load_data(data_dir, img_size, cache_dir, workers, rank, world):
+    """A prebuilt cache folder (meta.json + images.npy) is accepted as data_dir too."""
+    p = Path(data_dir)
+    if (p / "meta.json").is_file() and (p / "images.npy").is_file():
+        data = load_cache(p, p)
+        if data.images.shape[1] != img_size:
+            raise DataError(f"cache {p} holds {data.images.shape[1]}px images but --img_size is {img_size}")
+        return data
+    if rank == 0:
+        data = build_cache(p, img_size, cache_dir, workers=workers)
+    _barrier(world)
+    if rank != 0:
+        data = build_cache(p, img_size, cache_dir, workers=0, progress=False)  # reads the cache rank 0 made
+    return data
+
+
+# ------------------------------------------------------------------------------------- training
+def train(args) -> dict:
+    """args: the argparse Namespace of model_arch.py (plain attributes, never pickled)."""
+    rank, world, local = setup_distributed()
+    device = pick_device(args.device, local)
+    amp_dtype = amp_dtype_for(device, args.amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    out = Path(args.output_dir)
+    ck_dir, res_dir = out / "model_checkpoints", out / "test_results"
+    if rank == 0:
+        ck_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    data = load_data(args.data_dir, args.img_size, cache_dir, args.workers, rank, world)
+    classes = data.classes
+    split_path = out / "split.json"
+    if rank == 0:
+        split = load_or_make_split(data, split_path, args.val_frac, args.test_frac, args.seed, args.dup_threshold)
+    _barrier(world)
+    if rank != 0:
+        split = load_or_make_split(data, split_path)
+    tr_idx, va_idx, te_idx = split["train"], split["val"], split["test"]
+    for k, v in (("train", tr_idx), ("validation", va_idx)):
+        if len(v) == 0:
+            raise DataError(f"the {k} split is empty ({len(data.paths)} images): add images or change the fractions")
+
+    cfg = make_config(args.arch, num_classes=len(classes))
+    model = build_model(cfg)
+    recipe = {k: getattr(args, k) for k in ("arch", "img_size", "batch_size", "lr", "weight_decay", "num_epochs",
+                                            "seed", "seg_weight", "cls_weight", "patience", "warmup_epochs",
+                                            "ema_decay")}
+    # --- resume -------------------------------------------------------------------------------
+    start_epoch, history, best_score, bad_epochs, train_state = 0, [], -1e9, 0, None
+    last_p = ck_dir / LAST
+    if args.resume:
+        if not last_p.is_file():
+            log.warning("--resume: no %s yet, starting from scratch", last_p)
+        else:
+            ck = load_checkpoint(last_p)
+            if ck["model_config"] != cfg.to_dict() or ck["class_names"] != classes or ck["img_size"] != args.img_size:
+                raise CheckpointError(f"{last_p}: made with another configuration (arch/classes/img_size); "
+                                      f"use a new --output_dir or the original flags")
+            model.load_state_dict(ck.get("train_state_dict", ck["state_dict"]))
+            train_state = ck
+            start_epoch = ck["epoch"] + 1
+            history, best_score, bad_epochs = ck["history"], ck["best_score"], ck["bad_epochs"]
+            if rank == 0:
+                log.info("resuming from %s at epoch %d", last_p, start_epoch + 1)
+    model.to(device)
+    # EMA weights are what is validated, checkpointed as "state_dict" and shipped; the raw weights
+    # (train_state_dict) and optimizer state only serve --resume
+    ema = None
+    if args.ema_decay > 0:
+        import copy
+        ema = copy.deepcopy(model).eval()
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        if train_state is not None and "train_state_dict" in train_state:
+            ema.load_state_dict(train_state["state_dict"])
+    eval_model = ema if ema is not None else model
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    class_w = inverse_frequency_weights(data.labels[tr_idx], len(classes)).to(device)
+    criterion = MultiTaskLoss(class_w, args.seg_weight, args.cls_weight).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    per_rank = -(-len(tr_idx) // world)
+    steps_per_epoch = max(1, per_rank // args.batch_size)  # drop_last: BN needs >1 sample per batch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda_factory(args.warmup_epochs * steps_per_epoch, args.num_epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if train_state is not None:
+        opt.load_state_dict(train_state["optimizer"])
+        sched.load_state_dict(train_state["scheduler"])
+        scaler.load_state_dict(train_state["scaler"])
+
+    pin = device.type == "cuda"
+    drop_last = per_rank >= args.batch_size
+    train_loader = make_loader(data, tr_idx, args.batch_size, True, args.seed, rank, world, args.workers, pin,
+                               drop_last=drop_last)
+    aug_cfg = TrainConfig(**{k: getattr(args, k) for k in ("aug_rotate_deg", "aug_scale", "aug_shift",
+                                                          "aug_brightness", "aug_contrast")})
+    if rank == 0:
+        log.info("%s | %d classes %s | train %d val %d test %d | %s params %.2fM, %.2f GFLOP/img @%dpx | "
+                 "device %s%s amp=%s", args.arch, len(classes), classes, len(tr_idx), len(va_idx), len(te_idx),
+                 args.arch, count_parameters(model) / 1e6, count_gflops(build_model(cfg), args.img_size),
+                 args.img_size, device, f" x{world}" if world > 1 else "", amp_dtype)
+    from tqdm import tqdm
+    t_train0 = time.perf_counter()
+    max_seconds = args.max_minutes * 60 if args.max_minutes else None
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, args.num_epochs):
+        t0 = time.perf_counter()
+        ddp_model.train()
+        train_loader.sampler.set_epoch(epoch)
+        torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # dropout etc., resume-exact
+        gen = torch.Generator().manual_seed(args.seed * 7919 + epoch * 31 + rank)
+        sums = torch.zeros(3, device=device)  # total, seg, cls: accumulated on device, no .item() per step
+        n_seen = 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=rank != 0 or args.quiet,
+                   leave=False)
+        for imgs, masks, has_mask, y in bar:
+            x = to_model_input(imgs.to(device, non_blocking=True))
+            m = masks.to(device, non_blocking=True).unsqueeze(1).float()
+            x, m = augment(x, m, aug_cfg, gen)
+            hm, y = has_mask.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out_ = ddp_model(x)
+            parts = criterion(out_.segmentation, out_.classification, m, hm, y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(parts.total).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if ema is not None:
+                ema_update(ema, model, args.ema_decay, sched.last_epoch)
+            sums += torch.stack([parts.total.detach(), parts.seg.detach(), parts.cls.detach()]) * len(y)
+            n_seen += len(y)
+        if world > 1:
+            tot = torch.tensor([n_seen], device=device, dtype=torch.float32)
+            dist.all_reduce(sums); dist.all_reduce(tot)
+            n_seen = int(tot.item())
+        tr = (sums / max(n_seen, 1)).tolist()
+        train_time = time.perf_counter() - t0
+        # --- validation and checkpointing on rank 0; the stop decision is broadcast ---------------
+        stop = torch.zeros(1, device=device)
+        if rank == 0:
+            r = predict_split(eval_model, data, va_idx, device, max(args.batch_size, 32), amp_dtype)
+            cm = classification_metrics(r["labels"], r["probs"], classes)
+            with torch.no_grad():
+                lg = torch.from_numpy(r["logits"])
+                val_cls = float(torch.nn.functional.cross_entropy(lg, torch.from_numpy(r["labels"]),
+                                                                  weight=class_w.cpu()))
+            dice = r["seg"]["dice"] or 0.0
+            val_loss = args.seg_weight * ((r["seg"]["bce"] or 0.0) + (1 - dice)) + args.cls_weight * val_cls
+            score = cm["macro_f1"] + dice  # selection score: classification and segmentation equally
+            row = {"epoch": epoch + 1, "train_loss": tr[0], "train_seg": tr[1], "train_cls": tr[2],
+                   "val_loss": val_loss, "val_acc": cm["accuracy"], "val_macro_f1": cm["macro_f1"],
+                   "val_dice": dice, "val_iou": r["seg"]["iou"] or 0.0, "lr": sched.get_last_lr()[0],
+                   "train_images_per_s": n_seen / train_time, "epoch_seconds": time.perf_counter() - t0}
+            history.append(row)
+            improved = score > best_score
+            if improved:
+                best_score, bad_epochs = score, 0
+            else:
+                bad_epochs += 1
+            meta = dict(epoch=epoch, metrics=row, history=history, best_score=best_score, bad_epochs=bad_epochs,
+                        recipe=recipe, split_file=str(split_path.name))
+            ck = make_checkpoint(eval_model, cfg, classes, args.img_size, **meta, optimizer=opt.state_dict(),
+                                 scheduler=sched.state_dict(), scaler=scaler.state_dict())
+            if ema is not None:
+                ck["train_state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            if improved:
+                atomic_torch_save(strip_for_release(ck), ck_dir / BEST)
+            atomic_torch_save(ck, ck_dir / LAST)  # last is written after best: resume never skips a best
+            plots.training_curves(history, ck_dir / "training_curves.png")
+            write_json(ck_dir / "training_summary.json", _summary(args, cfg, classes, history, best_score, split,
+                                                                  time.perf_counter() - t_train0, world, device))
+            print(f"epoch {epoch + 1:3d}/{args.num_epochs} | loss {tr[0]:.4f} (seg {tr[1]:.4f} cls {tr[2]:.4f}) "
+                  f"| val loss {val_loss:.4f} acc {cm['accuracy']:.4f} F1 {cm['macro_f1']:.4f} "
+                  f"Dice {dice:.4f} IoU {row['val_iou']:.4f} | {row['train_images_per_s']:.1f} img/s "
+                  f"{row['epoch_seconds']:.1f}s{' *' if improved else ''}", flush=True)
+            if args.patience and bad_epochs >= args.patience:
+                print(f"early stopping: no validation improvement in {args.patience} epochs", flush=True)
+                stop[0] = 1
+            if max_seconds and time.perf_counter() - t_train0 > max_seconds and epoch + 1 < args.num_epochs:
+                print(f"--max_minutes {args.max_minutes} reached after epoch {epoch + 1}; "
+                      f"continue later with --resume", flush=True)
+                stop[0] = 1
+            if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
+                stop[0] = 1  # testing hook: simulates an interruption after a completed epoch
+        if world > 1:
+            dist.broadcast(stop, 0)
+        if stop.item():
+            break
+    _barrier(world)
+    result = {}
+    interrupted = bool(args.stop_after_epoch) and epoch + 1 < args.num_epochs
+    if rank == 0 and not interrupted and (ck_dir / BEST).is_file():
+        result = finalize(ck_dir / BEST, data, va_idx, te_idx, res_dir, device, amp_dtype, args)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _summary(args, cfg: ModelConfig, classes, history, best_score, split, seconds, world, device) -> dict:
+    best = max(history, key=lambda h: h["val_macro_f1"] + h["val_dice"]) if history else {}
+    return {"arch": args.arch, "model_config": cfg.to_dict(), "classes": classes, "img_size": args.img_size,
+            "epochs_run": len(history), "best_epoch": best.get("epoch"), "best_val": best,
+            "best_score": best_score, "train_seconds_this_session": seconds,
+            "split_sizes": {k: int(len(v)) for k, v in split.items()}, "world_size": world,
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "history": history}
+
+
+def finalize(best_path, data, va_idx, te_idx, res_dir, device, amp_dtype, args) -> dict:
+    """Calibrate the best checkpoint on validation, store T in it, evaluate it on the test split."""
+    model, ck = model_from_checkpoint(best_path, map_location="cpu")
+    model.to(device)
+    t = calibrate(model, data, va_idx, device, 64, amp_dtype)
+    ck["temperature"] = t
+    atomic_torch_save(ck, best_path)
+    return evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype)
+
+
+def evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype=None) -> dict:
+    if len(te_idx) == 0:
+        log.warning("test split is empty: no test report written")
+        return {}
+    r = predict_split(model, data, te_idx, device, 64, amp_dtype)
+    rep = write_test_report(res_dir, ck["class_names"], r, ck.get("temperature", 1.0),
+                            extra={"checkpoint_epoch": ck.get("epoch", -1) + 1})
+    s = rep["segmentation"]
+    print(f"test | acc {rep['accuracy']:.4f} macro-F1 {rep['macro_f1']:.4f} Dice {s['dice'] or 0:.4f} "
+          f"IoU {s['iou'] or 0:.4f} | ECE {rep['calibration']['ece_before']:.4f} -> "
+          f"{rep['calibration']['ece_after']:.4f} (T={ck.get('temperature', 1.0):.3f}) | report in {res_dir}",
+          flush=True)
+    return rep

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Train and evaluate the multi-task chest X-ray model (classification + lung segmentation).
+
+  python model_arch.py --data_dir DATA --num_epochs 100 --batch_size 16
+  torchrun --nproc_per_node=2 model_arch.py --data_dir DATA ...          # DistributedDataParallel
+  python model_arch.py --data_dir DATA --evaluate model_checkpoints/best_covid_model.pth \
+      [--shortcut_check] [--tta_eval 1,4,8]
+
+Research software: not for diagnosis.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cxrkit.config import PRESETS, TrainConfig
+
+D = TrainConfig()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", default="demo_data",
+                   help="database root: <Class>/images/* with <Class>/masks/*, or <Class>/*; a prebuilt cache "
+                        "folder also works. The default is the synthetic set made by `make demo`")
+    g.add_argument("--output_dir", default=".", help="holds model_checkpoints/, test_results/, split.json, cache/")
+    g.add_argument("--cache_dir", default=None, help="decoded-image cache (default: <output_dir>/cache)")
+    g.add_argument("--img_size", type=int, default=D.img_size, help="square input size in pixels")
+    g.add_argument("--val_frac", type=float, default=D.val_frac)
+    g.add_argument("--test_frac", type=float, default=D.test_frac)
+    g.add_argument("--dup_threshold", type=float, default=D.dup_threshold,
+                   help="32-px thumbnail correlation above which images are near-duplicates (same split side)")
+    g.add_argument("--workers", type=int, default=D.workers, help="decode processes and DataLoader workers")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="seed", choices=sorted(PRESETS), help="model preset (see cxrkit/config.py)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--num_epochs", type=int, default=D.num_epochs)
+    g.add_argument("--batch_size", type=int, default=D.batch_size, help="per process")
+    g.add_argument("--lr", type=float, default=D.lr, help="AdamW peak learning rate (cosine schedule)")
+    g.add_argument("--weight_decay", type=float, default=D.weight_decay)
+    g.add_argument("--warmup_epochs", type=int, default=D.warmup_epochs)
+    g.add_argument("--seg_weight", type=float, default=D.seg_weight, help="weight of Dice + BCE")
+    g.add_argument("--cls_weight", type=float, default=D.cls_weight, help="weight of class-weighted CE")
+    g.add_argument("--grad_clip", type=float, default=D.grad_clip)
+    g.add_argument("--ema_decay", type=float, default=D.ema_decay,
+                   help="EMA of weights, validated and shipped (0: off); warm-up min(d, (1+t)/(10+t))")
+    g.add_argument("--patience", type=int, default=D.patience, help="early-stopping patience in epochs (0: off)")
+    g.add_argument("--seed", type=int, default=D.seed, help="split, shuffling, augmentation and init")
+    g = p.add_argument_group("augmentation (image and mask together; never flipped)")
+    for k in ("aug_rotate_deg", "aug_scale", "aug_shift", "aug_brightness", "aug_contrast"):
+        g.add_argument(f"--{k}", type=float, default=getattr(D, k))
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
+                   help="mixed precision; auto = on for CUDA (bf16 where supported), off on CPU")
+    g.add_argument("--resume", action="store_true", help="continue from <output_dir>/model_checkpoints/last_checkpoint.pth")
+    g.add_argument("--max_minutes", type=float, default=0, help="stop cleanly after this much training (0: no limit)")
+    g.add_argument("--stop_after_epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated interrupt
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("evaluation only")
+    g.add_argument("--evaluate", metavar="CHECKPOINT", default=None,
+                   help="skip training: evaluate CHECKPOINT on the test split of <output_dir>/split.json")
+    g.add_argument("--shortcut_check", action="store_true",
+                   help="with --evaluate: also classify with lungs only / lungs removed (test_results/shortcut_check.json)")
+    g.add_argument("--tta_eval", default="", help="with --evaluate: comma list of TTA view counts to compare, e.g. 1,4,8")
+    return p.parse_args(argv)
+
+
+def evaluate_only(args):
+    from pathlib import Path
+    import json
+    from cxrkit.checkpoint import model_from_checkpoint
+    from cxrkit.data import load_or_make_split
+    from cxrkit.evaluate import shortcut_check, tta_report, write_json
+    from cxrkit.train import amp_dtype_for, evaluate_checkpoint, load_data, pick_device
+
+    device = pick_device(args.device)
+    model, ck = model_from_checkpoint(args.evaluate)
+    model.to(device)
+    out = Path(args.output_dir)
+    data = load_data(args.data_dir, ck["img_size"], Path(args.cache_dir or out / "cache"), args.workers, 0, 1)
+    if data.classes != ck["class_names"]:
+        raise SystemExit(f"error: {args.data_dir} has classes {data.classes} but {args.evaluate} was trained on "
+                         f"{ck['class_names']}; point --data_dir at matching class folders")
+    split_p = out / "split.json"
+    if not split_p.is_file():
+        logging.warning("%s not found: making a new split with --seed %d (it only matches the training split "
+                        "if the checkpoint was trained on this data with this seed)", split_p, args.seed)
+    split = load_or_make_split(data, split_p, args.val_frac, args.test_frac, args.seed, args.dup_threshold)
+    amp = amp_dtype_for(device, args.amp)
+    res_dir = out / "test_results"
+    evaluate_checkpoint(model, ck, data, split["test"], res_dir, device, amp)
+    if args.shortcut_check:
+        r = shortcut_check(model, data, split["test"], ck["class_names"], device, res_dir / "shortcut_check.json",
+                           amp_dtype=amp)
+        print("shortcut check accuracy | " + " | ".join(f"{k} {r[k]['accuracy']:.4f}"
+                                                         for k in ("original", "lungs_only", "lungs_removed")))
+    if args.tta_eval:
+        ns = [int(n) for n in args.tta_eval.split(",") if n.strip()]
+        rows = tta_report(model, data, split["test"], ck["class_names"], device, ns, amp_dtype=amp)
+        write_json(res_dir / "tta_report.json", {"device": str(device), "rows": rows})
+        print(json.dumps(rows, indent=1))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from cxrkit.checkpoint import CheckpointError
+    from cxrkit.data import DataError
+    try:
+        if args.evaluate:
+            evaluate_only(args)
+        else:
+            from cxrkit.train import train
+            train(args)
+    except (DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch is saved; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Batch inference with an exported ONNX model (ONNX Runtime): annotated PNGs, predictions.csv,
+summary.json.
+
+  python run_onnx_inference.py --data_dir DATA --onnx_path models/covid_multitask.onnx
+  python run_onnx_inference.py --images a.png --use_cuda
+  python run_onnx_inference.py --data_dir DATA --gradcam --checkpoint model_checkpoints/best_covid_model.pth
+
+Class names, input size and the calibration temperature come from <onnx_path>.meta.json (written by
+export_to_onnx.py). Same pipeline and outputs as run_model_pth_inference.py. Research software: not
+for diagnosis.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cxrkit.inference import HelpFormatter, add_gradcam_args, add_input_args, add_output_args, add_run_args, run_cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--onnx_path", default="models/covid_multitask.onnx", help="exported model")
+    g.add_argument("--meta_path", default=None, help="meta file; None = <onnx_path>.meta.json")
+    g.add_argument("--use_cuda", action="store_true",
+                   help="CUDAExecutionProvider first, CPU as fallback (warns and uses CPU when CUDA is unavailable)")
+    g.add_argument("--providers", nargs="+", default=None, metavar="NAME",
+                   help="ONNX Runtime execution providers in priority order (e.g. CUDAExecutionProvider, or "
+                        "cuda cpu); CPU is always appended as the fallback")
+    g.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = number of physical cores)")
+    add_input_args(p)
+    add_output_args(p, "out/onnx_inference")
+    add_run_args(p)
+    add_gradcam_args(p, onnx=True)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from cxrkit.inference import OnnxBackend
+
+    def make_backend():
+        return OnnxBackend(args.onnx_path, args.meta_path, providers=args.providers, use_cuda=args.use_cuda,
+                           intra_op_threads=args.threads or None)
+
+    def cam_device():
+        import torch
+        return "cuda" if args.use_cuda and torch.cuda.is_available() else "cpu"
+
+    return run_cli(args, make_backend, cam_checkpoint=args.checkpoint, cam_device=cam_device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Trains the variant table on a lent GPU machine (see README "Reproducing the shipped model").
+# Carried: .whl (MONAI wheel), .devcache (packed 128-px cache of cxr4 + the split file).
+# Env: ARCHS, EPOCHS, BS, LR, BUDGET_<arch> (minutes cap per run, a guard only).
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .whl ] && ! python3 -c "import monai" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
+python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available())"
+CACHE=/tmp/cache128
+[ -f $CACHE/meta.json ] || python3 scripts/pack_cache.py unpack .devcache/cxr4_128.npz $CACHE || exit 1
+ARCHS=${ARCHS:-"small seed tiny seed_ms"}
+for arch in $ARCHS; do
+  d=runs/$arch; mkdir -p $d; cp .devcache/split.json $d/split.json
+  budget_var=BUDGET_$arch; budget=${!budget_var:-2}
+  start=$(date +%s)
+  python3 model_arch.py --data_dir $CACHE --img_size 128 --arch $arch --num_epochs ${EPOCHS:-40} \
+      --batch_size ${BS:-64} --lr ${LR:-2e-3} --workers 4 --output_dir $d --quiet --max_minutes $budget \
+      ${EXTRA:-} 2>&1 | grep -v "^INFO" | tee $d/train.log
+  echo "$arch wall $(( $(date +%s) - start ))s" | tee -a "$OUT/walls.txt"
+  files="model_checkpoints/training_summary.json model_checkpoints/training_curves.png test_results split.json train.log"
+  case $arch in seed|seed_ms) ;; *) files="$files model_checkpoints/best_covid_model.pth";; esac
+  (cd $d && tar czf "$OUT/$arch.tgz" $files 2>/dev/null)
+done
+ls -la "$OUT"

@@ -1,0 +1,303 @@
+"""Batch inference: both CLIs, backend agreement, file formats, TTA, Grad-CAM, error handling."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import run_model_pth_inference as pth_cli
+import run_onnx_inference as onnx_cli
+from cxrkit.checkpoint import load_checkpoint, model_from_checkpoint
+from cxrkit.inference import (GradCamExplainer, InferenceError, OnnxBackend, TorchBackend, gather_inputs,
+                              resolve_providers)
+from cxrkit.preprocess import load_for_model, read_gray, to_model_input
+from cxrkit.tta import tta_predict
+
+CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+REQUIRED_PREFIX = (["image_path", "predicted_class", "confidence"] + [f"prob_{c}" for c in CLASSES]
+                   + ["lung_area_fraction", "true_class", "correct"])
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        r = csv.DictReader(f)
+        return r.fieldnames, list(r)
+
+
+def probs_of(row):
+    return np.array([float(row[f"prob_{c}"]) for c in CLASSES])
+
+
+def one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: "), err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+# ----------------------------------------------------------------------------- both CLIs, one folder
+@pytest.fixture(scope="module")
+def cli_runs(tiny_model, cxr_eval_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_runs")
+    common = ["--data_dir", str(cxr_eval_dir), "--num_samples", "0", "--batch_size", "5", "--quiet", "--save_masks"]
+    rc_pth = pth_cli.main(["--checkpoint", str(tiny_model.checkpoint), "--device", "cpu",
+                           "--save_dir", str(out / "pth")] + common)
+    rc_onnx = onnx_cli.main(["--onnx_path", str(tiny_model.onnx), "--save_dir", str(out / "onnx")] + common)
+    return {"rc": (rc_pth, rc_onnx), "pth": out / "pth", "onnx": out / "onnx"}
+
+
+def test_cli_runs_skip_corrupt_and_write_outputs(cli_runs):
+    assert cli_runs["rc"] == (0, 0)
+    for key in ("pth", "onnx"):
+        d = cli_runs[key]
+        s = json.loads((d / "summary.json").read_text())
+        assert s["n_inputs"] == 13 and s["n_processed"] == 12 and s["n_skipped"] == 1
+        assert s["skipped"][0]["path"].endswith("corrupt_scan.png") and s["skipped"][0]["reason"]
+        assert s["backend"] == {"pth": "pytorch", "onnx": "onnxruntime"}[key]
+        assert s["throughput"]["images_per_second"] > 0 and s["throughput"]["seconds"] > 0
+        c = s["classification"]
+        assert c["n_labelled"] == 12 and np.asarray(c["confusion_matrix"]).sum() == 12
+        assert set(c["per_class"]) == set(CLASSES) and 0 <= c["macro_f1"] <= 1
+        assert s["segmentation"]["n_masks"] == 12 and 0 <= s["segmentation"]["mean_dice"] <= 1
+        _, rows = read_csv(d / "predictions.csv")
+        assert len(rows) == 12 and not any("corrupt" in r["image_path"] for r in rows)
+        assert c["accuracy"] == pytest.approx(np.mean([r["correct"] == "1" for r in rows]))
+        for r in rows:
+            assert r["true_class"] in CLASSES and r["true_class"] in r["image_path"]
+            assert r["correct"] == str(int(r["true_class"] == r["predicted_class"]))
+            p = probs_of(r)
+            assert p.sum() == pytest.approx(1, abs=1e-5)
+            assert float(r["confidence"]) == pytest.approx(p.max(), abs=1e-6)
+            assert r["predicted_class"] == CLASSES[int(p.argmax())]
+            ann = cv2.imread(str(d / r["annotated_png"]))
+            assert ann is not None and ann.ndim == 3
+            mask = cv2.imread(str(d / r["mask_png"]), cv2.IMREAD_UNCHANGED)
+            assert mask.shape == read_gray(r["image_path"]).shape and set(np.unique(mask)) <= {0, 255}
+        assert len({r["annotated_png"] for r in rows}) == 12
+        assert not list(d.rglob("*.tmp"))
+
+
+def test_csv_schema_exact(cli_runs):
+    for key in ("pth", "onnx"):
+        header, _ = read_csv(cli_runs[key] / "predictions.csv")
+        assert header[:len(REQUIRED_PREFIX)] == REQUIRED_PREFIX
+
+
+def test_backends_agree_image_by_image_and_are_calibrated(cli_runs, tiny_model):
+    _, rp = read_csv(cli_runs["pth"] / "predictions.csv")
+    _, ro = read_csv(cli_runs["onnx"] / "predictions.csv")
+    assert [r["image_path"] for r in rp] == [r["image_path"] for r in ro]
+    for a, b in zip(rp, ro):
+        assert a["predicted_class"] == b["predicted_class"]
+        assert np.abs(probs_of(a) - probs_of(b)).max() <= 1e-4
+        assert abs(float(a["lung_area_fraction"]) - float(b["lung_area_fraction"])) <= 0.01
+    ck = load_checkpoint(tiny_model.checkpoint)
+    t = float(ck["temperature"])
+    for key in ("pth", "onnx"):
+        s = json.loads((cli_runs[key] / "summary.json").read_text())
+        assert s["calibrated"] is True and s["temperature"] == pytest.approx(t) and s["tta"] == 1
+    # the CSV holds softmax(logits / T) of the checkpoint's own logits
+    model, _ = model_from_checkpoint(ck)
+    x = to_model_input(np.stack([load_for_model(r["image_path"], 64) for r in rp[:4]]))
+    with torch.no_grad():
+        logits = model(x).classification.double()
+    want = torch.softmax(logits / t, 1).numpy()
+    got = np.stack([probs_of(r) for r in rp[:4]])
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    if abs(t - 1) > 0.05:
+        assert np.abs(got - torch.softmax(logits, 1).numpy()).max() > 1e-4  # really calibrated
+
+
+# ------------------------------------------------------------------------------------- file formats
+def _make_dicom(path, pixels_u16, photometric):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName = "DX", "Synthetic^Test"
+    ds.set_pixel_data(pixels_u16, photometric_interpretation=photometric, bits_stored=12)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_formats_16bit_rgba_dicom_and_unique_names(tiny_model, cxr_eval_dir, tmp_path):
+    src = sorted((cxr_eval_dir / "Normal" / "images").glob("*.png"))
+    img = cv2.normalize(cv2.imread(str(src[0]), cv2.IMREAD_GRAYSCALE), None, 0, 255, cv2.NORM_MINMAX)
+    d = tmp_path / "formats"
+    (d / "a").mkdir(parents=True)
+    (d / "b").mkdir()
+    cv2.imwrite(str(d / "a" / "ref.png"), img)
+    cv2.imwrite(str(d / "a" / "ref16.png"), img.astype(np.uint16) * 257)
+    rgba = cv2.cvtColor(img, cv2.COLOR_GRAY2BGRA)
+    rgba[..., 3] = 200
+    cv2.imwrite(str(d / "a" / "refrgba.png"), rgba)
+    v12 = img.astype(np.uint16) * 16                      # 12-bit data, 0..4080
+    _make_dicom(d / "a" / "mono2.dcm", v12, "MONOCHROME2")
+    _make_dicom(d / "a" / "mono1.dcm", (4095 - v12).astype(np.uint16), "MONOCHROME1")  # inverted pixels
+    shutil.copy2(src[1], d / "b" / "ref.png")             # same basename, other folder
+
+    assert cv2.imread(str(d / "a" / "ref16.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    ref = read_gray(d / "a" / "ref.png")
+    for name in ("ref16.png", "refrgba.png", "mono2.dcm", "mono1.dcm"):
+        np.testing.assert_array_equal(read_gray(d / "a" / name), ref, err_msg=name)
+
+    out = tmp_path / "out"
+    assert pth_cli.main(["--checkpoint", str(tiny_model.checkpoint), "--device", "cpu", "--data_dir", str(d),
+                         "--num_samples", "0", "--save_dir", str(out), "--quiet"]) == 0
+    _, rows = read_csv(out / "predictions.csv")
+    by = {r["image_path"].replace("\\", "/").split("formats/")[1]: r for r in rows}
+    assert len(by) == 6
+    base = by["a/ref.png"]
+    for name in ("a/ref16.png", "a/refrgba.png", "a/mono2.dcm", "a/mono1.dcm"):
+        assert by[name]["predicted_class"] == base["predicted_class"], name
+        np.testing.assert_allclose(probs_of(by[name]), probs_of(base), atol=1e-6, err_msg=name)
+        assert by[name]["true_class"] == ""                        # folder names are not classes here
+    anns = {r["annotated_png"] for r in rows}
+    assert len(anns) == 6 and all((out / a).is_file() for a in anns)
+    assert {by["a/ref.png"]["annotated_png"], by["b/ref.png"]["annotated_png"]} == \
+        {"annotated/a__ref.png", "annotated/b__ref.png"}
+
+
+# --------------------------------------------------------------------------------------- TTA / API
+def test_tta1_equals_plain_inference_on_both_backends(tiny_model, cxr_eval_dir):
+    tb, ob = TorchBackend(tiny_model.checkpoint, "cpu"), OnnxBackend(tiny_model.onnx)
+    assert tb.class_names == ob.class_names == CLASSES and tb.img_size == ob.img_size == 64
+    assert tb.temperature == pytest.approx(ob.temperature)
+    paths = sorted(cxr_eval_dir.glob("*/images/*.png"))[:6]
+    paths = [p for p in paths if "corrupt" not in p.name]
+    x = to_model_input(np.stack([load_for_model(p, 64) for p in paths]))
+    for b in (tb, ob):
+        seg, logits = b.forward(x)
+        seg1, p1 = tta_predict(b.forward, x, 1, b.temperature)
+        assert torch.equal(seg1, seg)
+        assert torch.equal(p1, torch.softmax(logits / b.temperature, 1))
+    _, pt = tta_predict(tb.forward, x, 4, tb.temperature)
+    _, po = tta_predict(ob.forward, x, 4, ob.temperature)
+    assert (pt - po).abs().max() <= 1e-4
+
+
+def test_gather_inputs(tmp_path, cxr_eval_dir):
+    items = gather_inputs(cxr_eval_dir, class_names=CLASSES)
+    assert len(items) == 13 and not any("masks" in str(i.path) for i in items)
+    real = [i for i in items if "corrupt" not in i.path.name]
+    assert all(i.true_class in CLASSES and i.mask_path is not None for i in real)
+    a = gather_inputs(cxr_eval_dir, class_names=CLASSES, num_samples=5, seed=3)
+    b = gather_inputs(cxr_eval_dir, class_names=CLASSES, num_samples=5, seed=3)
+    assert [i.path for i in a] == [i.path for i in b] and len(a) == 5
+    # a single class folder, and explicit files: class from the folder names
+    one = gather_inputs(cxr_eval_dir / "Viral Pneumonia", class_names=CLASSES)
+    assert {i.true_class for i in one} == {"Viral Pneumonia"}
+    ex = gather_inputs(images=[str(real[0].path)], class_names=CLASSES)
+    assert ex[0].true_class == real[0].true_class and ex[0].mask_path == real[0].mask_path
+    with pytest.raises(InferenceError, match="no images found"):
+        gather_inputs(tmp_path, class_names=CLASSES)
+
+
+# -------------------------------------------------------------------------------------------- CAMs
+def test_gradcam_maps(tiny_model, cxr_eval_dir, tmp_path):
+    cam = GradCamExplainer(tiny_model.checkpoint)
+    assert cam.layer.startswith("net.unet.model")
+    paths = [p for p in sorted(cxr_eval_dir.glob("*/images/*.png")) if "corrupt" not in p.name][:4]
+    x = to_model_input(np.stack([load_for_model(p, 64) for p in paths]))
+    maps = [cam(x, np.full(4, c)) for c in range(4)]
+    for m in maps:
+        assert m.shape == (4, 64, 64) and np.isfinite(m).all() and m.min() >= 0
+    assert any(not np.allclose(maps[0], maps[c]) for c in range(1, 4)), "map does not depend on the class"
+    mixed = cam(x, [0, 1, 2, 3])  # one target per sample == separate single-class calls
+    for i in range(4):
+        # equal up to float noise (batch composition changes the conv kernels' summation order)
+        np.testing.assert_allclose(mixed[i], maps[i][i], rtol=0, atol=1e-2 * float(maps[i][i].max()) + 1e-12)
+
+    out = tmp_path / "cam"
+    assert onnx_cli.main(["--onnx_path", str(tiny_model.onnx), "--checkpoint", str(tiny_model.checkpoint),
+                          "--images", *map(str, paths[:2]), "--cam_class", "Normal", "--save_cams",
+                          "--save_dir", str(out), "--quiet"]) == 0
+    _, rows = read_csv(out / "predictions.csv")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["gradcam"]["target"] == "Normal" and s["gradcam"]["layer"] == cam.layer
+    for r in rows:
+        assert r["cam_class"] == "Normal"
+        saved = np.load(out / r["cam_file"])
+        assert saved.shape == (64, 64) and saved.dtype == np.float32
+        ann = cv2.imread(str(out / r["annotated_png"]))
+        assert ann.shape[1] > 2 * ann.shape[0]  # X-ray + Grad-CAM + text panels
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_empty_folder_and_bad_inputs(tiny_model, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "masks").mkdir(parents=True)
+    cv2.imwrite(str(empty / "masks" / "m.png"), np.zeros((16, 16), np.uint8))  # masks are not inputs
+    assert pth_cli.main(["--checkpoint", str(tiny_model.checkpoint), "--data_dir", str(empty),
+                         "--save_dir", str(tmp_path / "o"), "--quiet"]) == 2
+    one_line_error(capsys, "no images found", str(empty))
+    assert onnx_cli.main(["--onnx_path", str(tiny_model.onnx), "--data_dir", str(empty),
+                          "--save_dir", str(tmp_path / "o"), "--quiet"]) == 2
+    one_line_error(capsys, "no images found")
+    assert onnx_cli.main(["--onnx_path", str(tiny_model.onnx), "--data_dir", str(tmp_path / "missing"),
+                          "--quiet"]) == 2
+    one_line_error(capsys, "not a folder")
+    assert pth_cli.main(["--checkpoint", str(tmp_path / "no.pth"), "--data_dir", str(empty)]) == 2
+    one_line_error(capsys, "no.pth")
+    assert onnx_cli.main(["--onnx_path", str(tiny_model.onnx), "--data_dir", str(empty), "--gradcam"]) == 2
+    one_line_error(capsys, "--checkpoint")
+    assert pth_cli.main(["--checkpoint", str(tiny_model.checkpoint), "--data_dir", str(empty),
+                         "--cam_class", "Nope"]) == 2
+    one_line_error(capsys, "Nope")
+    assert pth_cli.main(["--checkpoint", str(tiny_model.checkpoint), "--data_dir", str(empty), "--tta", "99"]) == 2
+    one_line_error(capsys, "--tta")
+
+
+def test_onnx_meta_missing_or_mismatched(tiny_model, tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    shutil.copy2(tiny_model.onnx, model)
+    with pytest.raises(InferenceError, match="meta file not found"):
+        OnnxBackend(model)
+    assert onnx_cli.main(["--onnx_path", str(model), "--images", "x.png"]) == 2
+    one_line_error(capsys, "meta file not found", "m.onnx.meta.json")
+
+    meta = json.loads(tiny_model.meta_path.read_text())
+    bad_size = tmp_path / "size.json"
+    bad_size.write_text(json.dumps({**meta, "img_size": 128}))
+    with pytest.raises(InferenceError, match="img_size 128"):
+        OnnxBackend(model, bad_size)
+    bad_cls = tmp_path / "cls.json"
+    bad_cls.write_text(json.dumps({**meta, "class_names": CLASSES[:3]}))
+    with pytest.raises(InferenceError, match="3 class names"):
+        OnnxBackend(model, bad_cls)
+    assert onnx_cli.main(["--onnx_path", str(model), "--meta_path", str(bad_cls), "--images", "x.png"]) == 2
+    one_line_error(capsys, "class names")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(InferenceError, match="not valid JSON"):
+        OnnxBackend(model, broken)
+
+
+def test_providers_fall_back_to_cpu(tiny_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="cxrkit"):
+        got = resolve_providers(["cuda"], use_cuda=True, available=["CPUExecutionProvider"])
+    assert got == ["CPUExecutionProvider"] and "CUDAExecutionProvider is not available" in caplog.text
+    assert resolve_providers(["cpu"], use_cuda=True, available=["CUDAExecutionProvider", "CPUExecutionProvider"]) \
+        == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    b = OnnxBackend(tiny_model.onnx, use_cuda=True)  # no CUDA here: warns, runs on CPU
+    assert b.active_providers[-1] == "CPUExecutionProvider"
+
+
+def test_help_texts(capsys):
+    with pytest.raises(SystemExit) as e:
+        onnx_cli.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--checkpoint" in out and "Grad-CAM" in out and "(default:" in out
