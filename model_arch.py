@@ -19,8 +19,12 @@ from cxrkit.config import PRESETS, TrainConfig
 D = TrainConfig()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="demo_data",
                    help="database root: <Class>/images/* with <Class>/masks/*, or <Class>/*; a prebuilt cache "
@@ -44,6 +48,9 @@ def parse_args(argv=None):
     g.add_argument("--seg_weight", type=float, default=D.seg_weight, help="weight of Dice + BCE")
     g.add_argument("--cls_weight", type=float, default=D.cls_weight, help="weight of class-weighted CE")
     g.add_argument("--grad_clip", type=float, default=D.grad_clip)
+    g.add_argument("--prior_correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="after training, offset the classifier bias by -log(class weight) so probabilities follow "
+                        "the training prior again (undoes the loss's class weighting at inference)")
     g.add_argument("--ema_decay", type=float, default=D.ema_decay,
                    help="EMA of weights, validated and shipped (0: off); warm-up min(d, (1+t)/(10+t))")
     g.add_argument("--patience", type=int, default=D.patience, help="early-stopping patience in epochs (0: off)")
@@ -64,6 +71,10 @@ def parse_args(argv=None):
                    help="skip training: evaluate CHECKPOINT on the test split of <output_dir>/split.json")
     g.add_argument("--shortcut_check", action="store_true",
                    help="with --evaluate: also classify with lungs only / lungs removed (test_results/shortcut_check.json)")
+    g.add_argument("--split_file", default=None, help="with --evaluate: split JSON to use (default <output_dir>/split.json)")
+    g.add_argument("--calibrate", action="store_true",
+                   help="with --evaluate: (re)fit the prior correction and temperature on the validation split and "
+                        "write them into CHECKPOINT (atomically) before evaluating")
     g.add_argument("--tta_eval", default="", help="with --evaluate: comma list of TTA view counts to compare, e.g. 1,4,8")
     return p.parse_args(argv)
 
@@ -84,14 +95,21 @@ def evaluate_only(args):
     if data.classes != ck["class_names"]:
         raise SystemExit(f"error: {args.data_dir} has classes {data.classes} but {args.evaluate} was trained on "
                          f"{ck['class_names']}; point --data_dir at matching class folders")
-    split_p = out / "split.json"
+    split_p = Path(args.split_file) if args.split_file else out / "split.json"
     if not split_p.is_file():
         logging.warning("%s not found: making a new split with --seed %d (it only matches the training split "
                         "if the checkpoint was trained on this data with this seed)", split_p, args.seed)
     split = load_or_make_split(data, split_p, args.val_frac, args.test_frac, args.seed, args.dup_threshold)
     amp = amp_dtype_for(device, args.amp)
     res_dir = out / "test_results"
-    evaluate_checkpoint(model, ck, data, split["test"], res_dir, device, amp)
+    if args.calibrate:
+        from cxrkit.train import finalize
+        finalize(args.evaluate, data, split["train"], split["val"], split["test"], res_dir, device, amp,
+                 args.prior_correction)
+        model, ck = model_from_checkpoint(args.evaluate)
+        model.to(device)
+    else:
+        evaluate_checkpoint(model, ck, data, split["test"], res_dir, device, amp)
     if args.shortcut_check:
         r = shortcut_check(model, data, split["test"], ck["class_names"], device, res_dir / "shortcut_check.json",
                            amp_dtype=amp)

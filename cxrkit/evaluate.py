@@ -114,7 +114,7 @@ def shortcut_check(model, data, test_idx, classes, device, out_path, batch_size=
     return res
 
 
-def tta_report(model, data, test_idx, classes, device, ns=(1, 4, 8), temperature=1.0, batch_size=32,
+def tta_report(model, data, test_idx, classes, device, ns=(1, 4, 8), batch_size=32,
                amp_dtype=None) -> dict:
     rows = {}
     for n in ns:

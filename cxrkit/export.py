@@ -216,6 +216,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         "normalization": ck.get("normalization", {"mean": list(model.cfg.mean), "std": list(model.cfg.std)}),
         "normalization_applied_in_graph": True,
         "temperature": temperature,
+        "prior_correction": ck.get("prior_correction"),
         "calibration": "class probabilities = softmax(classification / temperature) (temperature scaling "
                        "fitted on the validation split)",
         "input": {

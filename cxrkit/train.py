@@ -297,7 +297,8 @@ def train(args) -> dict:
     result = {}
     interrupted = bool(args.stop_after_epoch) and epoch + 1 < args.num_epochs
     if rank == 0 and not interrupted and (ck_dir / BEST).is_file():
-        result = finalize(ck_dir / BEST, data, va_idx, te_idx, res_dir, device, amp_dtype, args)
+        result = finalize(ck_dir / BEST, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype,
+                          args.prior_correction)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -314,9 +315,33 @@ def _summary(args, cfg: ModelConfig, classes, history, best_score, split, second
             "history": history}
 
 
-def finalize(best_path, data, va_idx, te_idx, res_dir, device, amp_dtype, args) -> dict:
-    """Calibrate the best checkpoint on validation, store T in it, evaluate it on the test split."""
+@torch.no_grad()
+def apply_prior_correction(model, ck: dict, train_labels: np.ndarray) -> None:
+    """Undo the class weighting of the loss at inference time (logit adjustment).
+
+    Cross-entropy weighted by w_c learns logits ~ log p(c|x) + log w_c; adding -log w_c to the last
+    layer's bias gives probabilities for the training-set class prior again, so a probability means
+    what it says and the argmax is not biased towards rare classes. Baked into the weights (and so
+    into the ONNX graph); recorded in the checkpoint. Idempotent per checkpoint.
+    """
+    if ck.get("prior_correction"):
+        return
+    n = len(ck["class_names"])
+    w = inverse_frequency_weights(train_labels, n).double()
+    offset = torch.where(w > 0, -torch.log(w.clamp(min=1e-12)), torch.zeros_like(w)).float()
+    last = model.cls_head.mlp[-1]
+    last.bias += offset.to(last.bias.device)
+    ck["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ck["prior_correction"] = {"logit_offset": offset.tolist(), "method": "logit adjustment: -log(inverse-frequency "
+                              "class weight), added to the classifier's output bias"}
+
+
+def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype, prior_correction=True) -> dict:
+    """Prior-correct and temperature-calibrate the best checkpoint on validation, store both in it
+    (atomically), then evaluate it on the test split."""
     model, ck = model_from_checkpoint(best_path, map_location="cpu")
+    if prior_correction:
+        apply_prior_correction(model, ck, data.labels[tr_idx])
     model.to(device)
     t = calibrate(model, data, va_idx, device, 64, amp_dtype)
     ck["temperature"] = t
