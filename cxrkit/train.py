@@ -119,6 +119,9 @@ def train(args) -> dict:
     """args: the argparse Namespace of model_arch.py (plain attributes, never pickled)."""
     rank, world, local = setup_distributed()
     device = pick_device(args.device, local)
+    if world > 1 and device.type == "cpu":
+        # N processes x default threads on the same cores oversubscribe badly (OpenMP spin-waits)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     amp_dtype = amp_dtype_for(device, args.amp)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
