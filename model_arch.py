@@ -63,6 +63,8 @@ def parse_args(argv=None):
     g.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
                    help="mixed precision; auto = on for CUDA (bf16 where supported), off on CPU")
     g.add_argument("--resume", action="store_true", help="continue from <output_dir>/model_checkpoints/last_checkpoint.pth")
+    g.add_argument("--overwrite", action="store_true",
+                   help="allow replacing an existing <output_dir>/model_checkpoints/best_covid_model.pth")
     g.add_argument("--max_minutes", type=float, default=0, help="stop cleanly after this much training (0: no limit)")
     g.add_argument("--stop_after_epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated interrupt
     g.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -32,9 +32,8 @@ def clean_state_dict(sd: dict) -> dict:
     """Strip wrapper prefixes (DistributedDataParallel 'module.', torch.compile '_orig_mod.')."""
     out = {}
     for k, v in sd.items():
-        for pre in ("module.", "_orig_mod."):
-            while k.startswith(pre):
-                k = k[len(pre):]
+        while k.startswith(("module.", "_orig_mod.")):  # in any order: compile(DDP(m)) gives "_orig_mod.module."
+            k = k.split(".", 1)[1]
         out[k] = v
     return out
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .io_utils import write_json_atomic
 from .preprocess import IMAGE_EXTS, ImageReadError, list_images, read_gray, read_mask, resize_gray, resize_mask
 
 log = logging.getLogger("cxrkit")
@@ -100,7 +101,7 @@ def _decode_one(args):
 
 
 def _cache_key(root: Path, samples: list[Sample], size: int) -> str:
-    h = hashlib.sha1(f"v1|{size}".encode())
+    h = hashlib.sha1(f"v2|{size}".encode())  # v2: masks resized like the images (area/linear + threshold)
     for s in samples:
         for rel in (s.image, s.mask):
             if rel is None:
@@ -177,9 +178,7 @@ def build_cache(data_dir, img_size: int, cache_dir, workers: int = 2, progress: 
                 "paths": [samples[i].image for i in keep],
                 "labels": [samples[i].label for i in keep],
                 "has_mask": has_mask[keep].tolist(), "skipped": skipped}
-        tmp = meta_p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, meta_p)  # meta last: its presence marks a complete cache
+        write_json_atomic(meta_p, meta, indent=None)  # meta last: its presence marks a complete cache
         if skipped:
             log.warning("%d files skipped while caching (listed in %s)", len(skipped), meta_p)
     return load_cache(cdir, root)
@@ -273,10 +272,7 @@ def load_or_make_split(data: CachedData, split_path, val_frac=0.15, test_frac=0.
           "counts": {k: {c: int((data.labels[v] == i).sum()) for i, c in enumerate(data.classes)}
                      for k, v in split.items()}}
     js.update({k: [data.paths[i] for i in v] for k, v in split.items()})
-    split_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = split_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(js, indent=1))
-    os.replace(tmp, split_path)
+    write_json_atomic(split_path, js, indent=1)
     log.info("split written to %s (%d near-duplicate groups kept on one side)", split_path, n_groups)
     return split
 

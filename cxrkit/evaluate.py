@@ -1,8 +1,6 @@
 """Evaluation on a cached split: metrics, test report files, TTA comparison and the shortcut check."""
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -12,17 +10,13 @@ import torch
 from . import plots
 from .calibration import fit_temperature
 from .data import CachedData, make_loader
+from .io_utils import write_json_atomic
 from .metrics import SegAccumulator, classification_metrics, expected_calibration_error, nll, softmax
 from .preprocess import to_model_input
 from .tta import tta_predict
 
 
-def write_json(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+write_json = write_json_atomic
 
 
 @torch.no_grad()

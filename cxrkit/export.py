@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import logging
 import os
 import warnings
@@ -27,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from .io_utils import write_json_atomic
 
 log = logging.getLogger("cxrkit")
 
@@ -62,14 +63,6 @@ def meta_path_for(onnx_path) -> Path:
     """The side-car meta file of an ONNX model: `<onnx_path>.meta.json`."""
     p = Path(onnx_path)
     return p.with_name(p.name + ".meta.json")
-
-
-def write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def _export_torchscript(wrapper, dummy, path, opset, dynamic_batch):

@@ -18,7 +18,8 @@ class LossParts(NamedTuple):
 
 
 def inverse_frequency_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """w_c = N / (C * n_c): mean weight over the training set is 1; an absent class gets 0."""
+    """w_c = N / (C * n_c): every class carries the same total weight (the per-sample weight averages 1
+    over the training set); a class absent from training gets weight 0."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
     return torch.tensor(w, dtype=torch.float32)

@@ -79,7 +79,13 @@ def make_one(label: str, rng: np.random.Generator, size: int = IMG) -> tuple[np.
     img += patt * lung_mask
     img = cv2.GaussianBlur(img, (0, 0), 1.2 * s)
     img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05) + rng.normal(0, 0.025, img.shape)
-    return np.clip(img * 255, 0, 255).astype(np.uint8), lung_mask
+    img = np.clip(img * 255, 0, 255).astype(np.uint8)
+    # patient positioning differs from film to film; without it same-class thumbnails correlate above
+    # the near-duplicate threshold and the split puts whole classes on one side
+    m = cv2.getRotationMatrix2D((size / 2, size / 2), rng.uniform(-5, 5), rng.uniform(0.92, 1.08))
+    m[:, 2] += rng.uniform(-0.06, 0.06, 2) * size
+    img = cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return img, cv2.warpAffine(lung_mask, m, (size, size), flags=cv2.INTER_NEAREST)
 
 
 def generate(out_dir, per_class: int = 40, seed: int = 0, classes=DEFAULT_CLASSES, quirks: bool = True) -> Path:

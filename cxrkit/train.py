@@ -6,7 +6,6 @@ the uninterrupted run would have (bit-identical on CPU).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -98,7 +97,7 @@ def _barrier(world):
 
 
 # ----------------------------------------------------------------------------------------- data
-def load_data(data_dir, img_size, cache_dir, workers, rank, world):
+def load_data(data_dir, img_size, cache_dir, workers, rank, world, progress=True):
     """A prebuilt cache folder (meta.json + images.npy) is accepted as data_dir too."""
     p = Path(data_dir)
     if (p / "meta.json").is_file() and (p / "images.npy").is_file():
@@ -107,7 +106,7 @@ def load_data(data_dir, img_size, cache_dir, workers, rank, world):
             raise DataError(f"cache {p} holds {data.images.shape[1]}px images but --img_size is {img_size}")
         return data
     if rank == 0:
-        data = build_cache(p, img_size, cache_dir, workers=workers)
+        data = build_cache(p, img_size, cache_dir, workers=workers, progress=progress)
     _barrier(world)
     if rank != 0:
         data = build_cache(p, img_size, cache_dir, workers=0, progress=False)  # reads the cache rank 0 made
@@ -129,8 +128,15 @@ def train(args) -> dict:
     ck_dir, res_dir = out / "model_checkpoints", out / "test_results"
     if rank == 0:
         ck_dir.mkdir(parents=True, exist_ok=True)
+    dd = Path(args.data_dir).resolve()
+    if out.resolve() == dd or dd in out.resolve().parents:
+        raise DataError(f"--output_dir {out} is inside --data_dir {args.data_dir}: its cache/ and model_checkpoints/ "
+                        f"would be read as class folders; choose an output folder outside the data")
+    if not args.resume and not getattr(args, "overwrite", False) and (ck_dir / BEST).is_file():
+        raise CheckpointError(f"{ck_dir / BEST} already exists (an earlier run or the shipped model): pass --resume "
+                              f"to continue that run, --overwrite to replace it, or another --output_dir")
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
-    data = load_data(args.data_dir, args.img_size, cache_dir, args.workers, rank, world)
+    data = load_data(args.data_dir, args.img_size, cache_dir, args.workers, rank, world, not args.quiet)
     classes = data.classes
     split_path = out / "split.json"
     if rank == 0:
@@ -144,6 +150,7 @@ def train(args) -> dict:
             raise DataError(f"the {k} split is empty ({len(data.paths)} images): add images or change the fractions")
 
     cfg = make_config(args.arch, num_classes=len(classes))
+    torch.manual_seed(args.seed)  # weight init follows --seed (same init on every rank, every run)
     model = build_model(cfg)
     recipe = {k: getattr(args, k) for k in ("arch", "img_size", "batch_size", "lr", "weight_decay", "num_epochs",
                                             "seed", "seg_weight", "cls_weight", "patience", "warmup_epochs",

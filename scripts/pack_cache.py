@@ -6,7 +6,6 @@ limit is far below the PNG database's size.
   python scripts/pack_cache.py pack   CACHE_DIR  data.pack.npz
   python scripts/pack_cache.py unpack data.pack.npz CACHE_DIR
 """
-import json
 import sys
 from pathlib import Path
 

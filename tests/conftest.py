@@ -83,3 +83,42 @@ def cxr_eval_dir(tmp_path_factory, cxr_data_available):
     copy_real_subset(root, EVAL_PER_CLASS, offset=TRAIN_PER_CLASS)
     (root / "COVID" / "images" / "corrupt_scan.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     return root
+
+
+# =============================================================================================
+# Model / data-pipeline / training fixtures (tests/test_model.py, test_losses.py, test_data.py,
+# test_training.py). Names prefixed `mdt_`. One small real subset is copied per session into a
+# pytest tmp folder (never into the repository); training tests copy it again before changing it.
+# =============================================================================================
+MDT_PER_CLASS = 12              # 48 real images: split 32 / 8 / 8 with the default fractions
+MDT_OFFSET = 40                 # disjoint from the inference fixtures' images (not required, just tidy)
+MDT_CORRUPT = "COVID/images/broken scan (copy).png"   # a corrupt file the pipeline must skip
+MDT_NO_MASK = "Normal"          # the first image of this class has its mask removed
+
+
+@pytest.fixture(scope="session")
+def mdt_subset(tmp_path_factory):
+    """Real chest X-rays in the database layout (<Class>/images + <Class>/masks; names with spaces
+    and parentheses), plus the quirks training must survive: one corrupt image and one image
+    without a mask. Treat as read-only."""
+    if not all((CXR_DATA / c / "images").is_dir() for c in CXR_CLASSES):
+        pytest.skip(f"real chest X-ray data not found at {CXR_DATA} (../shared/data/cxr4; set CXR_DATA_DIR)")
+    root = tmp_path_factory.mktemp("mdt") / "data"
+    copy_real_subset(root, MDT_PER_CLASS, offset=MDT_OFFSET)
+    (root / MDT_CORRUPT).write_bytes(b"\x89PNG\r\n\x1a\n truncated, not an image")
+    first = sorted((root / MDT_NO_MASK / "masks").iterdir())[0]
+    first.unlink()
+    return root
+
+
+@pytest.fixture(scope="session")
+def mdt_subset_info():
+    """What mdt_subset contains, for assertions (no `import conftest` in test modules)."""
+    return SimpleNamespace(per_class=MDT_PER_CLASS, corrupt=MDT_CORRUPT, no_mask_class=MDT_NO_MASK)
+
+
+@pytest.fixture(scope="session")
+def mdt_cache(mdt_subset, tmp_path_factory):
+    """The subset decoded once at 64 px (cxrkit.data.CachedData)."""
+    from cxrkit.data import build_cache
+    return build_cache(mdt_subset, 64, tmp_path_factory.mktemp("mdt_cache"), workers=0, progress=False)

@@ -1,0 +1,140 @@
+"""The multi-task network: output contract, gradient flow through both heads, presets, size sanity."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cxrkit.config import PRESETS, ModelConfig, make_config
+from cxrkit.losses import MultiTaskLoss
+from cxrkit.model import ModelOutput, build_model, count_gflops, count_parameters
+
+# the seed preset is the big one: keep its images small
+SHAPE_CASES = [("seed", 32), ("small", 64), ("tiny", 64)]
+
+
+def _model(preset, seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_model(make_config(preset, **kw))
+
+
+@pytest.mark.parametrize("preset,size", SHAPE_CASES)
+def test_output_shapes_both_heads(preset, size):
+    model = _model(preset)
+    x = torch.rand(3, 3, size, size)
+    for mode in (True, False):  # train and eval mode give the same contract
+        model.train(mode)
+        with torch.no_grad():
+            out = model(x)
+        assert isinstance(out, ModelOutput) and out._fields == ("segmentation", "classification")
+        assert out.segmentation.shape == (3, 1, size, size)
+        assert out.classification.shape == (3, 4)
+        assert out.segmentation.dtype == out.classification.dtype == torch.float32
+        assert torch.isfinite(out.segmentation).all() and torch.isfinite(out.classification).all()
+
+
+def _bn_cancelled_biases(model, x):
+    """Biases of Conv/Linear layers whose output goes straight into a BatchNorm (in execution order).
+
+    In train mode BN subtracts the batch mean, so such a bias has an exactly-zero gradient in exact
+    arithmetic (it is redundant, not disconnected): only rounding noise reaches it."""
+    order = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
+             for m in model.modules() if len(list(m.children())) == 0]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    bn = (nn.BatchNorm1d, nn.BatchNorm2d)
+    return {id(a.bias) for a, b in zip(order, order[1:])
+            if getattr(a, "bias", None) is not None and isinstance(b, bn)}
+
+
+@pytest.mark.parametrize("preset", ["seed", "seed_ms", "small", "tiny"])
+def test_every_parameter_gets_a_gradient(preset):
+    model = _model(preset).train()
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 32, 32)
+    exempt = _bn_cancelled_biases(model, x)
+    assert exempt, "expected Conv/Linear -> BatchNorm pairs"
+    masks = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    out = model(x)
+    loss = MultiTaskLoss(torch.ones(4)).forward(out.segmentation, out.classification, masks,
+                                                torch.tensor([True, True]), torch.tensor([0, 3]))
+    loss.total.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters outside the graph: {missing}"
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients: {bad}"
+    zero = [n for n, p in model.named_parameters() if id(p) not in exempt and p.grad.abs().max() == 0]
+    assert not zero, f"parameters with an all-zero gradient: {zero}"
+    # the BN-cancelled set must be only biases (a weight there would mean the detection is wrong)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[i].endswith("bias") for i in exempt)
+
+
+@pytest.mark.parametrize("preset", ["seed", "tiny"])  # "top" and "multiscale" classification sources
+def test_each_head_alone_trains_the_whole_backbone_and_not_the_other_head(preset):
+    model = _model(preset).train()
+    x = torch.rand(2, 3, 32, 32)
+    unet_weights = [(n, p) for n, p in model.unet.named_parameters() if p.ndim > 1]
+    for head, other, loss_of in (("cls_head", "seg_head", lambda o: o.classification.logsumexp(1).sum()),
+                                 ("seg_head", "cls_head", lambda o: o.segmentation.sum())):
+        model.zero_grad(set_to_none=True)
+        loss_of(model(x)).backward()
+        assert all(p.grad is None for p in getattr(model, other).parameters()), f"{head} loss reached {other}"
+        assert all(p.grad is not None for p in getattr(model, head).parameters())
+        dead = [n for n, p in unet_weights if p.grad is None or p.grad.abs().max() == 0]
+        assert not dead, f"{head} loss does not reach backbone weights {dead}"
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_num_classes_follows_config(n):
+    model = _model("tiny", num_classes=n).eval()
+    assert model.cls_head.mlp[-1].out_features == n
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 32, 32)).classification.shape == (2, n)
+
+
+def test_multiscale_model_survives_deepcopy():
+    """The EMA copy is made with deepcopy: its encoder hooks must feed the copy, not the original."""
+    model = _model("small").eval()
+    x = torch.rand(2, 3, 32, 32)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        a, b = model(x), clone(x)
+    assert torch.equal(a.classification, b.classification) and torch.equal(a.segmentation, b.segmentation)
+    assert model._captured == [] and clone._captured == []
+    with torch.no_grad():
+        for p in clone.cls_head.parameters():
+            p.add_(1.0)
+        assert not torch.equal(model(x).classification, clone(x).classification)
+
+
+def test_seed_preset_size_sanity():
+    seed = _model("seed")
+    n = count_parameters(seed)
+    assert 6.5e6 < n < 6.8e6, n   # 6,643,478 with MONAI 1.6
+    assert count_parameters(_model("tiny")) < count_parameters(_model("small")) < n
+    seed.train()
+    g = count_gflops(seed, 256)
+    assert g == pytest.approx(14.5, abs=0.3)
+    assert seed.training, "count_gflops must restore the training mode"
+    # FLOPs scale with the pixel count
+    assert count_gflops(seed, 128) == pytest.approx(g / 4, rel=0.02)
+
+
+def test_config_round_trip_and_errors():
+    for preset in PRESETS:
+        cfg = make_config(preset, num_classes=3)
+        d = cfg.to_dict()
+        assert all(not isinstance(v, tuple) for v in d.values())  # plain data for weights_only loading
+        assert ModelConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError, match="unknown --arch"):
+        make_config("huge")
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({**make_config("tiny").to_dict(), "wings": 2})
+    with pytest.raises(ValueError, match="cls_source"):
+        build_model(make_config("tiny", cls_source="sideways"))
