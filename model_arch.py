@@ -93,7 +93,8 @@ def evaluate_only(args):
     model, ck = model_from_checkpoint(args.evaluate)
     model.to(device)
     out = Path(args.output_dir)
-    data = load_data(args.data_dir, ck["img_size"], Path(args.cache_dir or out / "cache"), args.workers, 0, 1)
+    data = load_data(args.data_dir, ck["img_size"], Path(args.cache_dir or out / "cache"), args.workers, 0, 1,
+                     not args.quiet)
     if data.classes != ck["class_names"]:
         raise SystemExit(f"error: {args.data_dir} has classes {data.classes} but {args.evaluate} was trained on "
                          f"{ck['class_names']}; point --data_dir at matching class folders")

@@ -17,7 +17,6 @@ file really has.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
 import os
 import warnings
@@ -27,13 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io_utils import write_json_atomic
+# the graph's names, meta_path_for and sha256_file live in the torch-free io_utils (the ONNX inference
+# path imports them without torch); re-exported here for existing `from cxrkit.export import ...` callers
+from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
 
 log = logging.getLogger("cxrkit")
 
 META_FORMAT = "cxrkit-onnx-meta-v1"
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("segmentation", "classification")
 # parity tolerances (ONNX Runtime CPU vs PyTorch CPU, same random inputs)
 CLASS_PROB_TOL = 1e-4   # max abs diff of class probabilities (raw and temperature-calibrated)
 SEG_PROB_TOL = 1e-3     # max abs diff of lung probabilities
@@ -49,20 +48,6 @@ class ExportWrapper(nn.Module):
     def forward(self, image: torch.Tensor):
         out = self.model(image)
         return torch.sigmoid(out.segmentation), out.classification
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def meta_path_for(onnx_path) -> Path:
-    """The side-car meta file of an ONNX model: `<onnx_path>.meta.json`."""
-    p = Path(onnx_path)
-    return p.with_name(p.name + ".meta.json")
 
 
 def _export_torchscript(wrapper, dummy, path, opset, dynamic_batch):

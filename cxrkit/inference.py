@@ -5,10 +5,16 @@
     items = gather_inputs(data_dir="DIR", class_names=backend.class_names)
     summary = run_pipeline(backend, items, "out/preds", batch_size=16, tta=1)
 
-A backend exposes class_names, img_size, temperature, input_device and
-`forward(x) -> (seg_prob (B,1,S,S), cls_logits (B,C))` on torch tensors, which is what
-`cxrkit.tta.tta_predict` runs; so preprocessing (cxrkit.preprocess), TTA, calibration
-(softmax(logits / T)), metrics and every output file are shared by both backends.
+A backend exposes class_names, img_size, temperature and
+`forward(x) -> (seg_prob (B,1,S,S), cls_logits (B,C))` on float32 numpy arrays (x: (B,3,S,S) from
+`cxrkit.preprocess.to_model_input_np`), which is what `cxrkit.tta.tta_predict` runs; so
+preprocessing (cxrkit.preprocess), TTA, calibration (softmax(logits / T)), metrics and every output
+file are shared by both backends. TorchBackend converts to / from torch on its device internally.
+
+No torch on the ONNX path: this module imports neither torch nor MONAI (nor cxrkit.checkpoint /
+cxrkit.model / cxrkit.export, which do) at module level. ONNX Runtime inference on a CPU (--tta 1,
+no Grad-CAM) thus never loads them: importing torch alone costs ~1.5 s, nearly half of a whole
+run over 48 images. TorchBackend, Grad-CAM and --tta > 1 (the warps) import torch when used.
 
 Overlap: images are decoded by a thread pool ahead of the model (OpenCV / pydicom release the GIL
 for the heavy parts), the model runs in the calling thread, and a writer thread draws and writes the
@@ -37,11 +43,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
-from .export import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic
+# torch-free modules only (see the module docstring): not cxrkit.export, which imports torch
+from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic
 from .preprocess import (IMAGE_EXTS, ImageReadError, list_images, read_gray, read_mask, resize_gray,
-                         resize_mask, to_model_input)
+                         resize_mask, to_model_input_np)
 from .tta import MAX_TTA, tta_predict
 
 log = logging.getLogger("cxrkit")
@@ -85,11 +91,13 @@ def physical_cores() -> int:
 
 
 class TorchBackend:
-    """A cxrkit checkpoint run by PyTorch (eval mode, no autograd)."""
+    """A cxrkit checkpoint run by PyTorch (eval mode, no autograd); numpy in, numpy out."""
 
     name = "pytorch"
 
     def __init__(self, checkpoint, device=None):
+        # cxrkit.checkpoint / cxrkit.train import torch and MONAI: imported here, not at module level
+        # (start-up time of the CPU ONNX path)
         from .checkpoint import model_from_checkpoint
         from .train import pick_device
         self.checkpoint_path = Path(checkpoint)
@@ -100,14 +108,18 @@ class TorchBackend:
         self.class_names = list(ck["class_names"])
         self.img_size = int(ck["img_size"])
         self.temperature = float(ck.get("temperature", 1.0))
-        self.input_device = self.device
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor):
-        out = self.model(x.to(self.device, non_blocking=True))
-        return torch.sigmoid(out.segmentation.float()), out.classification.float()
+    def forward(self, x: np.ndarray):
+        """(B,3,S,S) float32 numpy (a CPU tensor also works) -> (seg_prob (B,1,S,S), logits (B,C)) as
+        float32 numpy; runs on self.device."""
+        import torch
+        with torch.no_grad():
+            out = self.model(torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True))
+            return (torch.sigmoid(out.segmentation.float()).cpu().numpy(),
+                    out.classification.float().cpu().numpy())
 
     def describe(self) -> dict:
+        import torch
         d = {"backend": self.name, "device": str(self.device), "checkpoint": str(self.checkpoint_path),
              "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
         if self.device.type == "cuda":
@@ -200,7 +212,6 @@ class OnnxBackend:
         if "CUDAExecutionProvider" in self.providers and "CUDAExecutionProvider" not in self.active_providers:
             log.warning("CUDA was requested but ONNX Runtime runs on %s", ", ".join(self.active_providers))
         self._check_model_matches_meta()
-        self.input_device = torch.device("cpu")
 
     def _check_model_matches_meta(self):
         ins, outs = self.session.get_inputs(), {o.name: o for o in self.session.get_outputs()}
@@ -226,8 +237,9 @@ class OnnxBackend:
             log.warning("%s was written for a different ONNX file (SHA-256 differs from %s); its class names, "
                         "size and temperature may not belong to this model", self.meta_path, self.onnx_path)
 
-    def forward(self, x: torch.Tensor):
-        a = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    def forward(self, x: np.ndarray):
+        """(B,3,S,S) float32 numpy -> (seg_prob (B,1,S,S), logits (B,C)) float32 numpy."""
+        a = np.ascontiguousarray(x, dtype=np.float32)
         sb = self.static_batch
         if sb is None:
             seg, cls = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: a})
@@ -241,7 +253,7 @@ class OnnxBackend:
                 sg, cl = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
                 segs.append(sg[:k]); clss.append(cl[:k])
             seg, cls = np.concatenate(segs), np.concatenate(clss)
-        return torch.from_numpy(np.asarray(seg, np.float32)), torch.from_numpy(np.asarray(cls, np.float32))
+        return np.asarray(seg, np.float32), np.asarray(cls, np.float32)
 
     def describe(self) -> dict:
         import onnxruntime as ort
@@ -252,15 +264,22 @@ class OnnxBackend:
 
 
 # ------------------------------------------------------------------------------------- Grad-CAM
-class _ClassLogits(torch.nn.Module):
-    """The multi-task net seen as a classifier: MONAI's GradCAM wants a module returning logits."""
+def _class_logits_module(net):
+    """The multi-task net seen as a classifier (a module with one child `net` returning the logits):
+    MONAI's GradCAM wants a module returning logits. The nn.Module subclass is defined here, not at
+    module level, so that importing cxrkit.inference does not import torch (start-up time of the
+    CPU ONNX path)."""
+    import torch
 
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
+    class _ClassLogits(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
 
-    def forward(self, x):
-        return self.net(x).classification
+        def forward(self, x):
+            return self.net(x).classification
+
+    return _ClassLogits(net)
 
 
 class GradCamExplainer:
@@ -277,6 +296,8 @@ class GradCamExplainer:
     """
 
     def __init__(self, checkpoint, device=None):
+        # torch / MONAI imported here, only when Grad-CAM is asked for (see the module docstring)
+        import torch
         from monai.visualize import GradCAM
 
         from .checkpoint import model_from_checkpoint
@@ -285,16 +306,18 @@ class GradCamExplainer:
         self.class_names = list(ck["class_names"])
         self.img_size = int(ck["img_size"])
         self.ck = ck
-        self.net = _ClassLogits(model.to(self.device)).eval()
+        self.net = _class_logits_module(model.to(self.device)).eval()
         # dotted name of the bottleneck inside the wrapper, e.g.
         # net.unet.model.1.submodule.1.submodule.1.submodule.1.submodule
         self.layer = next(n for n, m in self.net.named_modules() if m is model.bottleneck)
         self.cam = GradCAM(nn_module=self.net, target_layers=self.layer, postprocessing=lambda m: m)
 
-    def __call__(self, x: torch.Tensor, class_idx) -> np.ndarray:
+    def __call__(self, x, class_idx) -> np.ndarray:
         """Raw Grad-CAM maps (B, S, S) float32 >= 0 (ReLU of the gradient-weighted bottleneck
-        activations, bilinearly upsampled to the input size) for one target class per sample."""
-        x = x.to(self.device)
+        activations, bilinearly upsampled to the input size) for one target class per sample.
+        x: the model input (B,3,S,S) float32, numpy or torch."""
+        import torch
+        x = torch.as_tensor(x, dtype=torch.float32).to(self.device)
         idx = np.broadcast_to(np.asarray(class_idx, np.int64), (x.shape[0],))
         out = np.zeros((x.shape[0], x.shape[2], x.shape[3]), np.float32)
         with torch.enable_grad():
@@ -732,11 +755,11 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                     batch.append(d)
                 if not batch:
                     continue
-                x = to_model_input(np.stack([d.model_u8 for d in batch])).to(backend.input_device)
+                x = to_model_input_np(np.stack([d.model_u8 for d in batch]))
                 tm = time.perf_counter()
-                seg, probs = tta_predict(backend.forward, x, tta, temp)
-                seg = seg.float().cpu().numpy()[:, 0]
-                probs = probs.float().cpu().numpy().astype(np.float64)
+                seg, probs = tta_predict(backend.forward, x, tta, temp)  # numpy in, numpy out
+                seg = seg[:, 0]
+                probs = probs.astype(np.float64)
                 model_seconds += time.perf_counter() - tm
                 pred = probs.argmax(1)
                 cams = None

@@ -11,22 +11,49 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties get their average rank (as scipy.stats.rankdata)."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    _, start, counts = np.unique(xs, return_index=True, return_counts=True)
+    avg = start + (counts + 1) / 2.0           # average 1-based rank of each tie group
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.repeat(avg, counts)
+    return ranks
+
+
+def roc_auc(pos: np.ndarray, scores: np.ndarray) -> float:
+    """Binary ROC-AUC via the Mann-Whitney U statistic (equals sklearn's roc_auc_score)."""
+    pos = np.asarray(pos, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    r = _average_ranks(np.asarray(scores, np.float64))
+    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
-    y_pred = probs.argmax(1)
-    labels = list(range(len(classes)))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    """Accuracy, macro/weighted F1, per-class precision/recall/F1/support/ROC-AUC, confusion matrix.
+
+    Plain numpy (no scikit-learn): this also runs at the end of every inference run, where importing
+    scikit-learn would cost the CPU ONNX path ~0.7 s of start-up. Zero division gives 0, as
+    sklearn's zero_division=0; tests check agreement with scikit-learn."""
+    y_true = np.asarray(y_true, np.int64)
+    probs = np.asarray(probs, np.float64)
+    c = len(classes)
+    y_pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+    cm = np.bincount(y_true * c + y_pred, minlength=c * c).reshape(c, c)
+    tp, pred_n, true_n = np.diag(cm).astype(np.float64), cm.sum(0), cm.sum(1)
+    p = np.divide(tp, pred_n, out=np.zeros(c), where=pred_n > 0)
+    r = np.divide(tp, true_n, out=np.zeros(c), where=true_n > 0)
+    f = np.divide(2 * p * r, p + r, out=np.zeros(c), where=(p + r) > 0)
     out = {"accuracy": float((y_pred == y_true).mean()) if len(y_true) else 0.0,
            "macro_f1": float(f.mean()),
-           "weighted_f1": float((f * s).sum() / max(s.sum(), 1)),
-           "per_class": {}, "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist()}
-    for i, c in enumerate(classes):
-        auc = None
+           "weighted_f1": float((f * true_n).sum() / max(true_n.sum(), 1)),
+           "per_class": {}, "confusion_matrix": cm.tolist()}
+    for i, name in enumerate(classes):
         pos = y_true == i
-        if pos.any() and (~pos).any():
-            auc = float(roc_auc_score(pos, probs[:, i]))
-        out["per_class"][c] = {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                               "support": int(s[i]), "roc_auc": auc}
+        auc = roc_auc(pos, probs[:, i]) if pos.any() and (~pos).any() else None
+        out["per_class"][name] = {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                                  "support": int(true_n[i]), "roc_auc": auc}
     aucs = [v["roc_auc"] for v in out["per_class"].values() if v["roc_auc"] is not None]
     out["macro_roc_auc"] = float(np.mean(aucs)) if aucs else None
     return out

@@ -8,7 +8,9 @@ How a file gets there:
      RGB/RGBA are converted to luminance (radiographs carry no colour; an RGB copy of a grayscale
      X-ray then gives exactly the prediction of the grayscale file),
   2. resize to S x S (area interpolation when shrinking),
-  3. scale to [0, 1] and replicate to 3 channels (`to_model_input`).
+  3. scale to [0, 1] and replicate to 3 channels (`to_model_input_np` for the inference backends,
+     numpy in / numpy out; `to_model_input` for training and evaluation, torch tensors on any device;
+     both compute the same float32 values).
 Masks: any non-zero-ish pixel (> half of the mask's max) is lung; resized like the image, then
 thresholded at one half (so mask and image stay aligned).
 """
@@ -16,10 +18,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+
+# No module-level `import torch`: the CPU ONNX inference path imports this module and must start
+# fast (importing torch costs ~1.5 s there); the torch helpers below import it when called.
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
 
@@ -151,8 +159,20 @@ def load_for_model(path, size: int) -> np.ndarray:
     return resize_gray(read_gray(path), size)
 
 
+def to_model_input_np(batch_u8: np.ndarray) -> np.ndarray:
+    """(B, S, S) uint8 numpy -> (B, 3, S, S) float32 RGB in [0, 1] numpy (what the inference
+    backends take); the same values as `to_model_input` (float32 x / 255, correctly rounded)."""
+    a = np.asarray(batch_u8)
+    if a.dtype != np.uint8 or a.ndim != 3:
+        raise ValueError(f"expected a (B, S, S) uint8 batch, got {tuple(a.shape)} {a.dtype}")
+    x = a.astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(np.broadcast_to(x[:, None], (a.shape[0], 3, *a.shape[1:])))
+
+
 def to_model_input(batch_u8) -> torch.Tensor:
-    """(B, S, S) uint8 (numpy or tensor, any device) -> (B, 3, S, S) float32 RGB in [0, 1]."""
+    """(B, S, S) uint8 (numpy or tensor, any device) -> (B, 3, S, S) float32 RGB in [0, 1] tensor on
+    the input's device (training / evaluation; inference uses `to_model_input_np`)."""
+    import torch  # lazily: see the note at the imports
     t = torch.as_tensor(batch_u8)
     if t.dtype != torch.uint8 or t.ndim != 3:
         raise ValueError(f"expected a (B, S, S) uint8 batch, got {tuple(t.shape)} {t.dtype}")
@@ -161,6 +181,7 @@ def to_model_input(batch_u8) -> torch.Tensor:
 
 def check_input(x: torch.Tensor, img_size: int) -> None:
     """Enforce the network's input contract with a clear message (not used in the training loop)."""
+    import torch  # lazily: see the note at the imports
     if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (img_size, img_size):
         raise ValueError(f"model input must be (B, 3, {img_size}, {img_size}); got {tuple(x.shape)}")
     if x.dtype != torch.float32:

@@ -91,11 +91,11 @@ class PeakRSS:
 
 # ----------------------------------------------------------------------------------- workloads
 def model_only(forward, u8: list[np.ndarray], batch: int) -> float:
-    from cxrkit.preprocess import to_model_input
-    forward(to_model_input(np.stack(u8[:batch])))  # warm-up (allocations, ORT first-run)
+    from cxrkit.preprocess import to_model_input_np  # backends take float32 numpy arrays
+    forward(to_model_input_np(np.stack(u8[:batch])))  # warm-up (allocations, ORT first-run)
     t0 = time.perf_counter()
     for s in range(0, len(u8), batch):
-        forward(to_model_input(np.stack(u8[s:s + batch])))
+        forward(to_model_input_np(np.stack(u8[s:s + batch])))
     return time.perf_counter() - t0
 
 

@@ -34,7 +34,7 @@ def ort_ms_per_image(arch, img_size, batch, reps):
         atomic_torch_save(make_checkpoint(model, cfg, DEFAULT_CLASSES, img_size), ck)
         export_to_onnx(ck, Path(td) / "m.onnx", img_size=img_size)
         be = OnnxBackend(Path(td) / "m.onnx")
-        x = torch.rand(batch, 3, img_size, img_size)
+        x = torch.rand(batch, 3, img_size, img_size).numpy()  # backends take float32 numpy arrays
         be.forward(x)  # warm-up
         times = []
         for _ in range(reps):

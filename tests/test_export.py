@@ -60,10 +60,11 @@ def test_export_static_batch(tiny_model, tmp_path):
     assert meta["dynamic_batch"] is False and set(meta["parity"]["batches"]) == {"1"}
     assert meta["input"]["shape"][0] == 1
     ob, tb = OnnxBackend(tmp_path / "static.onnx"), TorchBackend(tiny_model.checkpoint, "cpu")
-    x = torch.rand(3, 3, 64, 64)
+    x = torch.rand(3, 3, 64, 64).numpy()  # backends take and return float32 numpy arrays
     (s1, c1), (s2, c2) = ob.forward(x), tb.forward(x)  # batch 3 runs as 3 x batch 1
-    assert c1.shape == (3, 4)
-    assert torch.allclose(c1, c2, atol=1e-4) and torch.allclose(s1, s2, atol=1e-4)
+    assert c1.shape == (3, 4) and s1.shape == (3, 1, 64, 64)
+    np.testing.assert_allclose(c1, c2, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-4)
 
 
 def test_export_errors(tmp_path, capsys, tiny_model):

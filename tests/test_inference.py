@@ -5,6 +5,9 @@ import csv
 import json
 import logging
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -16,9 +19,11 @@ import run_onnx_inference as onnx_cli
 from cxrkit.checkpoint import load_checkpoint, model_from_checkpoint
 from cxrkit.inference import (GradCamExplainer, InferenceError, OnnxBackend, TorchBackend, gather_inputs,
                               resolve_providers)
-from cxrkit.preprocess import load_for_model, read_gray, to_model_input
+from cxrkit.metrics import softmax
+from cxrkit.preprocess import load_for_model, read_gray, to_model_input, to_model_input_np
 from cxrkit.tta import tta_predict
 
+REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 REQUIRED_PREFIX = (["image_path", "predicted_class", "confidence"] + [f"prob_{c}" for c in CLASSES]
                    + ["lung_area_fraction", "true_class", "correct"])
@@ -177,15 +182,53 @@ def test_tta1_equals_plain_inference_on_both_backends(tiny_model, cxr_eval_dir):
     assert tb.temperature == pytest.approx(ob.temperature)
     paths = sorted(cxr_eval_dir.glob("*/images/*.png"))[:6]
     paths = [p for p in paths if "corrupt" not in p.name]
-    x = to_model_input(np.stack([load_for_model(p, 64) for p in paths]))
+    u8 = np.stack([load_for_model(p, 64) for p in paths])
+    x = to_model_input_np(u8)  # backends take and return float32 numpy arrays
+    assert x.dtype == np.float32 and x.shape == (len(paths), 3, 64, 64)
+    assert np.array_equal(x, to_model_input(u8).numpy())  # the training path's values, bit for bit
     for b in (tb, ob):
         seg, logits = b.forward(x)
+        assert isinstance(seg, np.ndarray) and seg.dtype == np.float32 and seg.shape == (len(paths), 1, 64, 64)
+        assert isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.shape == (len(paths), 4)
         seg1, p1 = tta_predict(b.forward, x, 1, b.temperature)
-        assert torch.equal(seg1, seg)
-        assert torch.equal(p1, torch.softmax(logits / b.temperature, 1))
+        assert np.array_equal(seg1, seg)
+        assert np.array_equal(p1, softmax(logits, b.temperature))
+        np.testing.assert_allclose(p1, torch.softmax(torch.from_numpy(logits) / b.temperature, 1).numpy(),
+                                   rtol=0, atol=1e-6)
     _, pt = tta_predict(tb.forward, x, 4, tb.temperature)
     _, po = tta_predict(ob.forward, x, 4, ob.temperature)
-    assert (pt - po).abs().max() <= 1e-4
+    assert isinstance(pt, np.ndarray) and np.abs(pt - po).max() <= 1e-4
+    # torch tensors in (training evaluation): the same views, torch tensors out
+    fwd = lambda t: tuple(torch.from_numpy(a) for a in tb.forward(t.numpy()))  # noqa: E731
+    _, ptt = tta_predict(fwd, torch.from_numpy(x), 4, tb.temperature)
+    assert isinstance(ptt, torch.Tensor) and np.array_equal(ptt.numpy(), pt)
+
+
+# a fresh interpreter: the pytest process itself has torch loaded already
+_NO_TORCH_PROBE = """
+import json, sys
+import run_onnx_inference
+rc = run_onnx_inference.main(sys.argv[1:])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "monai")
+               or m in ("cxrkit.export", "cxrkit.checkpoint", "cxrkit.model", "cxrkit.train"))
+print(json.dumps({"rc": rc, "heavy": heavy}))
+"""
+
+
+def test_onnx_cli_never_imports_torch(tiny_model, cxr_eval_dir, tmp_path):
+    """The CPU ONNX path (no Grad-CAM, --tta 1) must not import torch or MONAI: importing torch is
+    ~1.5 s of a ~3.4 s whole-process run over 48 images (start-up time of run_onnx_inference.py)."""
+    paths = [p for p in sorted(cxr_eval_dir.glob("*/images/*.png")) if "corrupt" not in p.name][:4]
+    out = tmp_path / "no_torch"
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH_PROBE, "--onnx_path", str(tiny_model.onnx),
+                        "--images", *map(str, paths), "--save_dir", str(out), "--quiet"],
+                       cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["rc"] == 0, r.stderr
+    assert res["heavy"] == [], f"the ONNX inference path imported {res['heavy']}"
+    s = json.loads((out / "summary.json").read_text())
+    assert s["backend"] == "onnxruntime" and s["n_processed"] == 4 and s["tta"] == 1
 
 
 def test_gather_inputs(tmp_path, cxr_eval_dir):

@@ -138,3 +138,25 @@ def test_fit_temperature_is_clamped_on_separable_data():
     logits = np.eye(4)[labels] * 10.0            # always right: NLL keeps falling as T -> 0
     t = fit_temperature(logits, labels)
     assert 0.05 <= t < 1 and np.isfinite(t)
+
+
+def test_numpy_classification_metrics_match_scikit_learn():
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+    from cxrkit.metrics import classification_metrics
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 300)
+    probs = rng.dirichlet(np.ones(4), 300)
+    probs[:50] = np.round(probs[:50], 1)            # ties in the scores
+    m = classification_metrics(y, probs, ["a", "b", "c", "d"])
+    pred = probs.argmax(1)
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=range(4), zero_division=0)
+    assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=range(4)).tolist()
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
+    assert m["weighted_f1"] == pytest.approx(f1_score(y, pred, average="weighted", zero_division=0))
+    for i, k in enumerate("abcd"):
+        pc = m["per_class"][k]
+        assert (pc["precision"], pc["recall"], pc["f1"], pc["support"]) == pytest.approx((p[i], r[i], f[i], s[i]))
+        assert pc["roc_auc"] == pytest.approx(roc_auc_score(y == i, probs[:, i]))
+    # a class never predicted and never present: zeros, no AUC, no crash
+    m2 = classification_metrics(np.array([0, 0, 1]), np.array([[.9, .1, 0], [.8, .2, 0], [.3, .7, 0]]), ["a", "b", "c"])
+    assert m2["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "roc_auc": None}

@@ -1,0 +1,64 @@
+"""model_arch.py --evaluate: --calibrate, --shortcut_check and --tta_eval on a small real subset."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import model_arch
+from cxrkit.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def evaluated(mdt_subset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evalcli")
+    common = ["--data_dir", str(mdt_subset), "--output_dir", str(out), "--img_size", "32", "--workers", "0",
+              "--quiet", "--device", "cpu"]
+    assert model_arch.main(common + ["--arch", "tiny", "--num_epochs", "1", "--batch_size", "8",
+                                     "--no-prior_correction"]) == 0
+    ck_path = out / "model_checkpoints" / "best_covid_model.pth"
+    before = load_checkpoint(ck_path)
+    rc = model_arch.main(common + ["--evaluate", str(ck_path), "--calibrate", "--shortcut_check",
+                                   "--tta_eval", "1,3"])
+    return rc, out, before, load_checkpoint(ck_path)
+
+
+def test_evaluate_exits_cleanly(evaluated):
+    assert evaluated[0] == 0
+
+
+def test_calibrate_writes_prior_correction_and_temperature(evaluated):
+    _, _, before, after = evaluated
+    assert not before.get("prior_correction")
+    assert after["prior_correction"]["logit_offset"] and len(after["prior_correction"]["logit_offset"]) == 4
+    assert after["temperature"] > 0
+    b0, b1 = before["state_dict"]["cls_head.mlp.9.bias"], after["state_dict"]["cls_head.mlp.9.bias"]
+    assert torch.allclose(b1 - b0, torch.tensor(after["prior_correction"]["logit_offset"]), atol=1e-6)
+
+
+def test_shortcut_check_file(evaluated):
+    _, out, _, after = evaluated
+    res = json.loads((out / "test_results" / "shortcut_check.json").read_text())
+    rep = json.loads((out / "test_results" / "classification_report.json").read_text())
+    n = res["n_images"]
+    assert n == rep["n_images"] > 0
+    for k in ("original", "lungs_only", "lungs_removed"):
+        cm = np.asarray(res[k]["confusion_matrix"])
+        assert cm.shape == (4, 4) and cm.sum() == n
+        assert 0.0 <= res[k]["accuracy"] <= 1.0
+        assert res[k]["accuracy"] == pytest.approx(np.trace(cm) / n)
+    # "original" is the plain test evaluation of the same checkpoint
+    assert res["original"]["accuracy"] == pytest.approx(rep["accuracy"])
+    assert "ground truth" in res["mask_source"]
+
+
+def test_tta_report(evaluated):
+    _, out, _, _ = evaluated
+    rep = json.loads((out / "test_results" / "tta_report.json").read_text())
+    cls = json.loads((out / "test_results" / "classification_report.json").read_text())
+    assert set(rep["rows"]) == {"1", "3"}
+    assert rep["rows"]["1"]["accuracy"] == pytest.approx(cls["accuracy"])  # 1 view = plain inference
+    for r in rep["rows"].values():
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["dice"] <= 1 and r["ms_per_image"] > 0
