@@ -63,6 +63,10 @@ def predict_split(model, data: CachedData, indices, device, batch_size=64, amp_d
 
 
 def calibrate(model, data, val_idx, device, batch_size=64, amp_dtype=None) -> float:
+    if len(val_idx) < 100:
+        import logging
+        logging.getLogger("cxrkit").warning("temperature fitted on only %d validation images: treat the "
+                                            "calibration as rough", len(val_idx))
     r = predict_split(model, data, val_idx, device, batch_size, amp_dtype)
     return fit_temperature(r["logits"], r["labels"])
 

@@ -84,7 +84,7 @@ def make_one(label: str, rng: np.random.Generator, size: int = IMG) -> tuple[np.
     # the near-duplicate threshold and the split puts whole classes on one side
     m = cv2.getRotationMatrix2D((size / 2, size / 2), rng.uniform(-5, 5), rng.uniform(0.92, 1.08))
     m[:, 2] += rng.uniform(-0.06, 0.06, 2) * size
-    img = cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    img = cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     return img, cv2.warpAffine(lung_mask, m, (size, size), flags=cv2.INTER_NEAREST)
 
 
