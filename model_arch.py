@@ -39,6 +39,8 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int, default=D.workers, help="decode processes and DataLoader workers")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="seed", choices=sorted(PRESETS), help="model preset (see cxrkit/config.py)")
+    g.add_argument("--init_from", metavar="CHECKPOINT", default=None,
+                   help="fine-tune: start from this checkpoint's weights (same --arch and classes; fresh optimizer)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--num_epochs", type=int, default=D.num_epochs)
     g.add_argument("--batch_size", type=int, default=D.batch_size, help="per process")

@@ -152,9 +152,13 @@ def train(args) -> dict:
     cfg = make_config(args.arch, num_classes=len(classes))
     torch.manual_seed(args.seed)  # weight init follows --seed (same init on every rank, every run)
     model = build_model(cfg)
+    if getattr(args, "init_from", None) and not args.resume:
+        init_from_checkpoint(model, cfg, classes, args.init_from)
+        if rank == 0:
+            log.info("initialised weights from %s (fresh optimizer and schedule)", args.init_from)
     recipe = {k: getattr(args, k) for k in ("arch", "img_size", "batch_size", "lr", "weight_decay", "num_epochs",
                                             "seed", "seg_weight", "cls_weight", "patience", "warmup_epochs",
-                                            "ema_decay")}
+                                            "ema_decay", "init_from")}
     # --- resume -------------------------------------------------------------------------------
     start_epoch, history, best_score, bad_epochs, train_state = 0, [], -1e9, 0, None
     last_p = ck_dir / LAST
@@ -323,6 +327,21 @@ def _summary(args, cfg: ModelConfig, classes, history, best_score, split, second
             "split_sizes": {k: int(len(v)) for k, v in split.items()}, "world_size": world,
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
             "history": history}
+
+
+@torch.no_grad()
+def init_from_checkpoint(model, cfg: ModelConfig, classes, path) -> None:
+    """Fine-tuning start: weights of a checkpoint with the same config and classes. A prior
+    correction baked into its classifier bias is removed first (it is re-applied after training)."""
+    ck = load_checkpoint(path)
+    if ck["model_config"] != cfg.to_dict() or ck["class_names"] != list(classes):
+        raise CheckpointError(f"--init_from {path}: made for arch {ck['model_config'].get('preset')} with classes "
+                              f"{ck['class_names']}; pass the matching --arch and data")
+    model.load_state_dict(ck["state_dict"])
+    pc = ck.get("prior_correction")
+    if pc:
+        last = model.cls_head.mlp[-1]
+        last.bias -= torch.tensor(pc["logit_offset"], dtype=last.bias.dtype)
 
 
 @torch.no_grad()
