@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --onnx_path is a folder, its parent is a file, no permission
+        print(f"error: {e.strerror or e}: {e.filename or args.onnx_path} (check --onnx_path)", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -91,6 +91,15 @@ def evaluate_only(args):
     from cxrkit.evaluate import shortcut_check, tta_report, write_json
     from cxrkit.train import amp_dtype_for, evaluate_checkpoint, load_data, pick_device
 
+    from cxrkit.data import DataError
+    from cxrkit.io_utils import UsageError
+    from cxrkit.tta import MAX_TTA
+    try:
+        tta_ns = [int(n) for n in args.tta_eval.split(",") if n.strip()]
+    except ValueError:
+        raise UsageError(f"--tta_eval {args.tta_eval!r}: give comma-separated view counts, e.g. 1,4,8") from None
+    if any(not 1 <= n <= MAX_TTA for n in tta_ns):
+        raise UsageError(f"--tta_eval {args.tta_eval!r}: each view count must be between 1 and {MAX_TTA}")
     device = pick_device(args.device)
     model, ck = model_from_checkpoint(args.evaluate)
     model.to(device)
@@ -98,8 +107,8 @@ def evaluate_only(args):
     data = load_data(args.data_dir, ck["img_size"], Path(args.cache_dir or out / "cache"), args.workers, 0, 1,
                      not args.quiet)
     if data.classes != ck["class_names"]:
-        raise SystemExit(f"error: {args.data_dir} has classes {data.classes} but {args.evaluate} was trained on "
-                         f"{ck['class_names']}; point --data_dir at matching class folders")
+        raise DataError(f"{args.data_dir} has classes {data.classes} but {args.evaluate} was trained on "
+                        f"{ck['class_names']}; point --data_dir at matching class folders")
     split_p = Path(args.split_file) if args.split_file else out / "split.json"
     if not split_p.is_file():
         logging.warning("%s not found: making a new split with --seed %d (it only matches the training split "
@@ -115,14 +124,16 @@ def evaluate_only(args):
         model.to(device)
     else:
         evaluate_checkpoint(model, ck, data, split["test"], res_dir, device, amp)
+    if (args.shortcut_check or tta_ns) and len(split["test"]) == 0:
+        logging.warning("the test split is empty: no shortcut check or TTA report")
+        return
     if args.shortcut_check:
         r = shortcut_check(model, data, split["test"], ck["class_names"], device, res_dir / "shortcut_check.json",
                            amp_dtype=amp)
         print("shortcut check accuracy | " + " | ".join(f"{k} {r[k]['accuracy']:.4f}"
                                                          for k in ("original", "lungs_only", "lungs_removed")))
-    if args.tta_eval:
-        ns = [int(n) for n in args.tta_eval.split(",") if n.strip()]
-        rows = tta_report(model, data, split["test"], ck["class_names"], device, ns, amp_dtype=amp)
+    if tta_ns:
+        rows = tta_report(model, data, split["test"], ck["class_names"], device, tta_ns, amp_dtype=amp)
         write_json(res_dir / "tta_report.json", {"device": str(device), "rows": rows})
         print(json.dumps(rows, indent=1))
 
@@ -132,14 +143,18 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from cxrkit.checkpoint import CheckpointError
     from cxrkit.data import DataError
+    from cxrkit.io_utils import UsageError
     try:
         if args.evaluate:
             evaluate_only(args)
         else:
             from cxrkit.train import train
             train(args)
-    except (DataError, CheckpointError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, UsageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --output_dir is a file, no permission
+        print(f"error: {e.strerror or e}: {e.filename or ''} (check the paths you passed)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the last completed epoch is saved; continue with --resume", file=sys.stderr)

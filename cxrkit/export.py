@@ -118,6 +118,10 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
     factor = int(np.prod(model.cfg.strides))
     if size <= 0 or size % factor:
         raise ValueError(f"--img_size {size}: must be a positive multiple of {factor} (the UNet's total stride)")
+    if Path(onnx_path).is_dir():
+        raise ValueError(f"--onnx_path {onnx_path} is a folder: give a file name, e.g. {Path(onnx_path) / 'model.onnx'}")
+    if not 13 <= int(opset) <= 21:
+        raise ValueError(f"--opset {opset}: use an ONNX opset between 13 and 21 (17 is the tested default)")
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ValueError(f"exporter must be auto, torchscript or dynamo, got {exporter!r}")
     if size != trained_size:
@@ -125,7 +129,10 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
     temperature = float(ck.get("temperature", 1.0))
     class_names = list(ck["class_names"])
 
-    dev = torch.device(device) if device not in (None, "", "auto") else torch.device("cpu")
+    try:
+        dev = torch.device(device) if device not in (None, "", "auto") else torch.device("cpu")
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         log.warning("--device %s requested but CUDA is unavailable: exporting on CPU", device)
         dev = torch.device("cpu")

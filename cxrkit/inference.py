@@ -901,7 +901,8 @@ def user_errors() -> tuple:
     """Exception types that mean 'fix your command' (exit 2, one line). CheckpointError is only
     importable with cxrkit.checkpoint (which imports MONAI); the ONNX path never loads it unless
     Grad-CAM needs the checkpoint."""
-    errs = [InferenceError, FileNotFoundError]
+    from .io_utils import UsageError
+    errs = [InferenceError, FileNotFoundError, UsageError]
     ck = sys.modules.get("cxrkit.checkpoint")
     if ck is not None:
         errs.append(ck.CheckpointError)

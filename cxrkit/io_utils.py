@@ -19,6 +19,10 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("segmentation", "classification")
 
 
+class UsageError(ValueError):
+    """A wrong flag value or flag combination; str() is a one-line message with the fix."""
+
+
 def write_json_atomic(path, obj, indent: int | None = 2) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

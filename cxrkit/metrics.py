@@ -45,8 +45,9 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     p = np.divide(tp, pred_n, out=np.zeros(c), where=pred_n > 0)
     r = np.divide(tp, true_n, out=np.zeros(c), where=true_n > 0)
     f = np.divide(2 * p * r, p + r, out=np.zeros(c), where=(p + r) > 0)
+    present = (true_n + pred_n) > 0  # macro average over classes seen in y_true or y_pred, as scikit-learn
     out = {"accuracy": float((y_pred == y_true).mean()) if len(y_true) else 0.0,
-           "macro_f1": float(f.mean()),
+           "macro_f1": float(f[present].mean()) if present.any() else 0.0,
            "weighted_f1": float((f * true_n).sum() / max(true_n.sum(), 1)),
            "per_class": {}, "confusion_matrix": cm.tolist()}
     for i, name in enumerate(classes):

@@ -21,6 +21,7 @@ from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, ma
                          model_from_checkpoint, strip_for_release)
 from .config import ModelConfig, TrainConfig, make_config
 from .data import DataError, augment, build_cache, load_cache, load_or_make_split, make_loader
+from .io_utils import UsageError
 from .evaluate import calibrate, predict_split, write_json, write_test_report
 from .losses import MultiTaskLoss, inverse_frequency_weights
 from .metrics import classification_metrics
@@ -48,6 +49,10 @@ def setup_distributed():
 def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
     if name in (None, "", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             log.warning("--device %s requested but CUDA is unavailable: using CPU", name)

@@ -15,6 +15,7 @@ import numpy as np
 
 def pack(cdir, out):
     cdir = Path(cdir)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     meta = (cdir / "meta.json").read_text()
     images = np.load(cdir / "images.npy", mmap_mode="r")
     masks = np.load(cdir / "masks.npy", mmap_mode="r")
