@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains the variant table on a lent GPU machine (see README "Reproducing the shipped model").
+# Trains the variant table on a lent GPU machine (see MODEL_CARD.md "Training" and README "Variant table").
 # Carried: .whl (MONAI wheel), .devcache (packed 128-px cache of cxr4 + the split file).
 # Env: ARCHS, EPOCHS, BS, LR, BUDGET_<arch> (minutes cap per run, a guard only).
 set -u
