@@ -62,11 +62,18 @@ def predict_split(model, data: CachedData, indices, device, batch_size=64, amp_d
     return out
 
 
+MIN_CALIBRATION_IMAGES = 50  # below this a fitted temperature is mostly noise (often a clamp value)
+
+
 def calibrate(model, data, val_idx, device, batch_size=64, amp_dtype=None) -> float:
-    if len(val_idx) < 100:
-        import logging
-        logging.getLogger("cxrkit").warning("temperature fitted on only %d validation images: treat the "
-                                            "calibration as rough", len(val_idx))
+    import logging
+    log = logging.getLogger("cxrkit")
+    if len(val_idx) < MIN_CALIBRATION_IMAGES:
+        log.warning("only %d validation images: too few to fit a temperature, left at T = 1 (uncalibrated)",
+                    len(val_idx))
+        return 1.0
+    if len(val_idx) < 200:
+        log.warning("temperature fitted on only %d validation images: treat the calibration as rough", len(val_idx))
     r = predict_split(model, data, val_idx, device, batch_size, amp_dtype)
     return fit_temperature(r["logits"], r["labels"])
 

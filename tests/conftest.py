@@ -69,6 +69,12 @@ def tiny_model(tmp_path_factory, cxr_data_available):
                           "--batch_size", "8", "--output_dir", str(out), "--workers", "0", "--quiet"])
     assert rc == 0, "training the tiny test checkpoint failed"
     ck = out / "model_checkpoints" / "best_covid_model.pth"
+    # 8 validation images are too few to fit a temperature (it stays 1): set a known one, so the
+    # tests see both backends apply a real calibration
+    from cxrkit.checkpoint import atomic_torch_save, load_checkpoint
+    ckd = load_checkpoint(ck)
+    ckd["temperature"] = 2.5
+    atomic_torch_save(ckd, ck)
     onnx_path = root / "models" / "tiny.onnx"
     meta = export_to_onnx(ck, onnx_path)
     return SimpleNamespace(checkpoint=ck, onnx=onnx_path, meta_path=meta_path_for(onnx_path), meta=meta,

@@ -106,6 +106,7 @@ def test_backends_agree_image_by_image_and_are_calibrated(cli_runs, tiny_model):
         assert abs(float(a["lung_area_fraction"]) - float(b["lung_area_fraction"])) <= 0.01
     ck = load_checkpoint(tiny_model.checkpoint)
     t = float(ck["temperature"])
+    assert t == pytest.approx(2.5)  # set by the fixture: a non-trivial calibration to check
     for key in ("pth", "onnx"):
         s = json.loads((cli_runs[key] / "summary.json").read_text())
         assert s["calibrated"] is True and s["temperature"] == pytest.approx(t) and s["tta"] == 1
