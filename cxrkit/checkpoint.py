@@ -54,6 +54,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        if type(e).__name__ == "UnpicklingError":  # torch's message advises weights_only=False: not for us
+            raise CheckpointError(f"{path}: not a cxrkit checkpoint (torch cannot read it as plain data: corrupt, "
+                                  f"or saved by another tool); pass a file written by model_arch.py") from None
         raise CheckpointError(f"{path}: not a readable cxrkit checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]})") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
