@@ -14,9 +14,7 @@ import argparse
 import logging
 import sys
 
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the description's line breaks."""
+from cxrkit.io_utils import HelpFormatter
 
 
 def parse_args(argv=None):

@@ -15,12 +15,9 @@ import logging
 import sys
 
 from cxrkit.config import PRESETS, TrainConfig
+from cxrkit.io_utils import HelpFormatter
 
 D = TrainConfig()
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
 
 
 def parse_args(argv=None):
@@ -88,11 +85,11 @@ def evaluate_only(args):
     import json
     from cxrkit.checkpoint import model_from_checkpoint
     from cxrkit.data import load_or_make_split
-    from cxrkit.evaluate import shortcut_check, tta_report, write_json
+    from cxrkit.evaluate import shortcut_check, tta_report
     from cxrkit.train import amp_dtype_for, evaluate_checkpoint, load_data, pick_device
 
     from cxrkit.data import DataError
-    from cxrkit.io_utils import UsageError
+    from cxrkit.io_utils import UsageError, write_json_atomic
     from cxrkit.tta import MAX_TTA
     try:
         tta_ns = [int(n) for n in args.tta_eval.split(",") if n.strip()]
@@ -134,7 +131,7 @@ def evaluate_only(args):
                                                          for k in ("original", "lungs_only", "lungs_removed")))
     if tta_ns:
         rows = tta_report(model, data, split["test"], ck["class_names"], device, tta_ns, amp_dtype=amp)
-        write_json(res_dir / "tta_report.json", {"device": str(device), "rows": rows})
+        write_json_atomic(res_dir / "tta_report.json", {"device": str(device), "rows": rows})
         print(json.dumps(rows, indent=1))
 
 

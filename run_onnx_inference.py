@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cxrkit.inference import HelpFormatter, add_gradcam_args, add_input_args, add_output_args, add_run_args, run_cli
+from cxrkit.inference import add_gradcam_args, add_input_args, add_output_args, add_run_args, run_cli
+from cxrkit.io_utils import HelpFormatter
 
 
 def parse_args(argv=None):

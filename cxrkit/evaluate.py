@@ -1,6 +1,7 @@
 """Evaluation on a cached split: metrics, test report files, TTA comparison and the shortcut check."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .preprocess import to_model_input
 from .tta import tta_predict
 
 
-write_json = write_json_atomic
+log = logging.getLogger("cxrkit")
 
 
 @torch.no_grad()
@@ -66,8 +67,6 @@ MIN_CALIBRATION_IMAGES = 50  # below this a fitted temperature is mostly noise (
 
 
 def calibrate(model, data, val_idx, device, batch_size=64, amp_dtype=None) -> float:
-    import logging
-    log = logging.getLogger("cxrkit")
     if len(val_idx) < MIN_CALIBRATION_IMAGES:
         log.warning("only %d validation images: too few to fit a temperature, left at T = 1 (uncalibrated)",
                     len(val_idx))
@@ -95,7 +94,7 @@ def write_test_report(out_dir, classes, result: dict, temperature: float = 1.0, 
     rep["classes"] = list(classes)
     if extra:
         rep.update(extra)
-    write_json(out_dir / "classification_report.json", rep)
+    write_json_atomic(out_dir / "classification_report.json", rep)
     plots.confusion_matrix_plot(rep["confusion_matrix"], classes, out_dir / "confusion_matrix_test.png")
     plots.roc_curves_plot(y, cal, classes, out_dir / "roc_curves_test.png")
     plots.reliability_plot(bins_b, ece_b, bins_a, ece_a, temperature, out_dir / "reliability_test.png")
@@ -115,7 +114,7 @@ def shortcut_check(model, data, test_idx, classes, device, out_path, batch_size=
     res["n_images"] = int(len(test_idx))
     res["mask_source"] = f"ground truth for {n_gt} images, predicted for {len(test_idx) - n_gt}"
     res["chance_accuracy_majority_class"] = float(np.bincount(data.labels[test_idx]).max() / len(test_idx))
-    write_json(out_path, res)
+    write_json_atomic(out_path, res)
     return res
 
 

@@ -25,7 +25,6 @@ Research software: not for diagnosis.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -846,10 +845,6 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
 
 
 # ------------------------------------------------------------------------------------------- CLI
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the description's line breaks (usage examples)."""
-
-
 def add_input_args(p):
     g = p.add_argument_group("inputs")
     src = g.add_mutually_exclusive_group()

@@ -5,10 +5,12 @@ path, whose start-up time matters (importing torch alone costs ~1.5 s there).
 
 * Atomic file writes: write a temp file in the same folder, then os.replace (never a torn file).
 * The exported graph's input/output names and the side-car `<model>.onnx.meta.json` path.
+* The CLIs' shared argparse help formatter.
 * SHA-256 of a file (meta files record the ONNX model's and source checkpoint's hashes).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -17,6 +19,10 @@ from pathlib import Path
 # ONNX graph contract (see cxrkit.export): one input, two outputs
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("segmentation", "classification")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """For every CLI: shows defaults and keeps the description's line breaks (usage examples)."""
 
 
 class UsageError(ValueError):

@@ -21,8 +21,8 @@ from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, ma
                          model_from_checkpoint, strip_for_release)
 from .config import ModelConfig, TrainConfig, make_config
 from .data import DataError, augment, build_cache, load_cache, load_or_make_split, make_loader
-from .io_utils import UsageError
-from .evaluate import calibrate, predict_split, write_json, write_test_report
+from .evaluate import calibrate, predict_split, write_test_report
+from .io_utils import UsageError, write_json_atomic
 from .losses import MultiTaskLoss, inverse_frequency_weights
 from .metrics import classification_metrics
 from .model import build_model, count_gflops, count_parameters
@@ -80,6 +80,11 @@ def lr_lambda_factory(warmup_steps: int, total_steps: int):
         p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
     return f
+
+
+def selection_score(row: dict) -> float:
+    """Best-epoch criterion on validation: macro-F1 + Dice (classification and segmentation equally)."""
+    return row["val_macro_f1"] + row["val_dice"]
 
 
 @torch.no_grad()
@@ -272,12 +277,12 @@ def train(args) -> dict:
                                                                   weight=class_w.cpu()))
             dice = r["seg"]["dice"] or 0.0
             val_loss = args.seg_weight * ((r["seg"]["bce"] or 0.0) + (1 - dice)) + args.cls_weight * val_cls
-            score = cm["macro_f1"] + dice  # selection score: classification and segmentation equally
             row = {"epoch": epoch + 1, "train_loss": tr[0], "train_seg": tr[1], "train_cls": tr[2],
                    "val_loss": val_loss, "val_acc": cm["accuracy"], "val_macro_f1": cm["macro_f1"],
                    "val_dice": dice, "val_iou": r["seg"]["iou"] or 0.0, "lr": sched.get_last_lr()[0],
                    "train_images_per_s": n_seen / train_time, "epoch_seconds": time.perf_counter() - t0}
             history.append(row)
+            score = selection_score(row)
             improved = score > best_score
             if improved:
                 best_score, bad_epochs = score, 0
@@ -293,7 +298,7 @@ def train(args) -> dict:
                 atomic_torch_save(strip_for_release(ck), ck_dir / BEST)
             atomic_torch_save(ck, ck_dir / LAST)  # last is written after best: resume never skips a best
             plots.training_curves(history, ck_dir / "training_curves.png")
-            write_json(ck_dir / "training_summary.json", _summary(args, cfg, classes, history, best_score, split,
+            write_json_atomic(ck_dir / "training_summary.json", _summary(args, cfg, classes, history, best_score, split,
                                                                   time.perf_counter() - t_train0, world, device))
             print(f"epoch {epoch + 1:3d}/{args.num_epochs} | loss {tr[0]:.4f} (seg {tr[1]:.4f} cls {tr[2]:.4f}) "
                   f"| val loss {val_loss:.4f} acc {cm['accuracy']:.4f} F1 {cm['macro_f1']:.4f} "
@@ -325,7 +330,7 @@ def train(args) -> dict:
 
 
 def _summary(args, cfg: ModelConfig, classes, history, best_score, split, seconds, world, device) -> dict:
-    best = max(history, key=lambda h: h["val_macro_f1"] + h["val_dice"]) if history else {}
+    best = max(history, key=selection_score) if history else {}
     return {"arch": args.arch, "model_config": cfg.to_dict(), "classes": classes, "img_size": args.img_size,
             "epochs_run": len(history), "best_epoch": best.get("epoch"), "best_val": best,
             "best_score": best_score, "train_seconds_this_session": seconds,

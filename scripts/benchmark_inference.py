@@ -39,6 +39,8 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cxrkit.io_utils import HelpFormatter  # noqa: E402
+
 
 # ------------------------------------------------------------------------------------- memory
 def _status_kib(key: str) -> int | None:
@@ -168,10 +170,6 @@ def run_script_subprocess(onnx_path, paths, out_dir: Path, batch: int):
 
 
 # ------------------------------------------------------------------------------------------ main
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
