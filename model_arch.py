@@ -15,6 +15,7 @@ import logging
 import sys
 
 from cxrkit.config import PRESETS, TrainConfig
+from cxrkit.data import OUTSIDE_LUNG_FILLS
 from cxrkit.io_utils import HelpFormatter
 
 D = TrainConfig()
@@ -35,13 +36,19 @@ def parse_args(argv=None):
                    help="32-px thumbnail correlation above which images are near-duplicates (same split side)")
     g.add_argument("--workers", type=int, default=D.workers, help="decode processes and DataLoader workers")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="seed", choices=sorted(PRESETS), help="model preset (see cxrkit/config.py)")
+    g.add_argument("--arch", default=D.arch, choices=sorted(PRESETS),
+                   help="model preset (see cxrkit/config.py); lite0 is the shipped one")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="lite0: start the encoder from ImageNet weights (the preset's default: yes); "
+                        "--no-pretrained is the from-scratch ablation")
     g.add_argument("--init_from", metavar="CHECKPOINT", default=None,
                    help="fine-tune: start from this checkpoint's weights (same --arch and classes; fresh optimizer)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--num_epochs", type=int, default=D.num_epochs)
     g.add_argument("--batch_size", type=int, default=D.batch_size, help="per process")
     g.add_argument("--lr", type=float, default=D.lr, help="AdamW peak learning rate (cosine schedule)")
+    g.add_argument("--encoder_lr_mult", type=float, default=D.encoder_lr_mult,
+                   help="a pretrained encoder learns at lr x this (decoder and heads at lr)")
     g.add_argument("--weight_decay", type=float, default=D.weight_decay)
     g.add_argument("--warmup_epochs", type=int, default=D.warmup_epochs)
     g.add_argument("--seg_weight", type=float, default=D.seg_weight, help="weight of Dice + BCE")
@@ -57,8 +64,17 @@ def parse_args(argv=None):
     g = p.add_argument_group("augmentation (image and mask together; never flipped)")
     for k in ("aug_rotate_deg", "aug_scale", "aug_shift", "aug_brightness", "aug_contrast"):
         g.add_argument(f"--{k}", type=float, default=getattr(D, k))
+    g.add_argument("--outside_lung_aug", type=float, default=D.outside_lung_aug, metavar="P",
+                   help="probability per masked training image of replacing everything outside the (dilated) lung "
+                        "mask by --outside_lung_fill: pushes the classifier towards lung content (0: off)")
+    g.add_argument("--outside_lung_fill", default=D.outside_lung_fill, choices=OUTSIDE_LUNG_FILLS,
+                   help="noise: the image's own mean/std; blur: heavy box blur; constant: the image's mean")
+    g.add_argument("--outside_lung_margin", type=float, default=D.outside_lung_margin,
+                   help="lung-mask dilation as a fraction of the image size")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=D.channels_last,
+                   help="NHWC memory format (lite0 trains 1.6x faster on a 2-core Xeon; measure on other CPUs)")
     g.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
                    help="mixed precision; auto = on for CUDA (bf16 where supported), off on CPU")
     g.add_argument("--resume", action="store_true", help="continue from <output_dir>/model_checkpoints/last_checkpoint.pth")

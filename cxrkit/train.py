@@ -82,6 +82,33 @@ def lr_lambda_factory(warmup_steps: int, total_steps: int):
     return f
 
 
+AUG_KEYS = ("aug_rotate_deg", "aug_scale", "aug_shift", "aug_brightness", "aug_contrast", "outside_lung_aug",
+            "outside_lung_fill", "outside_lung_margin")
+
+
+def model_config_from_args(args, num_classes: int) -> ModelConfig:
+    """The preset's config; --pretrained/--no-pretrained overrides the preset (lite0 only)."""
+    cfg = make_config(args.arch, num_classes=num_classes)
+    pre = getattr(args, "pretrained", None)
+    if pre is not None:
+        if cfg.backbone != "lite0" and pre:
+            raise UsageError(f"--pretrained: --arch {args.arch} has no pretrained encoder; use --arch lite0")
+        cfg.pretrained = bool(pre) and cfg.backbone == "lite0"
+    return cfg
+
+
+def param_groups(model, lr: float, encoder_lr_mult: float) -> list[dict]:
+    """One group at lr; with a pretrained encoder (model.encoder) and encoder_lr_mult != 1, the
+    encoder gets lr * encoder_lr_mult so fine-tuning does not wash out its ImageNet features while the
+    new decoder and heads learn at full speed."""
+    enc = getattr(model, "encoder", None)
+    if enc is None or encoder_lr_mult == 1.0:
+        return [{"params": list(model.parameters())}]
+    enc_ids = {id(p) for p in enc.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) in enc_ids], "lr": lr * encoder_lr_mult},
+            {"params": [p for p in model.parameters() if id(p) not in enc_ids], "lr": lr}]
+
+
 def selection_score(row: dict) -> float:
     """Best-epoch criterion on validation: macro-F1 + Dice (classification and segmentation equally)."""
     return row["val_macro_f1"] + row["val_dice"]
@@ -159,16 +186,19 @@ def train(args) -> dict:
         if len(v) == 0:
             raise DataError(f"the {k} split is empty ({len(data.paths)} images): add images or change the fractions")
 
-    cfg = make_config(args.arch, num_classes=len(classes))
+    cfg = model_config_from_args(args, len(classes))
     torch.manual_seed(args.seed)  # weight init follows --seed (same init on every rank, every run)
-    model = build_model(cfg)
+    # ImageNet weights only for a fresh start: --resume and --init_from overwrite every weight anyway
+    model = build_model(cfg, load_pretrained=not args.resume and not getattr(args, "init_from", None))
     if getattr(args, "init_from", None) and not args.resume:
         init_from_checkpoint(model, cfg, classes, args.init_from)
         if rank == 0:
             log.info("initialised weights from %s (fresh optimizer and schedule)", args.init_from)
     recipe = {k: getattr(args, k) for k in ("arch", "img_size", "batch_size", "lr", "weight_decay", "num_epochs",
                                             "seed", "seg_weight", "cls_weight", "patience", "warmup_epochs",
-                                            "ema_decay", "init_from")}
+                                            "ema_decay", "init_from", "encoder_lr_mult", "outside_lung_aug",
+                                            "outside_lung_fill", "outside_lung_margin", "channels_last")}
+    recipe["pretrained"] = cfg.pretrained
     # --- resume -------------------------------------------------------------------------------
     start_epoch, history, best_score, bad_epochs, train_state = 0, [], -1e9, 0, None
     last_p = ck_dir / LAST
@@ -187,6 +217,8 @@ def train(args) -> dict:
             if rank == 0:
                 log.info("resuming from %s at epoch %d", last_p, start_epoch + 1)
     model.to(device)
+    mem_fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=mem_fmt)
     # EMA weights are what is validated, checkpointed as "state_dict" and shipped; the raw weights
     # (train_state_dict) and optimizer state only serve --resume
     ema = None
@@ -205,7 +237,8 @@ def train(args) -> dict:
 
     class_w = inverse_frequency_weights(data.labels[tr_idx], len(classes)).to(device)
     criterion = MultiTaskLoss(class_w, args.seg_weight, args.cls_weight).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, args.lr, args.encoder_lr_mult), lr=args.lr,
+                            weight_decay=args.weight_decay)
     per_rank = -(-len(tr_idx) // world)
     steps_per_epoch = max(1, per_rank // args.batch_size)  # drop_last: BN needs >1 sample per batch
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -220,8 +253,7 @@ def train(args) -> dict:
     drop_last = per_rank >= args.batch_size
     train_loader = make_loader(data, tr_idx, args.batch_size, True, args.seed, rank, world, args.workers, pin,
                                drop_last=drop_last)
-    aug_cfg = TrainConfig(**{k: getattr(args, k) for k in ("aug_rotate_deg", "aug_scale", "aug_shift",
-                                                          "aug_brightness", "aug_contrast")})
+    aug_cfg = TrainConfig(**{k: getattr(args, k) for k in AUG_KEYS})
     if rank == 0:
         log.info("%s | %d classes %s | train %d val %d test %d | %s params %.2fM, %.2f GFLOP/img @%dpx | "
                  "device %s%s amp=%s", args.arch, len(classes), classes, len(tr_idx), len(va_idx), len(te_idx),
@@ -244,8 +276,9 @@ def train(args) -> dict:
         for imgs, masks, has_mask, y in bar:
             x = to_model_input(imgs.to(device, non_blocking=True))
             m = masks.to(device, non_blocking=True).unsqueeze(1).float()
-            x, m = augment(x, m, aug_cfg, gen)
             hm, y = has_mask.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, m = augment(x, m, aug_cfg, gen, hm)
+            x = x.contiguous(memory_format=mem_fmt)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out_ = ddp_model(x)
             parts = criterion(out_.segmentation, out_.classification, m, hm, y)
