@@ -142,9 +142,11 @@ def evaluate_only(args):
         return
     if args.shortcut_check:
         r = shortcut_check(model, data, split["test"], ck["class_names"], device, res_dir / "shortcut_check.json",
-                           amp_dtype=amp)
-        print("shortcut check accuracy | " + " | ".join(f"{k} {r[k]['accuracy']:.4f}"
-                                                         for k in ("original", "lungs_only", "lungs_removed")))
+                           amp_dtype=amp, ck=ck, val_idx=split["val"])
+        print("shortcut check (test) accuracy | " + " | ".join(f"{k} {r[k]['accuracy']:.4f}"
+                                                                for k in ("original", "lungs_only", "lungs_removed"))
+              + f" | Grad-CAM mass in lungs {r['cam_mass_in_lungs']['mean']:.3f} (lung area "
+                f"{r['cam_mass_in_lungs']['lung_area_share_mean']:.3f})")
     if tta_ns:
         rows = tta_report(model, data, split["test"], ck["class_names"], device, tta_ns, amp_dtype=amp)
         write_json_atomic(res_dir / "tta_report.json", {"device": str(device), "rows": rows})

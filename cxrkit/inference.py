@@ -294,13 +294,20 @@ class GradCamExplainer:
     registers never touch the inference model.
     """
 
-    def __init__(self, checkpoint, device=None):
+    def __init__(self, checkpoint, device=None, model_and_ck=None):
+        """checkpoint: a path; or pass model_and_ck=(model, ck) to explain an in-memory model (a deep
+        copy is made, so MONAI's hooks never touch the caller's model)."""
         # torch / MONAI imported here, only when Grad-CAM is asked for (see the module docstring)
+        import copy
+
         import torch
         from monai.visualize import GradCAM
 
         from .checkpoint import model_from_checkpoint
-        model, ck = model_from_checkpoint(checkpoint)
+        if model_and_ck is not None:
+            model, ck = copy.deepcopy(model_and_ck[0]).float(), model_and_ck[1]
+        else:
+            model, ck = model_from_checkpoint(checkpoint)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.class_names = list(ck["class_names"])
         self.img_size = int(ck["img_size"])

@@ -3,8 +3,8 @@
 masks), and unpack it again. Used to carry the training data to a remote GPU machine whose upload
 limit is far below the PNG database's size.
 
-  python scripts/pack_cache.py pack   CACHE_DIR  data.pack.npz
-  python scripts/pack_cache.py unpack data.pack.npz CACHE_DIR
+  python scripts/lent_gpu/pack_cache.py pack   CACHE_DIR  data.pack.npz
+  python scripts/lent_gpu/pack_cache.py unpack data.pack.npz CACHE_DIR
 """
 import sys
 from pathlib import Path
@@ -21,7 +21,7 @@ def pack(cdir, out):
     masks = np.load(cdir / "masks.npy", mmap_mode="r")
     blobs = [cv2.imencode(".webp", np.asarray(im), [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes() for im in images]
     offsets = np.cumsum([0] + [len(b) for b in blobs])
-    np.savez(out, meta=np.frombuffer(meta.encode(), np.uint8), blob=np.frombuffer(b"".join(blobs), np.uint8),
+    np.savez_compressed(out, meta=np.frombuffer(meta.encode(), np.uint8), blob=np.frombuffer(b"".join(blobs), np.uint8),
              offsets=offsets, masks=np.packbits(np.asarray(masks, bool)), shape=np.array(images.shape))
     print(f"packed {len(blobs)} images into {out} ({Path(out).stat().st_size / 1e6:.1f} MB)")
 
