@@ -15,17 +15,17 @@ demo: install
 	$(PY) export_to_onnx.py --checkpoint demo_out/model_checkpoints/best_covid_model.pth \
 	    --onnx_path demo_out/models/covid_multitask.onnx
 	$(PY) run_onnx_inference.py --data_dir demo_data --onnx_path demo_out/models/covid_multitask.onnx \
-	    --save_dir demo_out/predictions_onnx --num_samples 12
+	    --save_dir demo_out/predictions_onnx --num_samples 12 --overwrite
 	$(PY) run_model_pth_inference.py --data_dir demo_data \
 	    --checkpoint demo_out/model_checkpoints/best_covid_model.pth \
-	    --save_dir demo_out/predictions_pth --num_samples 12 --gradcam
+	    --save_dir demo_out/predictions_pth --num_samples 12 --gradcam --overwrite
 	@echo "demo done: see demo_out/ (SYNTHETIC data: the numbers mean nothing clinically)"
 
 test: install
 	$(PY) -m pytest tests -q
 
 predict: install
-	$(PY) run_onnx_inference.py --data_dir $(DATA) --save_dir $(OUT)/predictions --num_samples 48
+	$(PY) run_onnx_inference.py --data_dir $(DATA) --save_dir $(OUT)/predictions --num_samples 48 --overwrite
 
 benchmark: install
 	$(PY) scripts/benchmark_inference.py --n_images 48 --seed_arch_baseline

@@ -85,7 +85,8 @@ def parse_args(argv=None):
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("evaluation only")
     g.add_argument("--evaluate", metavar="CHECKPOINT", default=None,
-                   help="skip training: evaluate CHECKPOINT on the test split of <output_dir>/split.json")
+                   help="skip training: evaluate CHECKPOINT on the test split of <output_dir>/split.json "
+                        "(<output_dir>/test_results/, and test_report/report.html with the annotated images)")
     g.add_argument("--shortcut_check", action="store_true",
                    help="with --evaluate: also classify with lungs only / lungs removed (test_results/shortcut_check.json)")
     g.add_argument("--split_file", default=None, help="with --evaluate: split JSON to use (default <output_dir>/split.json)")
@@ -137,6 +138,9 @@ def evaluate_only(args):
         model.to(device)
     else:
         evaluate_checkpoint(model, ck, data, split["test"], res_dir, device, amp)
+    from cxrkit.report import write_split_report  # <output_dir>/test_report/report.html, beside test_results/
+    write_split_report(args.evaluate, data, split["test"], out / "test_report", device, progress=not args.quiet,
+                       extra_inputs={"split_file": str(split_p)})
     if (args.shortcut_check or tta_ns) and len(split["test"]) == 0:
         logging.warning("the test split is empty: no shortcut check or TTA report")
         return

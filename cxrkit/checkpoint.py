@@ -51,16 +51,25 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (train one with model_arch.py or pass --checkpoint)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint (an interrupted copy or download?); "
+                              f"pass a file written by model_arch.py")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         if type(e).__name__ == "UnpicklingError":  # torch's message advises weights_only=False: not for us
             raise CheckpointError(f"{path}: not a cxrkit checkpoint (torch cannot read it as plain data: corrupt, "
                                   f"or saved by another tool); pass a file written by model_arch.py") from None
-        raise CheckpointError(f"{path}: not a readable cxrkit checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]  # some errors have no message at all
+        raise CheckpointError(f"{path}: not a readable cxrkit checkpoint (truncated, corrupt or another format; "
+                              f"{type(e).__name__}{': ' + first if first else ''})") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cxrkit checkpoint (no '{FORMAT}' format tag); "
+                              f"retrain with model_arch.py")
+    need = ("model_config", "class_names", "img_size", "state_dict")
+    missing = [k for k in need if k not in ck]
+    if missing or not isinstance(ck["state_dict"], dict):
+        raise CheckpointError(f"{path}: incomplete cxrkit checkpoint (missing {', '.join(missing) or 'state_dict'}); "
                               f"retrain with model_arch.py")
     ck["state_dict"] = clean_state_dict(ck["state_dict"])
     return ck
@@ -69,14 +78,33 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def model_from_checkpoint(ck_or_path, map_location="cpu") -> tuple[CXRMultiTaskNet, dict]:
     """Rebuild the network from a checkpoint alone; returns (model in eval mode, checkpoint dict)."""
     ck = load_checkpoint(ck_or_path, map_location) if not isinstance(ck_or_path, dict) else ck_or_path
-    cfg = ModelConfig.from_dict(ck["model_config"])
+    where = "checkpoint" if isinstance(ck_or_path, dict) else str(ck_or_path)
+    try:
+        cfg = ModelConfig.from_dict(ck["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: its model_config cannot be used ({type(e).__name__}: {e})") from None
+    check_class_names(ck, cfg.num_classes, where)
     model = build_model(cfg)
     try:
         model.load_state_dict(ck["state_dict"], strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not match its own config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{where}: weights do not match its own config ({str(e).splitlines()[0]})") from None
     model.eval()
     return model, ck
+
+
+def check_class_names(ck: dict, n_outputs: int, where: str = "checkpoint") -> None:
+    """The class list must name every network output once, in order: a shorter list would silently
+    drop a class from every prediction, a longer one invent one."""
+    names = ck.get("class_names")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(c, str) and c for c in names):
+        raise CheckpointError(f"{where}: class_names must be a list of names, got {names!r}")
+    if len(names) != int(n_outputs):
+        raise CheckpointError(f"{where}: lists {len(names)} class names {list(names)} but its network has "
+                              f"{n_outputs} class outputs; the checkpoint was edited or is damaged: use the file "
+                              f"model_arch.py wrote")
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{where}: class_names {list(names)} has duplicates")
 
 
 def strip_for_release(ck: dict) -> dict:

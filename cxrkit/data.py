@@ -88,20 +88,36 @@ def discover(data_dir) -> tuple[list[str], list[Sample]]:
 def _decode_one(args):
     root, s, size = args
     try:
-        img = resize_gray(read_gray(Path(root) / s.image), size)
+        full = read_gray(Path(root) / s.image)
+        img = resize_gray(full, size)
     except ImageReadError as e:
-        return None, None, e.reason
-    mask, mreason = None, None
+        return None, None, e.reason, None
+    mask, mreason, aspect = None, None, None
     if s.mask is not None:
         try:
-            mask = resize_mask(read_mask(Path(root) / s.mask), size)
+            m = read_mask(Path(root) / s.mask)
+            mask = resize_mask(m, size)
+            (ih, iw), (mh, mw) = full.shape[:2], m.shape[:2]
+            if abs(iw / ih - mw / mh) > 0.01 * (iw / ih):  # both are stretched to a square: misaligned
+                aspect = f"{s.mask} is {mw}x{mh} for a {iw}x{ih} image"
         except ImageReadError as e:
             mreason = f"mask {s.mask}: {e.reason}"
-    return img, mask, mreason
+    return img, mask, mreason, aspect
+
+
+def _check_every_class_usable(classes, samples, ok, skipped) -> None:
+    """A class whose every image is undecodable would train an output that never saw an example."""
+    reasons = {d["path"]: d["reason"] for d in skipped}
+    for c, name in enumerate(classes):
+        idx = [i for i, s in enumerate(samples) if s.label == c]
+        if idx and not any(ok[i] for i in idx):
+            first = samples[idx[0]].image
+            raise DataError(f"class '{name}': none of its {len(idx)} images could be decoded ({len(idx)} unreadable "
+                            f"files, e.g. {first}: {reasons.get(first, 'unreadable')}); fix or remove that folder")
 
 
 def _cache_key(root: Path, samples: list[Sample], size: int) -> str:
-    h = hashlib.sha1(f"v2|{size}".encode())  # v2: masks resized like the images (area/linear + threshold)
+    h = hashlib.sha1(f"v3|{size}".encode())  # v2: masks resized like the images; v3: mask paths in meta
     for s in samples:
         for rel in (s.image, s.mask):
             if rel is None:
@@ -122,6 +138,22 @@ class CachedData:
     has_mask: np.ndarray     # (N,) bool
     skipped: list[dict]      # [{"path", "reason"}]
     root: str
+    mask_paths: list | None = None  # relative mask path per image (None entries: no mask); for Dice at the
+                                    # masks' own resolution. None when unknown (a carried cache folder)
+
+    def native_masks(self, idx) -> list | None:
+        """The ground-truth masks of images idx at their files' own resolution (0/1 uint8), None for
+        images without one; None altogether when the mask files cannot be reached."""
+        if not self.mask_paths or not self.root or not Path(self.root).is_dir():
+            return None
+        out = []
+        for i in idx:
+            rel = self.mask_paths[int(i)] if self.has_mask[int(i)] else None
+            try:
+                out.append(read_mask(Path(self.root) / rel) if rel else None)
+            except (ImageReadError, OSError):
+                out.append(None)
+        return out
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
@@ -152,9 +184,12 @@ def build_cache(data_dir, img_size: int, cache_dir, workers: int = 2, progress: 
             if pool is not None:
                 it = pool.map(_decode_one, jobs, chunksize=64)
             from tqdm import tqdm
-            for i, (img, mask, reason) in enumerate(tqdm(it, total=n, desc=f"caching {img_size}px",
-                                                          disable=not progress, leave=False)):
+            aspects = []
+            for i, (img, mask, reason, aspect) in enumerate(tqdm(it, total=n, desc=f"caching {img_size}px",
+                                                                  disable=not progress, leave=False)):
                 s = samples[i]
+                if aspect:
+                    aspects.append(aspect)
                 if img is None:
                     skipped.append({"path": s.image, "reason": reason})
                     log.warning("skipped %s: %s", s.image, reason)
@@ -172,11 +207,16 @@ def build_cache(data_dir, img_size: int, cache_dir, workers: int = 2, progress: 
         keep = np.flatnonzero(ok)
         if keep.size == 0:
             raise DataError(f"--data_dir {root}: none of the {n} images could be decoded")
+        _check_every_class_usable(classes, samples, ok, skipped)
+        if aspects:  # once, not per file
+            log.warning("%d masks have another aspect ratio than their images and are stretched to fit (e.g. %s): "
+                        "check that they belong to these images", len(aspects), aspects[0])
         _atomic_save_npy(cdir / "images.npy", images[keep])
         _atomic_save_npy(cdir / "masks.npy", masks[keep])
         meta = {"classes": classes, "img_size": img_size,
                 "paths": [samples[i].image for i in keep],
                 "labels": [samples[i].label for i in keep],
+                "mask_paths": [samples[i].mask if has_mask[i] else None for i in keep],
                 "has_mask": has_mask[keep].tolist(), "skipped": skipped}
         write_json_atomic(meta_p, meta, indent=None)  # meta last: its presence marks a complete cache
         if skipped:
@@ -192,7 +232,7 @@ def load_cache(cdir, root="") -> CachedData:
                       images=np.load(cdir / "images.npy", mmap_mode="r"),
                       masks=np.load(cdir / "masks.npy", mmap_mode="r"),
                       has_mask=np.asarray(meta["has_mask"], bool),
-                      skipped=meta["skipped"], root=str(root))
+                      skipped=meta["skipped"], root=str(root), mask_paths=meta.get("mask_paths"))
 
 
 # ----------------------------------------------------------------------------------------- split

@@ -12,7 +12,8 @@ from . import plots
 from .calibration import fit_temperature
 from .data import CachedData, make_loader
 from .io_utils import write_json_atomic
-from .metrics import SegAccumulator, classification_metrics, expected_calibration_error, nll, softmax
+from .metrics import (SegAccumulator, classification_metrics, expected_calibration_error, native_resolution_dice, nll,
+                      softmax)
 from .preprocess import to_model_input
 from .tta import tta_predict
 
@@ -22,14 +23,16 @@ log = logging.getLogger("cxrkit")
 
 @torch.no_grad()
 def predict_split(model, data: CachedData, indices, device, batch_size=64, amp_dtype=None, tta=1,
-                  input_mask: str | None = None, workers=0) -> dict:
+                  input_mask: str | None = None, workers=0, native_dice: bool = False) -> dict:
     """Run the model over cached images. Returns logits-space results:
     {"labels", "probs" (uncalibrated softmax, TTA-averaged), "logits" (tta=1 only), "seg": {...},
      "seconds"}. input_mask: None, "lungs_only" (zero outside the lung mask) or "lungs_removed";
-    the ground-truth mask is used where there is one, else the model's own predicted mask."""
+    the ground-truth mask is used where there is one, else the model's own predicted mask.
+    native_dice: also score Dice / IoU at each mask file's own resolution ("seg_native"), when the data
+    folder is reachable (a carried cache folder has no mask files)."""
     model.eval()
     loader = make_loader(data, indices, batch_size, shuffle=False, workers=workers)
-    seg_acc, labels, probs, logits_all = SegAccumulator(), [], [], []
+    seg_acc, labels, probs, logits_all, seg_maps = SegAccumulator(), [], [], [], []
     t0 = time.perf_counter()
     for imgs, masks, has_mask, y in loader:
         x = to_model_input(imgs.to(device, non_blocking=True))
@@ -53,6 +56,8 @@ def predict_split(model, data: CachedData, indices, device, batch_size=64, amp_d
             seg_p, p = tta_predict(fwd, x, tta)
         seg_logit = torch.logit(seg_p.clamp(1e-6, 1 - 1e-6))
         seg_acc.update(seg_logit, m, hm)
+        if native_dice:
+            seg_maps.append(seg_p[:, 0].float().cpu().numpy())
         probs.append(p.cpu()); labels.append(y)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -60,6 +65,12 @@ def predict_split(model, data: CachedData, indices, device, batch_size=64, amp_d
            "seg": seg_acc.compute(), "seconds": time.perf_counter() - t0}
     if logits_all:
         out["logits"] = torch.cat(logits_all).numpy()
+    if native_dice:
+        gts = data.native_masks(indices)
+        if gts is not None:
+            maps = np.concatenate(seg_maps)
+            keep = [k for k, g in enumerate(gts) if g is not None]
+            out["seg_native"] = native_resolution_dice(maps[keep], [gts[k] for k in keep])
     return out
 
 
@@ -87,7 +98,9 @@ def write_test_report(out_dir, classes, result: dict, temperature: float = 1.0, 
     rep = classification_metrics(y, cal, classes)
     ece_b, bins_b = expected_calibration_error(y, raw)
     ece_a, bins_a = expected_calibration_error(y, cal)
-    rep["segmentation"] = result["seg"]
+    rep["segmentation"] = dict(result["seg"], resolution="model input")
+    if result.get("seg_native"):
+        rep["segmentation_native"] = dict(result["seg_native"], resolution="each mask file's own size")
     rep["calibration"] = {"temperature": temperature, "ece_before": ece_b, "ece_after": ece_a,
                           "nll_before": nll(y, raw), "nll_after": nll(y, cal), "n_bins": 15}
     rep["n_images"] = int(len(y))

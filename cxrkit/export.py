@@ -6,6 +6,9 @@ Graph contract (what `OnnxBackend` and any other runtime feed / read):
     output `segmentation`   (B, 1, H, W) lung probabilities (sigmoid already applied)
     output `classification` (B, C) raw logits; calibrated probabilities = softmax(logits / temperature)
                             with the temperature stored in the meta file.
+The graph's own metadata_props bind it to its meta file: cxrkit_meta_id (a random id, also in the
+meta), cxrkit_class_names (JSON, model order), cxrkit_img_size, cxrkit_temperature and
+cxrkit_lung_area_range; OnnxBackend refuses a meta file that disagrees (cxrkit.io_utils.graph_binding).
 
 Exporter choice (torch 2.13): the TorchScript-based exporter (`dynamo=False`) is tried first. It
 still works and honours opset 17, but torch marks it deprecated (DeprecationWarning "The feature
@@ -19,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import uuid
 import warnings
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from torch import nn
 # the graph's names, meta_path_for and sha256_file live in the torch-free io_utils (the ONNX inference
 # path imports them without torch); re-exported here for existing `from cxrkit.export import ...` callers
 from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
+from .io_utils import graph_binding
 
 log = logging.getLogger("cxrkit")
 
@@ -69,6 +74,19 @@ def _export_dynamo(wrapper, dummy, path, opset, dynamic_batch):
                           opset_version=opset, dynamic_shapes=shapes, dynamo=True, external_data=False,
                           verbose=False)
     return opset
+
+
+def _bind_graph(onnx_file, props: dict) -> None:
+    """Write the meta binding (class names, size, temperature, lung-area range, meta_id) into the
+    graph's own metadata_props, so a meta file from another export is refused at load time."""
+    import onnx
+    proto = onnx.load(str(onnx_file), load_external_data=False)
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    for k, v in keep + sorted(props.items()):
+        e = proto.metadata_props.add()
+        e.key, e.value = k, v
+    onnx.save(proto, str(onnx_file))
 
 
 def _parity(onnx_file, wrapper_cpu, img_size, batches, temperature) -> dict:
@@ -128,6 +146,8 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         log.warning("exporting at %dpx although the model was trained at %dpx: accuracy may drop", size, trained_size)
     temperature = float(ck.get("temperature", 1.0))
     class_names = list(ck["class_names"])
+    binding = {"meta_id": uuid.uuid4().hex, "class_names": class_names, "img_size": size, "temperature": temperature,
+               "lung_area_range": ck.get("lung_area_range")}
 
     try:
         dev = torch.device(device) if device not in (None, "", "auto") else torch.device("cpu")
@@ -163,6 +183,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         if used is None:
             raise RuntimeError("ONNX export failed: " + " | ".join(errors))
 
+        _bind_graph(tmp, graph_binding(binding))
         onnx.checker.check_model(str(tmp), full_check=True)
         proto = onnx.load(str(tmp), load_external_data=False)
         real_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -193,6 +214,9 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         "format": META_FORMAT,
         "onnx_file": onnx_path.name,
         "onnx_sha256": sha256_file(onnx_path),
+        "meta_id": binding["meta_id"],
+        "graph_metadata": "the graph's metadata_props repeat meta_id, class_names, img_size, temperature and "
+                          "lung_area_range; a meta file that disagrees with them is refused",
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "class_names": class_names,
         "num_classes": len(class_names),
@@ -202,6 +226,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         "normalization_applied_in_graph": True,
         "temperature": temperature,
         "prior_correction": ck.get("prior_correction"),
+        "lung_area_range": ck.get("lung_area_range"),
         "calibration": "class probabilities = softmax(classification / temperature) (temperature scaling "
                        "fitted on the validation split)",
         "input": {

@@ -21,6 +21,10 @@ for the heavy parts), the model runs in the calling thread, and a writer thread 
 annotated PNGs / masks / Grad-CAM maps while the next batch is computed. The CSV and summary.json
 are written at the end, atomically (tmp file + os.replace); so is every PNG / .npy.
 
+Reliability: a run owns its save_dir (cxrkit.outdir: lock, manifest, --overwrite, per-process temp
+names; outputs are never gathered as inputs), the ONNX meta must match its graph, and inputs the
+model cannot judge get `quality_flags` (cxrkit.quality) or a plain skip reason (cxrkit.preprocess).
+
 Research software: not for diagnosis.
 """
 from __future__ import annotations
@@ -44,9 +48,13 @@ import cv2
 import numpy as np
 
 # torch-free modules only (see the module docstring): not cxrkit.export, which imports torch
-from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic
-from .preprocess import (IMAGE_EXTS, ImageReadError, list_images, read_gray, read_mask, resize_gray,
+from .io_utils import (INPUT_NAME, OUTPUT_NAMES, binding_mismatches, meta_path_for, sha256_file, write_bytes_atomic,
+                       write_json_atomic)
+from .preprocess import (IMAGE_EXTS, ImageReadError, list_images, read_mask, resize_gray,
                          resize_mask, to_model_input_np)
+from . import quality
+from .outdir import claim_save_dir, is_output_dir
+from .preprocess import read_gray_info
 from .tta import MAX_TTA, tta_predict
 
 log = logging.getLogger("cxrkit")
@@ -107,6 +115,8 @@ class TorchBackend:
         self.class_names = list(ck["class_names"])
         self.img_size = int(ck["img_size"])
         self.temperature = float(ck.get("temperature", 1.0))
+        self.lung_area_range = ck.get("lung_area_range")  # None: older checkpoint, quality's default applies
+        self.calibration_problem = quality.calibration_problem(ck)
 
     def forward(self, x: np.ndarray):
         """(B,3,S,S) float32 numpy (a CPU tensor also works) -> (seg_prob (B,1,S,S), logits (B,C)) as
@@ -162,6 +172,9 @@ def resolve_providers(providers=None, use_cuda: bool = False, available=None) ->
     return out
 
 
+_UNBOUND_WARNED: set[str] = set()  # ONNX files without a graph binding already warned about (once each)
+
+
 class OnnxBackend:
     """An exported model run by ONNX Runtime; class names, size and temperature from the meta file."""
 
@@ -174,6 +187,9 @@ class OnnxBackend:
         if not self.onnx_path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.onnx_path} (make it with export_to_onnx.py "
                                     f"or pass --onnx_path)")
+        if self.onnx_path.stat().st_size == 0:
+            raise InferenceError(f"{self.onnx_path}: empty file (0 bytes), not an ONNX model (an interrupted copy or "
+                                 f"download?); re-export with export_to_onnx.py")
         self.meta_path = Path(meta_path) if meta_path else meta_path_for(self.onnx_path)
         if not self.meta_path.is_file():
             raise InferenceError(f"ONNX meta file not found: {self.meta_path} (export_to_onnx.py writes it next to "
@@ -193,6 +209,8 @@ class OnnxBackend:
         self.temperature = float(meta["temperature"])
         if not self.temperature > 0:
             raise InferenceError(f"{self.meta_path}: temperature must be > 0, got {meta['temperature']}")
+        self.lung_area_range = meta.get("lung_area_range")  # None: older export, quality's default applies
+        self.calibration_problem = quality.calibration_problem(meta)
         self.providers = resolve_providers(providers, use_cuda)
         so = ort.SessionOptions()
         # a small CPU: one op at a time, each using every physical core; full graph optimisation
@@ -231,10 +249,31 @@ class OnnxBackend:
                                  f"outputs {c[1] if len(c) == 2 else c} classes: the meta file belongs to another "
                                  f"export; re-export or pass the matching --meta_path")
         self.static_batch = shp[0] if isinstance(shp[0], int) else None
+        self._check_binding()
+
+    def _check_binding(self):
+        """The meta file must be the one written with this graph: its onnx_sha256 must be the file's, and
+        the graph's own metadata_props (class names and order, size, temperature, lung-area range,
+        meta_id; written by export since the binding was added) must agree with it. Older graphs
+        without them are read with one warning (only the checksum can be checked)."""
+        fix = ("use the meta file written with this model (re-export with export_to_onnx.py, or pass the matching "
+               "--meta_path)")
         want = self.meta.get("onnx_sha256")
         if want and want != sha256_file(self.onnx_path):
-            log.warning("%s was written for a different ONNX file (SHA-256 differs from %s); its class names, "
-                        "size and temperature may not belong to this model", self.meta_path, self.onnx_path)
+            raise InferenceError(f"{self.meta_path} was written for another ONNX file (its onnx_sha256 is not "
+                                 f"{self.onnx_path}'s): {fix}")
+        props = dict(self.session.get_modelmeta().custom_metadata_map or {})
+        if not any(k.startswith("cxrkit_") for k in props):
+            key = str(self.onnx_path.resolve())
+            if key not in _UNBOUND_WARNED:
+                _UNBOUND_WARNED.add(key)
+                log.warning("%s records no class names of its own (exported before cxrkit bound graph and meta): "
+                            "class order and temperature come from %s unchecked%s; re-export to bind them",
+                            self.onnx_path, self.meta_path, "" if want else ", and the meta has no onnx_sha256")
+            return
+        bad = binding_mismatches(props, self.meta)
+        if bad:
+            raise InferenceError(f"{self.meta_path} disagrees with {self.onnx_path} on {'; '.join(bad)}: {fix}")
 
     def forward(self, x: np.ndarray):
         """(B,3,S,S) float32 numpy -> (seg_prob (B,1,S,S), logits (B,C)) float32 numpy."""
@@ -392,7 +431,23 @@ def assign_output_stems(items: list[InputItem]) -> None:
         it.out_stem = stem
 
 
-def gather_inputs(data_dir=None, images=None, class_names=(), num_samples: int = 0, seed: int = 0) -> list[InputItem]:
+def _output_dir_filter(exclude):
+    """skip_dir for list_images: the --save_dir (exclude) and any folder holding a cxrkit output
+    manifest are outputs, never inputs; pruned folders are collected in skip.pruned."""
+    ex = Path(exclude).resolve() if exclude else None
+
+    def skip(d: Path) -> bool:
+        hit = is_output_dir(d) or (ex is not None and d.resolve() == ex)
+        if hit:
+            skip.pruned.append(str(d))
+        return hit
+    skip.pruned = []
+    skip.exclude = ex
+    return skip
+
+
+def gather_inputs(data_dir=None, images=None, class_names=(), num_samples: int = 0, seed: int = 0,
+                  exclude=None) -> list[InputItem]:
     """The images to run on.
 
     data_dir: searched recursively (any folder of images); folders named `masks` are ground truth, not
@@ -402,8 +457,11 @@ def gather_inputs(data_dir=None, images=None, class_names=(), num_samples: int =
     images: explicit files (or folders, expanded recursively); a file's class is its folder's name,
       or the folder above an `images` folder.
     num_samples > 0 picks that many at random (numpy default_rng(seed)); 0 = all.
+    exclude: the run's --save_dir; it and every folder holding a cxrkit output manifest are skipped
+      (outputs are never read back as inputs). Symlinked sub-folders are followed (loops cut).
     """
     lookup = {_norm_name(c): c for c in class_names}
+    skip = _output_dir_filter(exclude)
     if num_samples is None or num_samples < 0:
         raise InferenceError(f"--num_samples must be >= 0 (0 = all), got {num_samples}")
     items: list[InputItem] = []
@@ -411,10 +469,12 @@ def gather_inputs(data_dir=None, images=None, class_names=(), num_samples: int =
         for s in images:
             p = Path(s)
             if p.is_dir():
-                found = [q for q in list_images(p) if not _is_mask_path(q, p)]
+                found = [q for q in list_images(p, skip_dir=skip) if not _is_mask_path(q, p)]
                 items += [_item(q, str(Path(p.name) / q.relative_to(p)), lookup, p) for q in found]
-            else:
+            elif skip.exclude is None or skip.exclude not in p.resolve().parents:
                 items.append(_item(p, p.name, lookup, None))
+            else:
+                skip.pruned.append(str(p))
         if not items:
             raise InferenceError(f"--images: no images found in {', '.join(map(str, images))}")
         if all(not it.path.exists() for it in items):
@@ -425,12 +485,17 @@ def gather_inputs(data_dir=None, images=None, class_names=(), num_samples: int =
             raise InferenceError(f"--data_dir {root}: not a folder (point it at a folder of images, or the database "
                                  f"root <Class>/images/*.png)")
         items = [_item(p, str(p.relative_to(root)), lookup, root)
-                 for p in list_images(root) if not _is_mask_path(p, root)]
+                 for p in list_images(root, skip_dir=skip) if not _is_mask_path(p, root)]
         if not items:
             raise InferenceError(f"--data_dir {root}: no images found (searched recursively for "
-                                 f"{', '.join(sorted(IMAGE_EXTS))}; 'masks' folders are ground truth, not inputs)")
+                                 f"{', '.join(sorted(IMAGE_EXTS))}; 'masks' folders are ground truth, not inputs"
+                                 + (f"; cxrkit output folders are not inputs either: {skip.pruned[0]}"
+                                    if skip.pruned else "") + ")")
     else:
         raise InferenceError("no inputs: give --data_dir DIR or --images FILE [FILE ...]")
+    if skip.pruned:
+        log.info("not read as inputs (outputs of cxrkit runs): %s", ", ".join(skip.pruned[:5])
+                 + (f" and {len(skip.pruned) - 5} more" if len(skip.pruned) > 5 else ""))
     if 0 < num_samples < len(items):
         pick = np.sort(np.random.default_rng(seed).choice(len(items), num_samples, replace=False))
         log.info("picked %d of %d inputs at random (--num_samples %d, --seed %d; --num_samples 0 runs all)",
@@ -462,6 +527,7 @@ def _item(p: Path, rel: str, lookup: dict, root: Path | None) -> InputItem:
 
 # ------------------------------------------------------------------------------------- rendering
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
+FLAG_BGR, FLAG_FRAME_PX = (0, 0, 255), 6  # the frame that marks a quality-flagged input's annotated PNG
 
 
 def _ascii(s: str) -> str:
@@ -493,9 +559,12 @@ def normalise_cam(cam: np.ndarray) -> np.ndarray:
 
 
 def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, probs, true_class=None,
-                      cam=None, cam_label: str = "", title: str = "", notes=()) -> np.ndarray:
+                      cam=None, cam_label: str = "", title: str = "", notes=(), flags=()) -> np.ndarray:
     """One BGR uint8 panel: X-ray with the predicted lungs tinted + outlined | optional Grad-CAM
-    overlay | text panel with the predicted class, true class and one bar per class probability."""
+    overlay | text panel with the predicted class, true class and one bar per class probability.
+    flags (cxrkit.quality codes): a red frame around the whole panel and a red note naming them."""
+    flag_note = ("CHECK INPUT: " + "; ".join(flags)) if flags else None
+    notes = [*notes, flag_note] if flag_note else list(notes)
     h, w = display.shape[:2]
     cap = 30
     base = cv2.cvtColor(display, cv2.COLOR_GRAY2BGR)
@@ -553,41 +622,35 @@ def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, pr
         y += step
     fy = ph - footer_h + 6
     for s in notes:
-        _text(panel, _fit(s, pw - 20, 0.45), (12, fy + 10), 0.45, (200, 200, 200))
+        _text(panel, _fit(s, pw - 20, 0.45), (12, fy + 10), 0.45, FLAG_BGR if s == flag_note else (200, 200, 200))
         fy += 20
     _text(panel, DISCLAIMER, (12, ph - 8), 0.42, (150, 150, 150))
-    return np.hstack(cols + [panel])
+    out = np.hstack(cols + [panel])
+    if flags:
+        cv2.rectangle(out, (0, 0), (out.shape[1] - 1, out.shape[0] - 1), FLAG_BGR, FLAG_FRAME_PX)
+    return out
 
 
 # --------------------------------------------------------------------------------------- writing
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_png(path, img: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise OSError(f"PNG encoding failed for {path}")
-    _write_bytes_atomic(Path(path), buf.tobytes())
+    write_bytes_atomic(path, buf.tobytes())
 
 
 def write_npy(path, arr: np.ndarray) -> None:
     bio = io.BytesIO()
     np.save(bio, arr)
-    _write_bytes_atomic(Path(path), bio.getvalue())
+    write_bytes_atomic(path, bio.getvalue())
 
 
 def write_csv_atomic(path, fieldnames, rows) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
 
 
 class _Writer(threading.Thread):
@@ -636,27 +699,43 @@ class _Decoded:
     gt_mask: np.ndarray | None = None
     error: str | None = None
     mask_error: str | None = None
+    notes: tuple = ()              # what of the file was not used (later TIFF pages / DICOM frames)
+    stats: dict | None = None      # cxrkit.quality.image_stats of model_u8
+    flags: tuple = ()              # quality flag codes (set once the model has run)
 
 
 def _decode(item: InputItem, size: int, display_h: int) -> _Decoded:
     try:
-        g = read_gray(item.path)
+        g, notes = read_gray_info(item.path)
     except ImageReadError as e:
         return _Decoded(item, error=e.reason)
     except Exception as e:  # noqa: BLE001 - one bad file never stops the run
         return _Decoded(item, error=f"{type(e).__name__}: {e}")
     d = _Decoded(item, model_u8=resize_gray(g, size), display=display_image(g, display_h), orig_shape=g.shape[:2])
+    d.notes, d.stats = tuple(notes), quality.image_stats(d.model_u8)
     if item.mask_path is not None:
         try:
-            d.gt_mask = resize_mask(read_mask(item.mask_path), size)
+            d.gt_mask = read_mask(item.mask_path)  # native resolution: Dice is scored at the mask's own size
         except ImageReadError as e:
             d.mask_error = e.reason
     return d
 
 
+def planned_outputs(items, save_masks=False, save_cams=False) -> list[str]:
+    """The per-image files a run will write (relative to save_dir), for the manifest (cxrkit.outdir)."""
+    out = []
+    for it in items:
+        out.append(f"annotated/{it.out_stem}.png")
+        if save_masks:
+            out.append(f"masks/{it.out_stem}_mask.png")
+        if save_cams:
+            out.append(f"cams/{it.out_stem}_cam.npy")
+    return out
+
+
 def csv_columns(class_names, save_masks=False, gradcam=False) -> list[str]:
     cols = ["image_path", "predicted_class", "confidence", *[f"prob_{c}" for c in class_names],
-            "lung_area_fraction", "true_class", "correct", "dice", "iou", "annotated_png"]
+            "lung_area_fraction", "true_class", "correct", "quality_flags", "dice", "iou", "annotated_png"]
     if save_masks:
         cols.append("mask_png")
     if gradcam:
@@ -664,22 +743,18 @@ def csv_columns(class_names, save_masks=False, gradcam=False) -> list[str]:
     return cols
 
 
-def _dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
-    p, t = pred.astype(bool), gt.astype(bool)
-    inter, ps, ts = np.logical_and(p, t).sum(), p.sum(), t.sum()
-    union = ps + ts - inter
-    dice = 2.0 * inter / (ps + ts) if ps + ts > 0 else 1.0
-    iou = inter / union if union > 0 else 1.0
-    return float(dice), float(iou)
-
-
 def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int = 16, tta: int = 1,
                  cam: GradCamExplainer | None = None, cam_class: str | None = None, save_cams: bool = False,
                  save_masks: bool = False, workers: int | None = None, progress: bool = True,
-                 display_size: int = 512, extra_summary: dict | None = None) -> dict:
-    """Run `backend` over `items`, write every output into save_dir; returns the summary dict."""
+                 display_size: int = 512, extra_summary: dict | None = None, report: bool = True,
+                 overwrite: bool = False) -> dict:
+    """Run `backend` over `items`, write every output into save_dir; returns the summary dict.
+    report: also thumbs/ and report.html (cxrkit.report).
+    The run owns save_dir (cxrkit.outdir): refused while another process writes there, or when it
+    holds an earlier run's outputs unless overwrite (which removes exactly those files first)."""
     from tqdm import tqdm
-    from .metrics import classification_metrics
+    from .metrics import binary_dice_iou, classification_metrics
+    from .report import THUMB_DIR, confidence_intervals, model_info, thumb_relpath, write_report, write_thumbnail
 
     if batch_size < 1:
         raise InferenceError(f"--batch_size must be >= 1, got {batch_size}")
@@ -700,22 +775,29 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
         raise InferenceError("no images to run on")
     save_dir = Path(save_dir)
     ann_dir, mask_dir, cam_dir = save_dir / "annotated", save_dir / "masks", save_dir / "cams"
+    claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name})").acquire()  # lock
     try:
-        for d in [ann_dir] + ([mask_dir] if save_masks else []) + ([cam_dir] if save_cams else []):
+        for d in ([ann_dir] + ([mask_dir] if save_masks else []) + ([cam_dir] if save_cams else [])
+                  + ([save_dir / THUMB_DIR] if report else [])):
             d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        claim.release()
         raise InferenceError(f"--save_dir {save_dir}: cannot create it ({e})") from None
     if not items[0].out_stem:
         assign_output_stems(items)
+    claim.plan(["predictions.csv", "summary.json", *planned_outputs(items, save_masks, save_cams)])
+    area_rng = quality.resolve_lung_area_range(getattr(backend, "lung_area_range", None))
+    calib_problem = getattr(backend, "calibration_problem", None)
     workers = int(workers or min(4, os.cpu_count() or 1))
-    notes = [f"probabilities calibrated (T={temp:.3g})"] + ([f"TTA: {tta} views"] if tta > 1 else [])
+    notes = ([f"probabilities calibrated (T={temp:.3g})"] if calib_problem is None
+             else [f"probabilities NOT calibrated (T={temp:.3g})"]) + ([f"TTA: {tta} views"] if tta > 1 else [])
 
     def write_job(job):
         d, seg, probs, cam_map, cam_name = job
         stem = d.item.out_stem
         area = f"predicted lung area: {(seg > 0.5).mean() * 100:.1f}% of image"
         img = render_annotation(d.display, seg, names, probs, d.item.true_class, cam=cam_map, cam_label=cam_name,
-                                title=d.item.rel, notes=[area] + notes)
+                                title=d.item.rel, notes=[area] + notes, flags=d.flags)
         write_png(ann_dir / f"{stem}.png", img)
         if save_masks:
             full = cv2.resize(seg.astype(np.float32), (d.orig_shape[1], d.orig_shape[0]),
@@ -723,9 +805,12 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
             write_png(mask_dir / f"{stem}_mask.png", ((full > 0.5) * 255).astype(np.uint8))
         if save_cams and cam_map is not None:
             write_npy(cam_dir / f"{stem}_cam.npy", cam_map.astype(np.float32))
+        if report:
+            write_thumbnail(save_dir / thumb_relpath(stem), d.display, seg)
 
     rows, skipped, mask_problems = [], [], []
-    y_true, y_probs, dices, ious = [], [], [], []
+    input_notes, flag_counts = [], {c: 0 for c in quality.FLAG_CODES}
+    y_true, y_probs, dices, ious, dices_model = [], [], [], [], []
     model_seconds, n_done = 0.0, 0
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxrkit-decode")
@@ -758,6 +843,9 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                         continue
                     if d.mask_error is not None:
                         mask_problems.append({"path": str(d.item.mask_path), "reason": d.mask_error})
+                    for n in d.notes:
+                        input_notes.append({"path": str(d.item.path), "note": n})
+                        log.warning("%s: %s", d.item.path, n)
                     batch.append(d)
                 if not batch:
                     continue
@@ -780,11 +868,19 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                            "lung_area_fraction": f"{lung.mean():.6f}",
                            "true_class": tc or "", "correct": "" if tc is None else str(int(tc == names[pred[i]])),
                            "dice": "", "iou": "", "annotated_png": f"annotated/{d.item.out_stem}.png"}
+                    d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), area_rng))
+                    row["quality_flags"] = ";".join(d.flags)
+                    for f in d.flags:
+                        flag_counts[f] += 1
                     if tc is not None:
                         y_true.append(names.index(tc)); y_probs.append(probs[i])
                     if d.gt_mask is not None:
-                        dc, io_ = _dice_iou(lung, d.gt_mask)
+                        gh, gw = d.gt_mask.shape[:2]
+                        lung_native = cv2.resize(seg[i].astype(np.float32), (gw, gh),
+                                                 interpolation=cv2.INTER_LINEAR) > 0.5
+                        dc, io_ = binary_dice_iou(lung_native, d.gt_mask)
                         dices.append(dc); ious.append(io_)
+                        dices_model.append(binary_dice_iou(lung, resize_mask(d.gt_mask, size))[0])
                         row["dice"], row["iou"] = f"{dc:.6f}", f"{io_:.6f}"
                     if save_masks:
                         row["mask_png"] = f"masks/{d.item.out_stem}_mask.png"
@@ -803,6 +899,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
         pool.shutdown(wait=True, cancel_futures=True)
         if not ok and writer.is_alive():
             writer.q.put(None)
+        if not ok:
+            claim.release()  # the manifest stays "running": the next run needs --overwrite
     cols = csv_columns(names, save_masks, cam is not None)
     write_csv_atomic(save_dir / "predictions.csv", cols, rows)
     seconds = time.perf_counter() - t0
@@ -810,7 +908,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
         "n_inputs": len(items), "n_processed": n_done, "n_skipped": len(skipped), "skipped": skipped,
         "backend": backend.name, "backend_info": backend.describe(),
         "class_names": names, "img_size": size,
-        "calibrated": True, "temperature": temp,
+        "calibrated": calib_problem is None, "temperature": temp,
+        **({"calibration_problem": f"the model: {calib_problem}"} if calib_problem else {}),
         "calibration": "probabilities in predictions.csv = softmax(logits / temperature), averaged over TTA views",
         "tta": int(tta), "batch_size": int(batch_size), "decode_workers": workers,
         "throughput": {"seconds": seconds, "images_per_second": n_done / seconds if seconds > 0 else None,
@@ -823,7 +922,14 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                       "lung_area_fraction": "fraction of model-input pixels with lung probability > 0.5",
                       "true_class/correct": "from the folder name when it is a model class (correct: 1/0), "
                                             "else empty",
-                      "dice/iou": "vs the ground-truth mask (masks/ folder) at 0.5, when there is one"},
+                      "dice/iou": "vs the ground-truth mask (masks/ folder) at 0.5, at the mask's own "
+                                  "resolution, when there is one",
+                      "quality_flags": "empty when all is well, else ';'-joined codes (see quality)"},
+        "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": flag_counts,
+                    "meaning": quality.FLAG_MEANING, "thresholds": quality.thresholds(area_rng),
+                    "lung_area_range": area_rng,
+                    "note": "flagged images got an answer the model cannot back: check them by eye"},
+        "notes": input_notes,
         "classification": None, "segmentation": None,
         "gradcam": None if cam is None else {
             "target": cam_class or "predicted class", "layer": cam.layer, "method": "monai.visualize.GradCAM",
@@ -840,14 +946,23 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
     if y_true:
         m = classification_metrics(np.asarray(y_true), np.asarray(y_probs), names)
         m["n_labelled"] = len(y_true)
+        m.update(confidence_intervals(y_true, np.asarray(y_probs).argmax(1), len(names)))
         summary["classification"] = m
     if dices:
         summary["segmentation"] = {"mean_dice": float(np.mean(dices)), "mean_iou": float(np.mean(ious)),
                                    "n_masks": len(dices), "threshold": 0.5,
-                                   "resolution": f"{size}x{size} (model input)"}
+                                   "resolution": "each ground-truth mask's own size (lung probabilities resized "
+                                                 "bilinearly to it, then thresholded)",
+                                   "mean_dice_model_input": float(np.mean(dices_model)),
+                                   "model_input_resolution": f"{size}x{size}"}
     if extra_summary:
         summary.update(extra_summary)
+    summary["outputs"]["report"] = "report.html (thumbnails in thumbs/)" if report else None
     write_json_atomic(save_dir / "summary.json", summary)
+    if report:
+        write_report(save_dir, summary, rows, model=model_info(backend))
+    claim.finish()  # manifest: every file this run wrote, status complete
+    claim.release()
     return summary
 
 
@@ -880,6 +995,11 @@ def add_output_args(p, default_dir):
     g.add_argument("--save_dir", default=default_dir,
                    help="annotated/ PNGs, predictions.csv, summary.json (and masks/, cams/)")
     g.add_argument("--save_masks", action="store_true", help="also write each predicted lung mask (PNG)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="--save_dir holds an earlier run's outputs: remove exactly the files that run wrote (its "
+                        "manifest), then write anew (without it such a folder is refused)")
+    g.add_argument("--no_report", action="store_true",
+                   help="no report.html (metrics, confusion matrix, thumbnail gallery) and no thumbs/")
     return g
 
 
@@ -929,7 +1049,11 @@ def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
         if args.cam_class is not None and args.cam_class not in backend.class_names:
             raise InferenceError(f"--cam_class {args.cam_class!r} is not a model class; choose one of "
                                  f"{backend.class_names}")
-        items = gather_inputs(args.data_dir, args.images, backend.class_names, args.num_samples, args.seed)
+        if getattr(backend, "calibration_problem", None):
+            log.warning("%s: %s", getattr(backend, "checkpoint_path", None) or getattr(backend, "onnx_path", "model"),
+                        backend.calibration_problem)
+        items = gather_inputs(args.data_dir, args.images, backend.class_names, args.num_samples, args.seed,
+                              exclude=args.save_dir)
         cam = None
         if gradcam:
             dev = cam_device() if callable(cam_device) else cam_device
@@ -941,7 +1065,8 @@ def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
                             "(SHA-256 differs): maps may not explain these predictions", cam_checkpoint)
         summary = run_pipeline(backend, items, args.save_dir, batch_size=args.batch_size, tta=args.tta, cam=cam,
                                cam_class=args.cam_class, save_cams=args.save_cams, save_masks=args.save_masks,
-                               workers=args.workers, progress=not args.quiet,
+                               report=not args.no_report, workers=args.workers, progress=not args.quiet,
+                               overwrite=getattr(args, "overwrite", False),
                                extra_summary={"inputs": {"data_dir": args.data_dir, "images": args.images,
                                                          "num_samples": args.num_samples, "seed": args.seed}})
     except Exception as e:  # noqa: BLE001 - user errors become one line, anything else a traceback
@@ -965,6 +1090,10 @@ def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
     if summary["segmentation"]:
         s = summary["segmentation"]
         line += f" | Dice {s['mean_dice']:.3f} IoU {s['mean_iou']:.3f}"
+    q = summary.get("quality") or {}
+    if q.get("n_flagged"):
+        line += f" | {q['n_flagged']} flagged (quality_flags: " + ", ".join(
+            f"{k} {v}" for k, v in q["counts"].items() if v) + ")"
     print(line + f" | outputs in {args.save_dir}")
     return 0
 

@@ -14,6 +14,8 @@ import argparse
 import hashlib
 import json
 import os
+import threading
+import uuid
 from pathlib import Path
 
 # ONNX graph contract (see cxrkit.export): one input, two outputs
@@ -29,12 +31,30 @@ class UsageError(ValueError):
     """A wrong flag value or flag combination; str() is a one-line message with the fix."""
 
 
-def write_json_atomic(path, obj, indent: int | None = 2) -> None:
+def tmp_name(path) -> Path:
+    """A temporary name next to `path`, unique per process and thread (never `<file>.tmp`, which two
+    runs or two threads would share)."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """The one atomic writer: a unique temp file in the same folder, then os.replace, so a crash or a
+    second run never leaves a torn or mixed file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent))
-    os.replace(tmp, path)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path, obj, indent: int | None = 2) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=indent).encode())
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
@@ -49,3 +69,56 @@ def meta_path_for(onnx_path) -> Path:
     """The side-car meta file of an ONNX model: `<onnx_path>.meta.json`."""
     p = Path(onnx_path)
     return p.with_name(p.name + ".meta.json")
+
+
+# ----------------------------------------------------------------- ONNX graph <-> meta file binding
+# export_to_onnx writes these into the graph's own metadata_props (ONNX key/value strings), and the
+# meta file gets the same random meta_id: the loader (cxrkit.inference.OnnxBackend, reading them with
+# onnxruntime's get_modelmeta(), no onnx / torch import) refuses a meta file whose class names, their
+# order, image size, temperature, lung-area range or identity disagree with the graph's.
+GRAPH_KEY_PREFIX = "cxrkit_"
+
+
+def graph_binding(meta: dict) -> dict[str, str]:
+    """The metadata_props an export writes, from its meta dict."""
+    out = {"cxrkit_meta_id": str(meta["meta_id"]),
+           "cxrkit_class_names": json.dumps([str(c) for c in meta["class_names"]]),
+           "cxrkit_img_size": str(int(meta["img_size"])),
+           "cxrkit_temperature": repr(float(meta["temperature"]))}
+    if meta.get("lung_area_range") is not None:
+        out["cxrkit_lung_area_range"] = json.dumps(meta["lung_area_range"], sort_keys=True)
+    return out
+
+
+def binding_mismatches(props: dict, meta: dict) -> list[str]:
+    """What a meta dict says differently from the graph's cxrkit_* metadata_props; [] when they agree.
+    Each entry is a short phrase, e.g. "class names (graph ['A', 'B'], meta ['B', 'A'])"."""
+    def parse(key, raw):
+        if key in ("cxrkit_class_names", "cxrkit_lung_area_range"):
+            return json.loads(raw)
+        if key == "cxrkit_img_size":
+            return int(raw)
+        if key == "cxrkit_temperature":
+            return float(raw)
+        return raw
+
+    graph = {k: v for k, v in props.items() if k.startswith(GRAPH_KEY_PREFIX)}
+    try:
+        want = graph_binding({**meta, "meta_id": meta.get("meta_id", "")})
+    except (KeyError, TypeError, ValueError):
+        return ["its fields (unreadable class_names / img_size / temperature)"]
+    labels = {"cxrkit_meta_id": "identity (meta_id)", "cxrkit_class_names": "class names or their order",
+              "cxrkit_img_size": "image size", "cxrkit_temperature": "temperature",
+              "cxrkit_lung_area_range": "lung-area range"}
+    out = []
+    for key in sorted(set(graph) | set(want)):
+        if key not in labels:
+            continue
+        try:
+            g = parse(key, graph[key]) if key in graph else None
+            m = parse(key, want[key]) if key in want else None
+        except (ValueError, TypeError):
+            g, m = graph.get(key), want.get(key)
+        if g != m:
+            out.append(f"{labels[key]} (graph {g!r}, meta {m!r})")
+    return out

@@ -60,6 +60,30 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     return out
 
 
+def binary_dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """Dice and IoU of two binary masks of one image (numpy); both empty counts as perfect agreement."""
+    p, t = pred.astype(bool), gt.astype(bool)
+    inter, ps, ts = np.logical_and(p, t).sum(), p.sum(), t.sum()
+    union = ps + ts - inter
+    dice = 2.0 * inter / (ps + ts) if ps + ts > 0 else 1.0
+    iou = inter / union if union > 0 else 1.0
+    return float(dice), float(iou)
+
+
+def native_resolution_dice(seg_probs: np.ndarray, gt_masks: list) -> dict:
+    """Mean Dice / IoU with each predicted lung-probability map (model input size) resized bilinearly
+    to its ground-truth mask's own size, then thresholded at 0.5. gt_masks: (H, W) 0/1 arrays."""
+    import cv2
+    d, i = [], []
+    for p, g in zip(seg_probs, gt_masks):
+        up = cv2.resize(np.asarray(p, np.float32), (g.shape[1], g.shape[0]), interpolation=cv2.INTER_LINEAR) > 0.5
+        dc, io = binary_dice_iou(up, g)
+        d.append(dc); i.append(io)
+    if not d:
+        return {"dice": None, "iou": None, "n_masks": 0}
+    return {"dice": float(np.mean(d)), "iou": float(np.mean(i)), "n_masks": len(d)}
+
+
 class SegAccumulator:
     """Dice / IoU per image at threshold 0.5 (images with a ground-truth mask only), mean BCE.
 

@@ -31,6 +31,10 @@ if TYPE_CHECKING:  # annotations only
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
 
+# Larger images are skipped, decided from the file header BEFORE decoding (a 40000x40000 PNG is under
+# 1 MB on disk but 1.6 GB decoded); chest films are at most ~4300x4300 (18 MP)
+MAX_PIXELS = 100_000_000
+
 cv2.setNumThreads(1)  # decoding runs in worker threads/processes; avoid oversubscription
 
 
@@ -76,7 +80,91 @@ def _to_gray(arr: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported array shape {arr.shape}")
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _too_large_reason(w: int, h: int) -> str | None:
+    if w * h > MAX_PIXELS:
+        return f"image is {w}x{h} px, over the {MAX_PIXELS // 1_000_000} MP limit"
+    return None
+
+
+def _tiff_header(b: memoryview) -> tuple[int, int, int] | None:
+    """(width, height, pages) of a classic TIFF from its first IFD and the IFD chain; None if unsure."""
+    bo = {b"II": "<", b"MM": ">"}.get(bytes(b[:2]))
+    if bo is None or len(b) < 8:
+        return None
+    u16 = lambda o: int.from_bytes(b[o:o + 2], "little" if bo == "<" else "big")  # noqa: E731
+    u32 = lambda o: int.from_bytes(b[o:o + 4], "little" if bo == "<" else "big")  # noqa: E731
+    if u16(2) != 42:
+        return None  # BigTIFF or not a TIFF
+    off, pages, seen, w, h = u32(4), 0, set(), None, None
+    while 0 < off and off + 2 <= len(b) and off not in seen and pages < 10000:
+        seen.add(off)
+        n = u16(off)
+        if pages == 0:
+            for e in range(n):
+                eo = off + 2 + 12 * e
+                if eo + 12 > len(b):
+                    break
+                tag, typ = u16(eo), u16(eo + 2)
+                val = u16(eo + 8) if typ == 3 else u32(eo + 8)
+                if tag == 256:
+                    w = val
+                elif tag == 257:
+                    h = val
+        pages += 1
+        nxt = off + 2 + 12 * n
+        off = u32(nxt) if nxt + 4 <= len(b) else 0
+    return (w, h, pages) if w and h else None
+
+
+def _jpeg_size(b: memoryview) -> tuple[int, int] | None:
+    i, n = 2, len(b)
+    while i + 9 < n:
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seg = int.from_bytes(b[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(b[i + 7:i + 9], "big"), int.from_bytes(b[i + 5:i + 7], "big")
+        i += 2 + seg
+    return None
+
+
+def header_info(buf) -> tuple[int | None, int | None, int]:
+    """(width, height, pages) read from a PNG / JPEG / BMP / TIFF file's header bytes, without
+    decoding the pixels; (None, None, 1) when the format is not recognised (then decoding decides)."""
+    b = memoryview(np.ascontiguousarray(buf, dtype=np.uint8)).cast("B")
+    try:
+        if bytes(b[:8]) == b"\x89PNG\r\n\x1a\n" and bytes(b[12:16]) == b"IHDR":
+            return int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big"), 1
+        if bytes(b[:2]) == b"\xff\xd8":
+            wh = _jpeg_size(b)
+            return (wh[0], wh[1], 1) if wh else (None, None, 1)
+        if bytes(b[:2]) == b"BM" and len(b) >= 26:
+            return (abs(int.from_bytes(b[18:22], "little", signed=True)),
+                    abs(int.from_bytes(b[22:26], "little", signed=True)), 1)
+        t = _tiff_header(b)
+        if t:
+            return t
+    except (IndexError, ValueError):
+        pass
+    return None, None, 1
+
+
+def _check_finite(path, a: np.ndarray) -> None:
+    if a.dtype.kind in "fc":
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise ImageReadError(path, f"{bad} of {a.size} pixel values are not finite (NaN or inf): the image "
+                                       f"cannot be judged")
+
+
+def _read_dicom(path: Path, notes: list | None = None) -> np.ndarray:
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -84,14 +172,24 @@ def _read_dicom(path: Path) -> np.ndarray:
         raise ImageReadError(path, f"DICOM needs pydicom ({e}); pip install pydicom")
     try:
         ds = pydicom.dcmread(str(path))
+        rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+        too_large = _too_large_reason(cols, rows)  # from the header, before the pixel data is decoded
+        if too_large:
+            raise ImageReadError(path, too_large)
         arr = ds.pixel_array
+    except ImageReadError:
+        raise
     except Exception as e:
         raise ImageReadError(path, f"unreadable DICOM ({type(e).__name__}: {e})")
     if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
         arr = arr[0]  # multi-frame: first frame
+        if notes is not None:
+            notes.append(f"multi-frame DICOM ({int(getattr(ds, 'NumberOfFrames', 0) or 0)} frames): only the "
+                         f"first frame was used")
     arr = apply_modality_lut(arr, ds)
     arr = apply_voi_lut(arr, ds)  # VOI LUT or window centre/width when present
     a = np.asarray(arr, dtype=np.float32)
+    _check_finite(path, a)
     if a.ndim == 3:
         a = a.mean(axis=2)
     lo, hi = float(a.min()), float(a.max())
@@ -103,29 +201,56 @@ def _read_dicom(path: Path) -> np.ndarray:
 
 def read_gray(path) -> np.ndarray:
     """Decode any supported file to a (H, W) uint8 grayscale array, or raise ImageReadError."""
+    return read_gray_info(path)[0]
+
+
+def read_gray_info(path) -> tuple[np.ndarray, list[str]]:
+    """read_gray, plus notes on what was not used (a multi-page TIFF's later pages, a multi-frame
+    DICOM's later frames). Raises ImageReadError for a file over MAX_PIXELS (from its header, before
+    decoding) and for non-finite pixel values."""
     path = Path(path)
+    notes: list[str] = []
     if not path.is_file():
         raise ImageReadError(path, "file not found")
     if path.suffix.lower() == ".dcm":
-        return _read_dicom(path)
+        return _read_dicom(path, notes), notes
     try:
         buf = np.fromfile(str(path), dtype=np.uint8)
     except OSError as e:
         raise ImageReadError(path, f"cannot read file ({e})")
     if buf.size == 0:
         raise ImageReadError(path, "empty file")
-    arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    w, h, pages = header_info(buf)
+    if w is not None and h is not None:
+        too_large = _too_large_reason(w, h)
+        if too_large:
+            raise ImageReadError(path, too_large)
+    if pages > 1:
+        notes.append(f"multi-page TIFF ({pages} pages): only the first page was used")
+    try:
+        arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error:  # OpenCV's own limits / asserts: its text is no reason a user can act on
+        arr = None
     if arr is None:
         try:  # a few TIFF flavours OpenCV refuses; Pillow is the fallback
             from PIL import Image
-            with Image.open(path) as im:
+            with Image.open(path) as im:  # lazy: the size is known before the pixels are decoded
+                too_large = _too_large_reason(*im.size)
+                if too_large:
+                    raise ImageReadError(path, too_large)
                 arr = np.asarray(im)
+        except ImageReadError:
+            raise
         except Exception:
             raise ImageReadError(path, "not a decodable image (corrupt or unsupported format)")
     if arr.size == 0 or min(arr.shape[:2]) < 8:
         raise ImageReadError(path, f"image too small ({arr.shape})")
+    too_large = _too_large_reason(arr.shape[1], arr.shape[0])  # a format whose header was not read
+    if too_large:
+        raise ImageReadError(path, too_large)
+    _check_finite(path, arr)
     try:
-        return _to_gray(_to_uint8(arr))
+        return _to_gray(_to_uint8(arr)), notes
     except ValueError as e:
         raise ImageReadError(path, str(e))
 
@@ -191,11 +316,22 @@ def check_input(x: torch.Tensor, img_size: int) -> None:
         raise ValueError(f"model input must be in [0, 1] (got [{lo:.3g}, {hi:.3g}]): divide 8-bit images by 255")
 
 
-def list_images(root) -> list[Path]:
-    """Every supported image under root, recursively, sorted (hidden files skipped)."""
+def list_images(root, skip_dir=None) -> list[Path]:
+    """Every supported image under root, recursively, sorted (hidden files skipped). Symlinked
+    sub-folders are followed; a folder reached twice (a symlink loop, or two links to one folder) is
+    searched once. skip_dir(Path) -> True prunes a folder (and what is below it)."""
     root = Path(root)
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen or (skip_dir is not None and skip_dir(Path(dirpath))):
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTS:

@@ -94,6 +94,9 @@ def model_config_from_args(args, num_classes: int) -> ModelConfig:
         if cfg.backbone != "lite0" and pre:
             raise UsageError(f"--pretrained: --arch {args.arch} has no pretrained encoder; use --arch lite0")
         cfg.pretrained = bool(pre) and cfg.backbone == "lite0"
+    if cfg.backbone == "lite0" and args.img_size % 32:
+        raise UsageError(f"--img_size {args.img_size}: --arch {args.arch} needs a multiple of 32 (its encoder "
+                         f"halves the size 5 times), e.g. 128, 160, 192 or 256")
     return cfg
 
 
@@ -302,7 +305,7 @@ def train(args) -> dict:
         # --- validation and checkpointing on rank 0; the stop decision is broadcast ---------------
         stop = torch.zeros(1, device=device)
         if rank == 0:
-            r = predict_split(eval_model, data, va_idx, device, max(args.batch_size, 32), amp_dtype)
+            r = predict_split(eval_model, data, va_idx, device, max(args.batch_size, 32), amp_dtype, native_dice=True)
             cm = classification_metrics(r["labels"], r["probs"], classes)
             with torch.no_grad():
                 lg = torch.from_numpy(r["logits"])
@@ -313,6 +316,7 @@ def train(args) -> dict:
             row = {"epoch": epoch + 1, "train_loss": tr[0], "train_seg": tr[1], "train_cls": tr[2],
                    "val_loss": val_loss, "val_acc": cm["accuracy"], "val_macro_f1": cm["macro_f1"],
                    "val_dice": dice, "val_iou": r["seg"]["iou"] or 0.0, "lr": sched.get_last_lr()[0],
+                   "val_dice_native": (r.get("seg_native") or {}).get("dice"),
                    "train_images_per_s": n_seen / train_time, "epoch_seconds": time.perf_counter() - t0}
             history.append(row)
             score = selection_score(row)
@@ -417,6 +421,8 @@ def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype
     model.to(device)
     t = calibrate(model, data, va_idx, device, 64, amp_dtype)
     ck["temperature"] = t
+    from .quality import lung_area_range  # the range inference flags predicted lung areas against
+    ck["lung_area_range"] = lung_area_range(data.masks, data.has_mask, tr_idx)
     atomic_torch_save(ck, best_path)
     return evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype)
 
@@ -425,11 +431,13 @@ def evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype=None
     if len(te_idx) == 0:
         log.warning("test split is empty: no test report written")
         return {}
-    r = predict_split(model, data, te_idx, device, 64, amp_dtype)
+    r = predict_split(model, data, te_idx, device, 64, amp_dtype, native_dice=True)
     rep = write_test_report(res_dir, ck["class_names"], r, ck.get("temperature", 1.0),
                             extra={"checkpoint_epoch": ck.get("epoch", -1) + 1})
     s = rep["segmentation"]
+    sn = (rep.get("segmentation_native") or {}).get("dice")
     print(f"test | acc {rep['accuracy']:.4f} macro-F1 {rep['macro_f1']:.4f} Dice {s['dice'] or 0:.4f} "
+          f"(at the masks' own size: {'n/a' if sn is None else f'{sn:.4f}'}) "
           f"IoU {s['iou'] or 0:.4f} | ECE {rep['calibration']['ece_before']:.4f} -> "
           f"{rep['calibration']['ece_after']:.4f} (T={ck.get('temperature', 1.0):.3f}) | report in {res_dir}",
           flush=True)
