@@ -10,8 +10,8 @@ install:
 
 demo: install
 	$(PY) -m cxrkit.synthetic --out demo_data --per_class 40
-	$(PY) model_arch.py --data_dir demo_data --output_dir demo_out --arch small --img_size 64 \
-	    --num_epochs 30 --batch_size 16 --lr 2e-3 --workers 2 --overwrite
+	$(PY) model_arch.py --data_dir demo_data --output_dir demo_out --img_size 64 \
+	    --num_epochs 12 --batch_size 16 --workers 2 --overwrite
 	$(PY) export_to_onnx.py --checkpoint demo_out/model_checkpoints/best_covid_model.pth \
 	    --onnx_path demo_out/models/covid_multitask.onnx
 	$(PY) run_onnx_inference.py --data_dir demo_data --onnx_path demo_out/models/covid_multitask.onnx \

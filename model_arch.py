@@ -93,6 +93,8 @@ def parse_args(argv=None):
     g.add_argument("--calibrate", action="store_true",
                    help="with --evaluate: (re)fit the prior correction and temperature on the validation split and "
                         "write them into CHECKPOINT (atomically) before evaluating")
+    g.add_argument("--no_report", action="store_true",
+                   help="with --evaluate: skip <output_dir>/test_report/ (the HTML report with annotated test images)")
     g.add_argument("--tta_eval", default="", help="with --evaluate: comma list of TTA view counts to compare, e.g. 1,4,8")
     return p.parse_args(argv)
 
@@ -138,9 +140,10 @@ def evaluate_only(args):
         model.to(device)
     else:
         evaluate_checkpoint(model, ck, data, split["test"], res_dir, device, amp)
-    from cxrkit.report import write_split_report  # <output_dir>/test_report/report.html, beside test_results/
-    write_split_report(args.evaluate, data, split["test"], out / "test_report", device, progress=not args.quiet,
-                       extra_inputs={"split_file": str(split_p)})
+    if not args.no_report:
+        from cxrkit.report import write_split_report  # <output_dir>/test_report/report.html, beside test_results/
+        write_split_report(args.evaluate, data, split["test"], out / "test_report", device,
+                           progress=not args.quiet, extra_inputs={"split_file": str(split_p)})
     if (args.shortcut_check or tta_ns) and len(split["test"]) == 0:
         logging.warning("the test split is empty: no shortcut check or TTA report")
         return

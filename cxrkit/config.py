@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-# Images are fed as RGB float32 in [0, 1]; normalisation is then applied inside preprocessing with
-# these statistics (stored in every checkpoint / ONNX meta so both backends agree). 0.5/0.5 maps
-# [0,1] to [-1,1]: symmetric around zero, which suits a network trained from scratch.
+# Images are fed as RGB float32 in [0, 1]; normalisation with these statistics happens INSIDE the
+# network (and so inside the ONNX graph); they are stored in every checkpoint and ONNX meta. 0.5/0.5
+# maps [0,1] to [-1,1]: symmetric around zero, and exactly what the EfficientNet-Lite weights expect.
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
 
