@@ -7,6 +7,7 @@ OUT  ?= out
 .PHONY: install demo test predict benchmark
 install:
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 
 demo: install
 	$(PY) -m cxrkit.synthetic --out demo_data --per_class 40

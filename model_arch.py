@@ -14,8 +14,7 @@ import argparse
 import logging
 import sys
 
-from cxrkit.config import PRESETS, TrainConfig
-from cxrkit.data import OUTSIDE_LUNG_FILLS
+from cxrkit.config import OUTSIDE_LUNG_FILLS, PRESETS, TrainConfig
 from cxrkit.io_utils import HelpFormatter
 
 D = TrainConfig()

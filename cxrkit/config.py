@@ -85,6 +85,9 @@ def make_config(preset: str = "lite0", num_classes: int = 4, **overrides) -> Mod
     return ModelConfig(preset=preset, num_classes=num_classes, **kw)
 
 
+OUTSIDE_LUNG_FILLS = ("noise", "blur", "constant")
+
+
 @dataclass
 class TrainConfig:
     """Training recipe defaults (model_arch.py's argparse reads its defaults from here). They are
@@ -114,8 +117,8 @@ class TrainConfig:
     aug_contrast: float = 0.15
     # outside-lung randomisation (data.outside_lung_randomise): probability per masked sample, fill,
     # and the dilation margin as a fraction of the image size (4 px at 128 px)
-    outside_lung_aug: float = 0.0
-    outside_lung_fill: str = "noise"
+    outside_lung_aug: float = 0.75  # chosen by the rule in scripts/outside_lung_table.py (README)
+    outside_lung_fill: str = "noise"  # one of OUTSIDE_LUNG_FILLS
     outside_lung_margin: float = 0.03
     # fine-tuning: the pretrained encoder learns at lr * encoder_lr_mult (new decoder/heads at lr)
     encoder_lr_mult: float = 0.3

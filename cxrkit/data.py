@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import OUTSIDE_LUNG_FILLS  # noqa: F401  (re-exported for callers)
 from .io_utils import write_json_atomic
 from .preprocess import IMAGE_EXTS, ImageReadError, list_images, read_gray, read_mask, resize_gray, resize_mask
 
@@ -407,7 +408,6 @@ def augment(x: torch.Tensor, m: torch.Tensor, cfg, gen: torch.Generator, has_mas
     return x, m
 
 
-OUTSIDE_LUNG_FILLS = ("noise", "blur", "constant")
 
 
 def outside_lung_randomise(x, m, has_mask, p: float, fill: str, margin_frac: float, gen: torch.Generator):

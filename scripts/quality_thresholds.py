@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from cxrkit import quality  # noqa: E402
 from cxrkit.preprocess import list_images, read_gray, read_mask, resize_gray, resize_mask  # noqa: E402
 

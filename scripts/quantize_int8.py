@@ -10,7 +10,6 @@ meaningful loss (see README, "INT8").
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from cxrkit.data import build_cache, load_or_make_split  # noqa: E402
 from cxrkit.metrics import classification_metrics, softmax  # noqa: E402
 

@@ -17,11 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import sys
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from cxrkit.checkpoint import atomic_torch_save, make_checkpoint
 from cxrkit.config import DEFAULT_CLASSES, PRESETS, make_config
 from cxrkit.export import export_to_onnx

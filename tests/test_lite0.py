@@ -146,7 +146,7 @@ def test_augment_applies_outside_lung_option_only_when_asked():
     x, m = _lung_batch()
     has = torch.ones(4, dtype=torch.bool)
     base = dict(aug_rotate_deg=0, aug_scale=0, aug_shift=0, aug_brightness=0, aug_contrast=0)
-    off = TrainConfig(**base)
+    off = TrainConfig(**base, outside_lung_aug=0.0)
     on = TrainConfig(**base, outside_lung_aug=1.0, outside_lung_fill="constant")
     xa, _ = augment(x, m, off, torch.Generator().manual_seed(0), has)
     xb, _ = augment(x, m, on, torch.Generator().manual_seed(0), has)
