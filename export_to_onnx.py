@@ -37,12 +37,12 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from cxrkit.checkpoint import CheckpointError
+    from cxrkit.errors import CxrkitError
     from cxrkit.export import export_to_onnx, meta_path_for
     try:
         meta = export_to_onnx(args.checkpoint, args.onnx_path, img_size=args.img_size, opset=args.opset,
                               dynamic_batch=args.dynamic_batch, device=args.device, exporter=args.exporter)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
+    except (FileNotFoundError, CxrkitError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # --onnx_path is a folder, its parent is a file, no permission

@@ -162,16 +162,14 @@ def evaluate_only(args):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from cxrkit.checkpoint import CheckpointError
-    from cxrkit.data import DataError
-    from cxrkit.io_utils import UsageError
+    from cxrkit.errors import CxrkitError
     try:
         if args.evaluate:
             evaluate_only(args)
         else:
             from cxrkit.train import train
             train(args)
-    except (DataError, CheckpointError, UsageError, FileNotFoundError) as e:
+    except (CxrkitError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. --output_dir is a file, no permission

@@ -9,14 +9,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
 from .config import ModelConfig
 from .model import CXRMultiTaskNet, build_model
 
 FORMAT = "cxrkit-checkpoint-v1"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; str() names the file and the fix."""
 
 
 def atomic_torch_save(obj, path) -> None:

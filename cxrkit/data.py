@@ -20,15 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import DataError
 from .config import OUTSIDE_LUNG_FILLS  # noqa: F401  (re-exported for callers)
 from .io_utils import write_json_atomic
 from .preprocess import IMAGE_EXTS, ImageReadError, list_images, read_gray, read_mask, resize_gray, resize_mask
 
 log = logging.getLogger("cxrkit")
-
-
-class DataError(Exception):
-    """A user-fixable problem with the data folder; str() is a one-line message with the fix."""
 
 
 @dataclass
@@ -406,8 +403,6 @@ def augment(x: torch.Tensor, m: torch.Tensor, cfg, gen: torch.Generator, has_mas
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * contrast + mean + bright).clamp_(0, 1)
     return x, m
-
-
 
 
 def outside_lung_randomise(x, m, has_mask, p: float, fill: str, margin_frac: float, gen: torch.Generator):

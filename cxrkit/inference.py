@@ -48,6 +48,7 @@ import cv2
 import numpy as np
 
 # torch-free modules only (see the module docstring): not cxrkit.export, which imports torch
+from .errors import CxrkitError, InferenceError
 from .io_utils import (INPUT_NAME, OUTPUT_NAMES, binding_mismatches, meta_path_for, sha256_file, write_bytes_atomic,
                        write_json_atomic)
 from .preprocess import (IMAGE_EXTS, ImageReadError, list_images, read_mask, resize_gray,
@@ -60,10 +61,6 @@ from .tta import MAX_TTA, tta_predict
 log = logging.getLogger("cxrkit")
 
 DISCLAIMER = "research use only - not for diagnosis"
-
-
-class InferenceError(Exception):
-    """A user-fixable problem (inputs, model files, options); str() is one line naming the fix."""
 
 
 # ------------------------------------------------------------------------------------- backends
@@ -1020,15 +1017,8 @@ def add_gradcam_args(p, onnx: bool):
 
 
 def user_errors() -> tuple:
-    """Exception types that mean 'fix your command' (exit 2, one line). CheckpointError is only
-    importable with cxrkit.checkpoint (which imports MONAI); the ONNX path never loads it unless
-    Grad-CAM needs the checkpoint."""
-    from .io_utils import UsageError
-    errs = [InferenceError, FileNotFoundError, UsageError]
-    ck = sys.modules.get("cxrkit.checkpoint")
-    if ck is not None:
-        errs.append(ck.CheckpointError)
-    return tuple(errs)
+    """Exception types that mean 'fix your command' (exit 2, one line)."""
+    return (CxrkitError, FileNotFoundError)
 
 
 def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:

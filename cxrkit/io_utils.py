@@ -17,6 +17,7 @@ import os
 import threading
 import uuid
 from pathlib import Path
+from .errors import UsageError  # noqa: F401  (re-exported)
 
 # ONNX graph contract (see cxrkit.export): one input, two outputs
 INPUT_NAME = "image"
@@ -25,10 +26,6 @@ OUTPUT_NAMES = ("segmentation", "classification")
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """For every CLI: shows defaults and keeps the description's line breaks (usage examples)."""
-
-
-class UsageError(ValueError):
-    """A wrong flag value or flag combination; str() is a one-line message with the fix."""
 
 
 def tmp_name(path) -> Path:

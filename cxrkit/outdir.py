@@ -29,7 +29,8 @@ import logging
 import os
 from pathlib import Path
 
-from .io_utils import UsageError, tmp_name  # noqa: F401  (tmp_name re-exported)
+from .errors import SaveDirError
+from .io_utils import tmp_name  # noqa: F401  (re-exported)
 
 log = logging.getLogger("cxrkit")
 
@@ -39,10 +40,6 @@ MANIFEST_FORMAT = "cxrkit-outputs-v1"
 LEGACY_OUTPUTS = ("predictions.csv", "summary.json")
 LEGACY_PATTERNS = (("annotated", "*.png"), ("masks", "*_mask.png"), ("cams", "*_cam.npy"))
 OUTPUT_SUBDIRS = ("annotated", "masks", "cams")
-
-
-class SaveDirError(UsageError):
-    """The output folder is in use or holds an earlier run's outputs; str() is one line with the fix."""
 
 
 def is_output_dir(d) -> bool:

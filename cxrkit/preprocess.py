@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+from .errors import ImageReadError
 
 if TYPE_CHECKING:  # annotations only
     import torch
@@ -36,14 +37,6 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
 MAX_PIXELS = 100_000_000
 
 cv2.setNumThreads(1)  # decoding runs in worker threads/processes; avoid oversubscription
-
-
-class ImageReadError(Exception):
-    """A file that cannot be used as an image; str() is a one-line reason naming the file."""
-
-    def __init__(self, path, reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"{path}: {reason}")
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
