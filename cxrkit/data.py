@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .errors import DataError
 from .config import OUTSIDE_LUNG_FILLS  # noqa: F401  (re-exported for callers)
 from .io_utils import write_json_atomic
-from .preprocess import IMAGE_EXTS, ImageReadError, list_images, read_gray, read_mask, resize_gray, resize_mask
+from .preprocess import (IMAGE_EXTS, ImageReadError, find_mask, list_images, read_gray, read_mask, resize_gray,
+                         resize_mask)
 
 log = logging.getLogger("cxrkit")
 
@@ -33,18 +34,6 @@ class Sample:
     image: str            # path relative to data_dir (the split file stores these)
     label: int
     mask: str | None      # relative path, or None when the class has no masks folder / no mask
-
-
-def _find_mask(mask_dir: Path, image_name: str) -> Path | None:
-    p = mask_dir / image_name
-    if p.is_file():
-        return p
-    stem = Path(image_name).stem
-    for ext in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
-        q = mask_dir / (stem + ext)
-        if q.is_file():
-            return q
-    return None
 
 
 def discover(data_dir) -> tuple[list[str], list[Sample]]:
@@ -72,7 +61,7 @@ def discover(data_dir) -> tuple[list[str], list[Sample]]:
         classes.append(cdir.name)
         mask_dir = cdir / "masks"
         for f in files:
-            m = _find_mask(mask_dir, f.name) if mask_dir.is_dir() else None
+            m = find_mask(mask_dir, f.name) if mask_dir.is_dir() else None
             if m is None and mask_dir.is_dir():
                 n_nomask += 1
             samples.append(Sample(str(f.relative_to(root)), label,

@@ -14,6 +14,7 @@ from .data import CachedData, make_loader
 from .io_utils import write_json_atomic
 from .metrics import (SegAccumulator, classification_metrics, expected_calibration_error, native_resolution_dice, nll,
                       softmax)
+from .model import predict
 from .preprocess import to_model_input
 from .tta import tta_predict
 
@@ -41,8 +42,7 @@ def predict_split(model, data: CachedData, indices, device, batch_size=64, amp_d
 
         def fwd(xx):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(xx)
-            return torch.sigmoid(out.segmentation.float()), out.classification.float()
+                return predict(model, xx)
 
         if input_mask is not None:
             pred_mask = (fwd(x)[0] > 0.5).float()

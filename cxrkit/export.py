@@ -32,8 +32,10 @@ from torch import nn
 
 # the graph's names, meta_path_for and sha256_file live in the torch-free io_utils (the ONNX inference
 # path imports them without torch); re-exported here for existing `from cxrkit.export import ...` callers
+from .device import pick_device
 from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
 from .io_utils import graph_binding
+from .model import predict
 
 log = logging.getLogger("cxrkit")
 
@@ -51,8 +53,7 @@ class ExportWrapper(nn.Module):
         self.model = model
 
     def forward(self, image: torch.Tensor):
-        out = self.model(image)
-        return torch.sigmoid(out.segmentation), out.classification
+        return predict(self.model, image)
 
 
 def _export_torchscript(wrapper, dummy, path, opset, dynamic_batch):
@@ -149,13 +150,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
     binding = {"meta_id": uuid.uuid4().hex, "class_names": class_names, "img_size": size, "temperature": temperature,
                "lung_area_range": ck.get("lung_area_range")}
 
-    try:
-        dev = torch.device(device) if device not in (None, "", "auto") else torch.device("cpu")
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        log.warning("--device %s requested but CUDA is unavailable: exporting on CPU", device)
-        dev = torch.device("cpu")
+    dev = pick_device(device, auto="cpu")
     wrapper = ExportWrapper(model).eval().to(dev)
     dummy = torch.rand(2 if dynamic_batch else 1, 3, size, size, device=dev)
 

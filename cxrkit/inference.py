@@ -51,11 +51,10 @@ import numpy as np
 from .errors import CxrkitError, InferenceError
 from .io_utils import (INPUT_NAME, OUTPUT_NAMES, binding_mismatches, meta_path_for, sha256_file, write_bytes_atomic,
                        write_json_atomic)
-from .preprocess import (IMAGE_EXTS, ImageReadError, list_images, read_mask, resize_gray,
-                         resize_mask, to_model_input_np)
 from . import quality
 from .outdir import claim_save_dir, is_output_dir
-from .preprocess import read_gray_info
+from .preprocess import (IMAGE_EXTS, ImageReadError, list_images, mask_for_image, read_gray_info, read_mask,
+                         resize_gray, resize_mask, to_model_input_np)
 from .tta import MAX_TTA, tta_predict
 
 log = logging.getLogger("cxrkit")
@@ -103,7 +102,7 @@ class TorchBackend:
         # cxrkit.checkpoint / cxrkit.train import torch and MONAI: imported here, not at module level
         # (start-up time of the CPU ONNX path)
         from .checkpoint import model_from_checkpoint
-        from .train import pick_device
+        from .device import pick_device
         self.checkpoint_path = Path(checkpoint)
         model, ck = model_from_checkpoint(checkpoint)  # FileNotFoundError / CheckpointError
         self.device = pick_device(device or "auto")
@@ -119,10 +118,10 @@ class TorchBackend:
         """(B,3,S,S) float32 numpy (a CPU tensor also works) -> (seg_prob (B,1,S,S), logits (B,C)) as
         float32 numpy; runs on self.device."""
         import torch
+        from .model import predict
         with torch.no_grad():
-            out = self.model(torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True))
-            return (torch.sigmoid(out.segmentation.float()).cpu().numpy(),
-                    out.classification.float().cpu().numpy())
+            seg, logits = predict(self.model, torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True))
+            return seg.cpu().numpy(), logits.cpu().numpy()
 
     def describe(self) -> dict:
         import torch
@@ -385,22 +384,6 @@ def _norm_name(s: str) -> str:
     return re.sub(r"[\s_\-]+", " ", s.strip().lower())
 
 
-def _find_mask(image: Path) -> Path | None:
-    """<...>/images/<name> -> <...>/masks/<name> (or another image extension); <C>/<name> -> <C>/masks/<name>."""
-    base = image.parent.parent if image.parent.name.lower() == "images" else image.parent
-    mdir = base / "masks"
-    if not mdir.is_dir():
-        return None
-    p = mdir / image.name
-    if p.is_file():
-        return p
-    for ext in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
-        q = mdir / (image.stem + ext)
-        if q.is_file():
-            return q
-    return None
-
-
 def _is_mask_path(p: Path, root: Path) -> bool:
     try:
         parts = p.relative_to(root).parts[:-1]
@@ -519,7 +502,7 @@ def _item(p: Path, rel: str, lookup: dict, root: Path | None) -> InputItem:
         else:
             cands = list(reversed(p.relative_to(root).parts[:-1])) + _root_names(root)
         true = next((lookup[_norm_name(c)] for c in cands if _norm_name(c) in lookup), None)
-    return InputItem(path=p, rel=rel, true_class=true, mask_path=_find_mask(p))
+    return InputItem(path=p, rel=rel, true_class=true, mask_path=mask_for_image(p))
 
 
 # ------------------------------------------------------------------------------------- rendering

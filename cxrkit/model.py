@@ -167,6 +167,13 @@ class Lite0MultiTaskNet(nn.Module):
         return ModelOutput(seg, self.cls_head(head.mean(dim=(2, 3))))
 
 
+def predict(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one inference adapter (evaluation, the PyTorch backend, the ONNX graph): image ->
+    (lung probabilities (B, 1, H, W) = sigmoid of the segmentation logits, class logits (B, C)), float32."""
+    out = model(x)
+    return torch.sigmoid(out.segmentation.float()), out.classification.float()
+
+
 def build_model(cfg: ModelConfig, load_pretrained: bool = False) -> nn.Module:
     """The network for `cfg`. load_pretrained=True (training only) loads ImageNet encoder weights
     when cfg.pretrained; a checkpoint always carries every weight, so rebuilding never needs them."""

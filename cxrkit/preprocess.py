@@ -309,6 +309,33 @@ def check_input(x: torch.Tensor, img_size: int) -> None:
         raise ValueError(f"model input must be in [0, 1] (got [{lo:.3g}, {hi:.3g}]): divide 8-bit images by 255")
 
 
+MASK_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def find_mask(mask_dir, image_name: str) -> Path | None:
+    """The lung mask of `image_name` in mask_dir: the same file name, else the same stem with another
+    image extension (the database's masks are PNGs beside JPEG/PNG images); None if there is none."""
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        return None
+    p = mask_dir / image_name
+    if p.is_file():
+        return p
+    stem = Path(image_name).stem
+    for ext in MASK_EXTS:
+        q = mask_dir / (stem + ext)
+        if q.is_file():
+            return q
+    return None
+
+
+def mask_for_image(image) -> Path | None:
+    """<...>/images/<name> -> <...>/masks/<name>; <C>/<name> -> <C>/masks/<name> (see find_mask)."""
+    image = Path(image)
+    base = image.parent.parent if image.parent.name.lower() == "images" else image.parent
+    return find_mask(base / "masks", image.name)
+
+
 def list_images(root, skip_dir=None) -> list[Path]:
     """Every supported image under root, recursively, sorted (hidden files skipped). Symlinked
     sub-folders are followed; a folder reached twice (a symlink loop, or two links to one folder) is

@@ -517,7 +517,8 @@ def write_split_report(checkpoint, data, indices, save_dir, device=None, *, spli
     (a prebuilt cache folder given as --data_dir holds no image files)."""
     import inspect
 
-    from .inference import InputItem, TorchBackend, _find_mask, assign_output_stems, run_pipeline
+    from .inference import InputItem, TorchBackend, assign_output_stems, run_pipeline
+    from .preprocess import mask_for_image
     idx = [int(i) for i in np.asarray(indices).ravel()]
     if not idx:
         log.warning("the %s split is empty: no report", split_name)
@@ -527,7 +528,7 @@ def write_split_report(checkpoint, data, indices, save_dir, device=None, *, spli
     for i in idx:
         p = (root / data.paths[i]) if root is not None else Path(data.paths[i])
         items.append(InputItem(path=p, rel=str(data.paths[i]), true_class=data.classes[int(data.labels[i])],
-                               mask_path=_find_mask(p) if p.is_file() else None))
+                               mask_path=mask_for_image(p) if p.is_file() else None))
     if not any(it.path.is_file() for it in items):
         log.warning("no %s report: its image files are not under %s (a prebuilt cache folder holds none); "
                     "pass the data folder as --data_dir", split_name, root)

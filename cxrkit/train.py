@@ -22,6 +22,7 @@ from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, ma
 from .config import ModelConfig, TrainConfig, make_config
 from .data import DataError, augment, build_cache, load_cache, load_or_make_split, make_loader
 from .evaluate import calibrate, predict_split, write_test_report
+from .device import amp_dtype_for, pick_device, setup_distributed  # noqa: F401  (re-exported)
 from .io_utils import UsageError, write_json_atomic
 from .losses import MultiTaskLoss, inverse_frequency_weights
 from .metrics import classification_metrics
@@ -34,43 +35,7 @@ BEST, LAST = "best_covid_model.pth", "last_checkpoint.pth"
 
 
 # ------------------------------------------------------------------------------ process / device
-def setup_distributed():
-    """(rank, world, local_rank); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return rank, world, local
-
-
-def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
-    if name in (None, "", "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            log.warning("--device %s requested but CUDA is unavailable: using CPU", name)
-            return torch.device("cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-        torch.cuda.set_device(torch.device(name))
-    return torch.device(name)
-
-
-def amp_dtype_for(device: torch.device, amp: str):
-    """--amp auto|on|off. On CUDA: bf16 when supported (no loss scaling needed), else fp16.
-    On CPU autocast is off unless forced: bf16 matmuls are slow on CPUs without AVX-512 BF16."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+# (setup_distributed, pick_device and amp_dtype_for live in cxrkit/device.py)
 
 
 def lr_lambda_factory(warmup_steps: int, total_steps: int):
