@@ -1,18 +1,9 @@
 #!/usr/bin/env bash
 # LENT-GPU HELPER: trained the earlier from-scratch variant table (docs/variants, docs/variant_table_v1.md) on a lent GPU machine (see MODEL_CARD.md "Training" and README "Variant table").
-# Carried: .whl (MONAI wheel), .devcache (packed 128-px cache of cxr4 + the split file).
+# Carried: .whl (MONAI + efficientnet-lite0 wheels), .devcache (packed 128-px cache of cxr4 + the split file).
 # Env: ARCHS, EPOCHS, BS, LR, BUDGET_<arch> (minutes cap per run, a guard only).
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if [ -d .whl ] && ! python3 -c "import monai" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
-python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available())"
-CACHE=/tmp/cache128
-[ -f $CACHE/meta.json ] || python3 scripts/lent_gpu/pack_cache.py unpack .devcache/cxr4_128.npz $CACHE || exit 1
+source scripts/lent_gpu/setup.sh
 ARCHS=${ARCHS:-"small seed tiny seed_ms"}
 for arch in $ARCHS; do
   d=runs/$arch; mkdir -p $d; cp .devcache/split.json $d/split.json

