@@ -51,3 +51,12 @@ class MultiTaskLoss(torch.nn.Module):
         s = seg_loss(seg_logits, masks, has_mask)
         c = F.cross_entropy(cls_logits.float(), labels, weight=self.class_weights)
         return LossParts(self.seg_weight * s + self.cls_weight * c, s, c)
+
+
+def validation_loss(result: dict, class_weights: torch.Tensor, seg_weight: float, cls_weight: float) -> float:
+    """The training objective's analogue on evaluate.predict_split's output: seg_weight x (BCE +
+    (1 - hard Dice at 0.5)) + cls_weight x class-weighted CE of the logits (float, host side)."""
+    ce = F.cross_entropy(torch.from_numpy(result["logits"]), torch.from_numpy(result["labels"]),
+                         weight=class_weights.detach().cpu())
+    dice = result["seg"]["dice"] or 0.0
+    return seg_weight * ((result["seg"]["bce"] or 0.0) + (1 - dice)) + cls_weight * float(ce)

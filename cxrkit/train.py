@@ -24,7 +24,7 @@ from .data import DataError, augment, build_cache, load_cache, load_or_make_spli
 from .evaluate import calibrate, predict_split, write_test_report
 from .device import amp_dtype_for, pick_device, setup_distributed  # noqa: F401  (re-exported)
 from .io_utils import UsageError, write_json_atomic
-from .losses import MultiTaskLoss, inverse_frequency_weights
+from .losses import MultiTaskLoss, inverse_frequency_weights, validation_loss
 from .metrics import classification_metrics
 from .model import build_model, count_gflops, count_parameters
 from .preprocess import to_model_input
@@ -119,6 +119,54 @@ def load_data(data_dir, img_size, cache_dir, workers, rank, world, progress=True
 
 
 # ------------------------------------------------------------------------------------- training
+def train_one_epoch(ddp_model, model, ema, batches, criterion, opt, sched, scaler, aug_cfg, gen, device, amp_dtype,
+                    mem_fmt, grad_clip, ema_decay, world) -> tuple[list, int]:
+    """One pass over `batches` (augmented on `device`); returns the epoch's mean (total, seg, cls)
+    training loss over all ranks and the number of images seen. Losses are summed on the device:
+    no .item() per step."""
+    ddp_model.train()
+    sums = torch.zeros(3, device=device)
+    n_seen = 0
+    for imgs, masks, has_mask, y in batches:
+        x = to_model_input(imgs.to(device, non_blocking=True))
+        m = masks.to(device, non_blocking=True).unsqueeze(1).float()
+        hm, y = has_mask.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, m = augment(x, m, aug_cfg, gen, hm)
+        x = x.contiguous(memory_format=mem_fmt)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = ddp_model(x)
+        parts = criterion(out.segmentation, out.classification, m, hm, y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(parts.total).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        if ema is not None:
+            ema_update(ema, model, ema_decay, sched.last_epoch)
+        sums += torch.stack([parts.total.detach(), parts.seg.detach(), parts.cls.detach()]) * len(y)
+        n_seen += len(y)
+    if world > 1:
+        tot = torch.tensor([n_seen], device=device, dtype=torch.float32)
+        dist.all_reduce(sums)
+        dist.all_reduce(tot)
+        n_seen = int(tot.item())
+    return (sums / max(n_seen, 1)).tolist(), n_seen
+
+
+def validate(eval_model, data, va_idx, classes, class_w, device, batch_size, amp_dtype, seg_weight,
+             cls_weight) -> dict:
+    """The validation columns of the epoch's history row (accuracy, macro-F1, Dice at the model input
+    and at the masks' own size, the validation loss of losses.validation_loss)."""
+    r = predict_split(eval_model, data, va_idx, device, batch_size, amp_dtype, native_dice=True)
+    cm = classification_metrics(r["labels"], r["probs"], classes)
+    dice = r["seg"]["dice"] or 0.0
+    return {"val_loss": validation_loss(r, class_w, seg_weight, cls_weight), "val_acc": cm["accuracy"],
+            "val_macro_f1": cm["macro_f1"], "val_dice": dice, "val_iou": r["seg"]["iou"] or 0.0,
+            "val_dice_native": (r.get("seg_native") or {}).get("dice")}
+
+
 def train(args) -> dict:
     """args: the argparse Namespace of model_arch.py (plain attributes, never pickled)."""
     rank, world, local = setup_distributed()
@@ -233,56 +281,22 @@ def train(args) -> dict:
     epoch = start_epoch - 1
     for epoch in range(start_epoch, args.num_epochs):
         t0 = time.perf_counter()
-        ddp_model.train()
         train_loader.sampler.set_epoch(epoch)
         torch.manual_seed(args.seed * 100003 + epoch * 101 + rank)  # dropout etc., resume-exact
         gen = torch.Generator().manual_seed(args.seed * 7919 + epoch * 31 + rank)
-        sums = torch.zeros(3, device=device)  # total, seg, cls: accumulated on device, no .item() per step
-        n_seen = 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.num_epochs}", disable=rank != 0 or args.quiet,
                    leave=False)
-        for imgs, masks, has_mask, y in bar:
-            x = to_model_input(imgs.to(device, non_blocking=True))
-            m = masks.to(device, non_blocking=True).unsqueeze(1).float()
-            hm, y = has_mask.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x, m = augment(x, m, aug_cfg, gen, hm)
-            x = x.contiguous(memory_format=mem_fmt)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out_ = ddp_model(x)
-            parts = criterion(out_.segmentation, out_.classification, m, hm, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(parts.total).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                ema_update(ema, model, args.ema_decay, sched.last_epoch)
-            sums += torch.stack([parts.total.detach(), parts.seg.detach(), parts.cls.detach()]) * len(y)
-            n_seen += len(y)
-        if world > 1:
-            tot = torch.tensor([n_seen], device=device, dtype=torch.float32)
-            dist.all_reduce(sums); dist.all_reduce(tot)
-            n_seen = int(tot.item())
-        tr = (sums / max(n_seen, 1)).tolist()
+        tr, n_seen = train_one_epoch(ddp_model, model, ema, bar, criterion, opt, sched, scaler, aug_cfg, gen,
+                                     device, amp_dtype, mem_fmt, args.grad_clip, args.ema_decay, world)
         train_time = time.perf_counter() - t0
         # --- validation and checkpointing on rank 0; the stop decision is broadcast ---------------
         stop = torch.zeros(1, device=device)
         if rank == 0:
-            r = predict_split(eval_model, data, va_idx, device, max(args.batch_size, 32), amp_dtype, native_dice=True)
-            cm = classification_metrics(r["labels"], r["probs"], classes)
-            with torch.no_grad():
-                lg = torch.from_numpy(r["logits"])
-                val_cls = float(torch.nn.functional.cross_entropy(lg, torch.from_numpy(r["labels"]),
-                                                                  weight=class_w.cpu()))
-            dice = r["seg"]["dice"] or 0.0
-            val_loss = args.seg_weight * ((r["seg"]["bce"] or 0.0) + (1 - dice)) + args.cls_weight * val_cls
-            row = {"epoch": epoch + 1, "train_loss": tr[0], "train_seg": tr[1], "train_cls": tr[2],
-                   "val_loss": val_loss, "val_acc": cm["accuracy"], "val_macro_f1": cm["macro_f1"],
-                   "val_dice": dice, "val_iou": r["seg"]["iou"] or 0.0, "lr": sched.get_last_lr()[0],
-                   "val_dice_native": (r.get("seg_native") or {}).get("dice"),
-                   "train_images_per_s": n_seen / train_time, "epoch_seconds": time.perf_counter() - t0}
+            val = validate(eval_model, data, va_idx, classes, class_w, device, max(args.batch_size, 32), amp_dtype,
+                           args.seg_weight, args.cls_weight)
+            row = {"epoch": epoch + 1, "train_loss": tr[0], "train_seg": tr[1], "train_cls": tr[2], **val,
+                   "lr": sched.get_last_lr()[0], "train_images_per_s": n_seen / train_time,
+                   "epoch_seconds": time.perf_counter() - t0}
             history.append(row)
             score = selection_score(row)
             improved = score > best_score
@@ -303,8 +317,8 @@ def train(args) -> dict:
             write_json_atomic(ck_dir / "training_summary.json", _summary(args, cfg, classes, history, best_score, split,
                                                                   time.perf_counter() - t_train0, world, device))
             print(f"epoch {epoch + 1:3d}/{args.num_epochs} | loss {tr[0]:.4f} (seg {tr[1]:.4f} cls {tr[2]:.4f}) "
-                  f"| val loss {val_loss:.4f} acc {cm['accuracy']:.4f} F1 {cm['macro_f1']:.4f} "
-                  f"Dice {dice:.4f} IoU {row['val_iou']:.4f} | {row['train_images_per_s']:.1f} img/s "
+                  f"| val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} F1 {row['val_macro_f1']:.4f} "
+                  f"Dice {row['val_dice']:.4f} IoU {row['val_iou']:.4f} | {row['train_images_per_s']:.1f} img/s "
                   f"{row['epoch_seconds']:.1f}s{' *' if improved else ''}", flush=True)
             if args.patience and bad_epochs >= args.patience:
                 print(f"early stopping: no validation improvement in {args.patience} epochs", flush=True)
