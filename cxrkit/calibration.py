@@ -1,10 +1,14 @@
-"""Temperature scaling (Guo et al. 2017): one scalar T > 0 fitted on validation logits by
-minimising NLL; calibrated probabilities are softmax(logits / T). Argmax is unchanged."""
+"""Calibration after training: the prior correction (logit adjustment that undoes the loss's class
+weighting) and temperature scaling (Guo et al. 2017: one scalar T > 0 fitted on validation logits by
+minimising NLL; calibrated probabilities are softmax(logits / T), argmax unchanged). evaluate.finalize
+applies both; evaluate.calibrate fits T on a split."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .losses import inverse_frequency_weights
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200) -> float:
@@ -22,3 +26,24 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200)
     opt.step(closure)
     t = float(log_t.detach().exp().clamp(0.05, 20.0))
     return t if np.isfinite(t) else 1.0
+
+
+@torch.no_grad()
+def apply_prior_correction(model, ck: dict, train_labels: np.ndarray) -> None:
+    """Undo the class weighting of the loss at inference time (logit adjustment).
+
+    Cross-entropy weighted by w_c learns logits ~ log p(c|x) + log w_c; adding -log w_c to the last
+    layer's bias gives probabilities for the training-set class prior again, so a probability means
+    what it says and the argmax is not biased towards rare classes. Baked into the weights (and so
+    into the ONNX graph); recorded in the checkpoint. Idempotent per checkpoint.
+    """
+    if ck.get("prior_correction"):
+        return
+    n = len(ck["class_names"])
+    w = inverse_frequency_weights(train_labels, n).double()
+    offset = torch.where(w > 0, -torch.log(w.clamp(min=1e-12)), torch.zeros_like(w)).float()
+    last = model.cls_head.mlp[-1]
+    last.bias += offset.to(last.bias.device)
+    ck["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ck["prior_correction"] = {"logit_offset": offset.tolist(), "method": "logit adjustment: -log(inverse-frequency "
+                              "class weight), added to the classifier's output bias"}

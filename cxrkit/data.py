@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
 from .config import OUTSIDE_LUNG_FILLS  # noqa: F401  (re-exported for callers)
+from .device import barrier
+from .errors import DataError
 from .io_utils import write_json_atomic
 from .preprocess import (IMAGE_EXTS, ImageReadError, find_mask, list_images, read_gray, read_mask, resize_gray,
                          resize_mask)
@@ -423,3 +424,20 @@ def outside_lung_randomise(x, m, has_mask, p: float, fill: str, margin_frac: flo
         filler = mean.expand_as(x)
     mixed = x * keep + filler * (1 - keep)
     return torch.where(pick.view(b, 1, 1, 1), mixed, x)
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_data(data_dir, img_size, cache_dir, workers, rank, world, progress=True):
+    """A prebuilt cache folder (meta.json + images.npy) is accepted as data_dir too."""
+    p = Path(data_dir)
+    if (p / "meta.json").is_file() and (p / "images.npy").is_file():
+        data = load_cache(p, p)
+        if data.images.shape[1] != img_size:
+            raise DataError(f"cache {p} holds {data.images.shape[1]}px images but --img_size is {img_size}")
+        return data
+    if rank == 0:
+        data = build_cache(p, img_size, cache_dir, workers=workers, progress=progress)
+    barrier(world)
+    if rank != 0:
+        data = build_cache(p, img_size, cache_dir, workers=0, progress=False)  # reads the cache rank 0 made
+    return data

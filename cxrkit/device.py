@@ -52,3 +52,9 @@ def amp_dtype_for(device: torch.device, amp: str):
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16
+
+
+def barrier(world: int) -> None:
+    """All ranks wait here (a no-op in a single process)."""
+    if world > 1:
+        dist.barrier()

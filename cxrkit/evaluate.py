@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from . import plots
-from .calibration import fit_temperature
+from .calibration import apply_prior_correction, fit_temperature
+from .checkpoint import atomic_torch_save, model_from_checkpoint
 from .data import CachedData, make_loader
 from .io_utils import write_json_atomic
 from .metrics import (SegAccumulator, classification_metrics, expected_calibration_error, native_resolution_dice, nll,
@@ -180,3 +181,94 @@ def tta_report(model, data, test_idx, classes, device, ns=(1, 4, 8), batch_size=
         rows[str(n)] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "dice": r["seg"]["dice"],
                         "ms_per_image": 1000 * r["seconds"] / len(test_idx)}
     return rows
+
+
+def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype, prior_correction=True) -> dict:
+    """Prior-correct and temperature-calibrate the best checkpoint on validation, store both in it
+    (atomically), then evaluate it on the test split."""
+    model, ck = model_from_checkpoint(best_path, map_location="cpu")
+    if prior_correction:
+        apply_prior_correction(model, ck, data.labels[tr_idx])
+    model.to(device)
+    t = calibrate(model, data, va_idx, device, 64, amp_dtype)
+    ck["temperature"] = t
+    from .quality import lung_area_range  # the range inference flags predicted lung areas against
+    ck["lung_area_range"] = lung_area_range(data.masks, data.has_mask, tr_idx)
+    atomic_torch_save(ck, best_path)
+    return evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype)
+
+
+def evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype=None) -> dict:
+    if len(te_idx) == 0:
+        log.warning("test split is empty: no test report written")
+        return {}
+    r = predict_split(model, data, te_idx, device, 64, amp_dtype, native_dice=True)
+    rep = write_test_report(res_dir, ck["class_names"], r, ck.get("temperature", 1.0),
+                            extra={"checkpoint_epoch": ck.get("epoch", -1) + 1})
+    s = rep["segmentation"]
+    sn = (rep.get("segmentation_native") or {}).get("dice")
+    print(f"test | acc {rep['accuracy']:.4f} macro-F1 {rep['macro_f1']:.4f} Dice {s['dice'] or 0:.4f} "
+          f"(at the masks' own size: {'n/a' if sn is None else f'{sn:.4f}'}) "
+          f"IoU {s['iou'] or 0:.4f} | ECE {rep['calibration']['ece_before']:.4f} -> "
+          f"{rep['calibration']['ece_after']:.4f} (T={ck.get('temperature', 1.0):.3f}) | report in {res_dir}",
+          flush=True)
+    return rep
+
+
+def evaluate_from_args(args) -> None:
+    """model_arch.py --evaluate: score a checkpoint on the test split of its split file (optionally
+    after --calibrate), write test_results/ and test_report/, and the --shortcut_check / --tta_eval
+    reports. args: model_arch.py's argparse Namespace."""
+    import json
+
+    from .data import load_data, load_or_make_split
+    from .device import amp_dtype_for, pick_device
+    from .errors import DataError, UsageError
+    from .tta import MAX_TTA
+    try:
+        tta_ns = [int(n) for n in args.tta_eval.split(",") if n.strip()]
+    except ValueError:
+        raise UsageError(f"--tta_eval {args.tta_eval!r}: give comma-separated view counts, e.g. 1,4,8") from None
+    if any(not 1 <= n <= MAX_TTA for n in tta_ns):
+        raise UsageError(f"--tta_eval {args.tta_eval!r}: each view count must be between 1 and {MAX_TTA}")
+    device = pick_device(args.device)
+    model, ck = model_from_checkpoint(args.evaluate)
+    model.to(device)
+    out = Path(args.output_dir)
+    data = load_data(args.data_dir, ck["img_size"], Path(args.cache_dir or out / "cache"), args.workers, 0, 1,
+                     not args.quiet)
+    if data.classes != ck["class_names"]:
+        raise DataError(f"{args.data_dir} has classes {data.classes} but {args.evaluate} was trained on "
+                        f"{ck['class_names']}; point --data_dir at matching class folders")
+    split_p = Path(args.split_file) if args.split_file else out / "split.json"
+    if not split_p.is_file():
+        log.warning("%s not found: making a new split with --seed %d (it only matches the training split "
+                        "if the checkpoint was trained on this data with this seed)", split_p, args.seed)
+    split = load_or_make_split(data, split_p, args.val_frac, args.test_frac, args.seed, args.dup_threshold)
+    amp = amp_dtype_for(device, args.amp)
+    res_dir = out / "test_results"
+    if args.calibrate:
+        finalize(args.evaluate, data, split["train"], split["val"], split["test"], res_dir, device, amp,
+                 args.prior_correction)
+        model, ck = model_from_checkpoint(args.evaluate)
+        model.to(device)
+    else:
+        evaluate_checkpoint(model, ck, data, split["test"], res_dir, device, amp)
+    if not args.no_report:
+        from .report import write_split_report  # <output_dir>/test_report/report.html, beside test_results/
+        write_split_report(args.evaluate, data, split["test"], out / "test_report", device,
+                           progress=not args.quiet, extra_inputs={"split_file": str(split_p)})
+    if (args.shortcut_check or tta_ns) and len(split["test"]) == 0:
+        log.warning("the test split is empty: no shortcut check or TTA report")
+        return
+    if args.shortcut_check:
+        r = shortcut_check(model, data, split["test"], ck["class_names"], device, res_dir / "shortcut_check.json",
+                           amp_dtype=amp, ck=ck, val_idx=split["val"])
+        print("shortcut check (test) accuracy | " + " | ".join(f"{k} {r[k]['accuracy']:.4f}"
+                                                                for k in ("original", "lungs_only", "lungs_removed"))
+              + f" | Grad-CAM mass in lungs {r['cam_mass_in_lungs']['mean']:.3f} (lung area "
+                f"{r['cam_mass_in_lungs']['lung_area_share_mean']:.3f})")
+    if tta_ns:
+        rows = tta_report(model, data, split["test"], ck["class_names"], device, tta_ns, amp_dtype=amp)
+        write_json_atomic(res_dir / "tta_report.json", {"device": str(device), "rows": rows})
+        print(json.dumps(rows, indent=1))

@@ -99,7 +99,7 @@ class TorchBackend:
     name = "pytorch"
 
     def __init__(self, checkpoint, device=None):
-        # cxrkit.checkpoint / cxrkit.train import torch and MONAI: imported here, not at module level
+        # cxrkit.checkpoint / cxrkit.device import torch and MONAI: imported here, not at module level
         # (start-up time of the CPU ONNX path)
         from .checkpoint import model_from_checkpoint
         from .device import pick_device

@@ -14,7 +14,7 @@ How the thresholds were chosen (scripts/quality_thresholds.py re-derives them): 
 standard deviation is 11.0 and the 0.1th percentile of the p1..p99 range is 67 (its minimum: 54); the
 flags fire at a fraction of those values (std < 2.8, range < 34 grey levels), so no training-like
 image is flagged, while a blank, flat or washed-out frame is.
-The lung-area range is per model: `finalize` (cxrkit.train) stores the training split's ground-truth
+The lung-area range is per model: `finalize` (cxrkit.evaluate) stores the training split's ground-truth
 lung-area distribution in the checkpoint (`lung_area_range`), export copies it into the ONNX meta and
 graph, and both backends flag against the same numbers. Checkpoints without it use
 DEFAULT_LUNG_AREA_RANGE (the same rule applied to all of cxr4's masks).
@@ -121,7 +121,7 @@ def thresholds(rng: dict) -> dict:
 def calibration_problem(d: dict) -> str | None:
     """Why the probabilities of a checkpoint (or ONNX meta) dict are not calibrated, or None.
 
-    finalize (cxrkit.train) adds a prior correction and fits a temperature on validation; a best
+    finalize (cxrkit.evaluate) adds a prior correction and fits a temperature on validation; a best
     checkpoint saved during training has neither (temperature 1, no prior_correction)."""
     t = float(d.get("temperature", 1.0) or 1.0)
     if t != 1.0:

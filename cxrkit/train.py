@@ -12,17 +12,15 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import plots
-from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, make_checkpoint,
-                         model_from_checkpoint, strip_for_release)
+from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, make_checkpoint, strip_for_release
 from .config import ModelConfig, TrainConfig, make_config
-from .data import DataError, augment, build_cache, load_cache, load_or_make_split, make_loader
-from .evaluate import calibrate, predict_split, write_test_report
-from .device import amp_dtype_for, pick_device, setup_distributed  # noqa: F401  (re-exported)
+from .data import DataError, augment, load_data, load_or_make_split, make_loader
+from .device import amp_dtype_for, barrier, pick_device, setup_distributed
+from .evaluate import finalize, predict_split
 from .io_utils import UsageError, write_json_atomic
 from .losses import MultiTaskLoss, inverse_frequency_weights, validation_loss
 from .metrics import classification_metrics
@@ -94,28 +92,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
             eb.lerp_(mb, 1 - d)
         else:
             eb.copy_(mb)
-
-
-def _barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------- data
-def load_data(data_dir, img_size, cache_dir, workers, rank, world, progress=True):
-    """A prebuilt cache folder (meta.json + images.npy) is accepted as data_dir too."""
-    p = Path(data_dir)
-    if (p / "meta.json").is_file() and (p / "images.npy").is_file():
-        data = load_cache(p, p)
-        if data.images.shape[1] != img_size:
-            raise DataError(f"cache {p} holds {data.images.shape[1]}px images but --img_size is {img_size}")
-        return data
-    if rank == 0:
-        data = build_cache(p, img_size, cache_dir, workers=workers, progress=progress)
-    _barrier(world)
-    if rank != 0:
-        data = build_cache(p, img_size, cache_dir, workers=0, progress=False)  # reads the cache rank 0 made
-    return data
 
 
 # ------------------------------------------------------------------------------------- training
@@ -194,7 +170,7 @@ def train(args) -> dict:
     split_path = out / "split.json"
     if rank == 0:
         split = load_or_make_split(data, split_path, args.val_frac, args.test_frac, args.seed, args.dup_threshold)
-    _barrier(world)
+    barrier(world)
     if rank != 0:
         split = load_or_make_split(data, split_path)
     tr_idx, va_idx, te_idx = split["train"], split["val"], split["test"]
@@ -333,7 +309,7 @@ def train(args) -> dict:
             dist.broadcast(stop, 0)
         if stop.item():
             break
-    _barrier(world)
+    barrier(world)
     result = {}
     interrupted = bool(args.stop_after_epoch) and epoch + 1 < args.num_epochs
     if rank == 0 and not interrupted and (ck_dir / BEST).is_file():
@@ -368,56 +344,3 @@ def init_from_checkpoint(model, cfg: ModelConfig, classes, path) -> None:
     if pc:
         last = model.cls_head.mlp[-1]
         last.bias -= torch.tensor(pc["logit_offset"], dtype=last.bias.dtype)
-
-
-@torch.no_grad()
-def apply_prior_correction(model, ck: dict, train_labels: np.ndarray) -> None:
-    """Undo the class weighting of the loss at inference time (logit adjustment).
-
-    Cross-entropy weighted by w_c learns logits ~ log p(c|x) + log w_c; adding -log w_c to the last
-    layer's bias gives probabilities for the training-set class prior again, so a probability means
-    what it says and the argmax is not biased towards rare classes. Baked into the weights (and so
-    into the ONNX graph); recorded in the checkpoint. Idempotent per checkpoint.
-    """
-    if ck.get("prior_correction"):
-        return
-    n = len(ck["class_names"])
-    w = inverse_frequency_weights(train_labels, n).double()
-    offset = torch.where(w > 0, -torch.log(w.clamp(min=1e-12)), torch.zeros_like(w)).float()
-    last = model.cls_head.mlp[-1]
-    last.bias += offset.to(last.bias.device)
-    ck["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    ck["prior_correction"] = {"logit_offset": offset.tolist(), "method": "logit adjustment: -log(inverse-frequency "
-                              "class weight), added to the classifier's output bias"}
-
-
-def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype, prior_correction=True) -> dict:
-    """Prior-correct and temperature-calibrate the best checkpoint on validation, store both in it
-    (atomically), then evaluate it on the test split."""
-    model, ck = model_from_checkpoint(best_path, map_location="cpu")
-    if prior_correction:
-        apply_prior_correction(model, ck, data.labels[tr_idx])
-    model.to(device)
-    t = calibrate(model, data, va_idx, device, 64, amp_dtype)
-    ck["temperature"] = t
-    from .quality import lung_area_range  # the range inference flags predicted lung areas against
-    ck["lung_area_range"] = lung_area_range(data.masks, data.has_mask, tr_idx)
-    atomic_torch_save(ck, best_path)
-    return evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype)
-
-
-def evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype=None) -> dict:
-    if len(te_idx) == 0:
-        log.warning("test split is empty: no test report written")
-        return {}
-    r = predict_split(model, data, te_idx, device, 64, amp_dtype, native_dice=True)
-    rep = write_test_report(res_dir, ck["class_names"], r, ck.get("temperature", 1.0),
-                            extra={"checkpoint_epoch": ck.get("epoch", -1) + 1})
-    s = rep["segmentation"]
-    sn = (rep.get("segmentation_native") or {}).get("dice")
-    print(f"test | acc {rep['accuracy']:.4f} macro-F1 {rep['macro_f1']:.4f} Dice {s['dice'] or 0:.4f} "
-          f"(at the masks' own size: {'n/a' if sn is None else f'{sn:.4f}'}) "
-          f"IoU {s['iou'] or 0:.4f} | ECE {rep['calibration']['ece_before']:.4f} -> "
-          f"{rep['calibration']['ece_after']:.4f} (T={ck.get('temperature', 1.0):.3f}) | report in {res_dir}",
-          flush=True)
-    return rep

@@ -23,7 +23,7 @@ from cxrkit.evaluate import predict_split
 from cxrkit.losses import inverse_frequency_weights
 from cxrkit.metrics import classification_metrics, softmax
 from cxrkit.model import build_model
-from cxrkit.train import apply_prior_correction
+from cxrkit.calibration import apply_prior_correction
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
