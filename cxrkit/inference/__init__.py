@@ -1,0 +1,43 @@
+"""Batch inference: ONE pipeline, two backends (PyTorch checkpoint, ONNX Runtime model).
+
+Modules: backends (TorchBackend, OnnxBackend) · inputs (folders -> InputItems) · render (annotated
+PNG, writers) · gradcam · pipeline (run_pipeline) · cli (the two CLIs' shared body). The names below
+are re-exported here, so `from cxrkit.inference import run_pipeline` is the public API.
+
+    backend = TorchBackend("model_checkpoints/best_covid_model.pth")        # or
+    backend = OnnxBackend("models/covid_multitask.onnx")                   # + <model>.onnx.meta.json
+    items = gather_inputs(data_dir="DIR", class_names=backend.class_names)
+    summary = run_pipeline(backend, items, "out/preds", batch_size=16, tta=1)
+
+A backend exposes class_names, img_size, temperature and
+`forward(x) -> (seg_prob (B,1,S,S), cls_logits (B,C))` on float32 numpy arrays (x: (B,3,S,S) from
+`cxrkit.preprocess.to_model_input_np`), which is what `cxrkit.tta.tta_predict` runs; so
+preprocessing (cxrkit.preprocess), TTA, calibration (softmax(logits / T)), metrics and every output
+file are shared by both backends. TorchBackend converts to / from torch on its device internally.
+
+No torch on the ONNX path: this package imports neither torch nor MONAI (nor cxrkit.checkpoint /
+cxrkit.model / cxrkit.export, which do) at module level. ONNX Runtime inference on a CPU (--tta 1,
+no Grad-CAM) thus never loads them: importing torch alone costs ~1.5 s, nearly half of a whole
+run over 48 images. TorchBackend, Grad-CAM and --tta > 1 (the warps) import torch when used.
+
+Overlap: images are decoded by a thread pool ahead of the model (OpenCV / pydicom release the GIL
+for the heavy parts), the model runs in the calling thread, and a writer thread draws and writes the
+annotated PNGs / masks / Grad-CAM maps while the next batch is computed. The CSV and summary.json
+are written at the end, atomically (tmp file + os.replace); so is every PNG / .npy.
+
+Reliability: a run owns its save_dir (cxrkit.outdir: lock, manifest, --overwrite, per-process temp
+names; outputs are never gathered as inputs), the ONNX meta must match its graph, and inputs the
+model cannot judge get `quality_flags` (cxrkit.quality) or a plain skip reason (cxrkit.preprocess).
+
+Research software: not for diagnosis.
+"""
+from __future__ import annotations
+
+from ..errors import CxrkitError, InferenceError  # noqa: F401
+from .backends import OnnxBackend, TorchBackend, physical_cores, resolve_providers  # noqa: F401
+from .cli import add_gradcam_args, add_input_args, add_output_args, add_run_args, run_cli, user_errors  # noqa: F401
+from .gradcam import GradCamExplainer  # noqa: F401
+from .inputs import InputItem, assign_output_stems, gather_inputs  # noqa: F401
+from .pipeline import csv_columns, planned_outputs, run_pipeline  # noqa: F401
+from .render import (DISCLAIMER, display_image, normalise_cam, render_annotation, write_csv_atomic,  # noqa: F401
+                     write_npy, write_png)

@@ -1,0 +1,252 @@
+"""A backend: the PyTorch checkpoint or the ONNX Runtime model, numpy in, numpy out."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InferenceError
+from ..io_utils import (INPUT_NAME, OUTPUT_NAMES, binding_mismatches, meta_path_for, sha256_file)
+from .. import quality
+
+
+log = logging.getLogger("cxrkit")
+
+
+# ------------------------------------------------------------------------------------- backends
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once); >= 1."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - not Linux
+        allowed = set(range(os.cpu_count() or 1))
+    try:
+        cores, cur, complete = set(), {}, True
+        with open("/proc/cpuinfo") as f:
+            for line in list(f) + [""]:
+                if not line.strip():
+                    if "processor" in cur and cur["processor"] in allowed:
+                        if "core id" not in cur:
+                            complete = False
+                        cores.add((cur.get("physical id"), cur.get("core id")))
+                    cur = {}
+                    continue
+                k, _, v = line.partition(":")
+                k, v = k.strip(), v.strip()
+                if k == "processor" and v.isdigit():
+                    cur["processor"] = int(v)
+                elif k in ("physical id", "core id"):
+                    cur[k] = v
+        if cores and complete:
+            return len(cores)
+    except OSError:  # pragma: no cover
+        pass
+    return max(1, len(allowed))
+
+
+class TorchBackend:
+    """A cxrkit checkpoint run by PyTorch (eval mode, no autograd); numpy in, numpy out."""
+
+    name = "pytorch"
+
+    def __init__(self, checkpoint, device=None):
+        # cxrkit.checkpoint / cxrkit.device import torch and MONAI: imported here, not at module level
+        # (start-up time of the CPU ONNX path)
+        from ..checkpoint import model_from_checkpoint
+        from ..device import pick_device
+        self.checkpoint_path = Path(checkpoint)
+        model, ck = model_from_checkpoint(checkpoint)  # FileNotFoundError / CheckpointError
+        self.device = pick_device(device or "auto")
+        self.model = model.to(self.device).eval()
+        self.ck = ck
+        self.class_names = list(ck["class_names"])
+        self.img_size = int(ck["img_size"])
+        self.temperature = float(ck.get("temperature", 1.0))
+        self.lung_area_range = ck.get("lung_area_range")  # None: older checkpoint, quality's default applies
+        self.calibration_problem = quality.calibration_problem(ck)
+
+    def forward(self, x: np.ndarray):
+        """(B,3,S,S) float32 numpy (a CPU tensor also works) -> (seg_prob (B,1,S,S), logits (B,C)) as
+        float32 numpy; runs on self.device."""
+        import torch
+        from ..model import predict
+        with torch.no_grad():
+            xt = torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True)
+            seg, logits = predict(self.model, xt)
+            return seg.cpu().numpy(), logits.cpu().numpy()
+
+    def describe(self) -> dict:
+        import torch
+        d = {"backend": self.name, "device": str(self.device), "checkpoint": str(self.checkpoint_path),
+             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+        if self.device.type == "cuda":
+            d["gpu"] = torch.cuda.get_device_name(self.device)
+        return d
+
+
+_PROVIDER_ALIASES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider",
+                     "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+                     "rocm": "ROCMExecutionProvider", "openvino": "OpenVINOExecutionProvider",
+                     "coreml": "CoreMLExecutionProvider", "dml": "DmlExecutionProvider"}
+
+
+def resolve_providers(providers=None, use_cuda: bool = False, available=None) -> list[str]:
+    """Requested providers (names or short aliases, comma lists allowed) that this onnxruntime has,
+    CUDA first when use_cuda, CPU always last as the fallback; unavailable ones are dropped with a
+    warning."""
+    if available is None:
+        import onnxruntime as ort
+        available = ort.get_available_providers()
+    req = []
+    for p in providers or []:
+        for part in str(p).split(","):
+            part = part.strip()
+            if part:
+                req.append(_PROVIDER_ALIASES.get(part.lower(), part))
+    if use_cuda:
+        req = ["CUDAExecutionProvider"] + [p for p in req if p != "CUDAExecutionProvider"]
+    out = []
+    for p in req:
+        if p in out:
+            continue
+        if p in available:
+            out.append(p)
+        else:
+            hint = (" (install onnxruntime-gpu matching your CUDA/cuDNN instead of onnxruntime)"
+                    if p == "CUDAExecutionProvider" else "")
+            log.warning("%s is not available in this onnxruntime build (available: %s)%s: using CPU",
+                        p, ", ".join(available), hint)
+    out = [p for p in out if p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
+    return out
+
+
+_UNBOUND_WARNED: set[str] = set()  # ONNX files without a graph binding already warned about (once each)
+
+
+class OnnxBackend:
+    """An exported model run by ONNX Runtime; class names, size and temperature from the meta file."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path, meta_path=None, providers=None, use_cuda: bool = False,
+                 intra_op_threads: int | None = None):
+        import onnxruntime as ort
+        self.onnx_path = Path(onnx_path)
+        if not self.onnx_path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.onnx_path} (make it with export_to_onnx.py "
+                                    f"or pass --onnx_path)")
+        if self.onnx_path.stat().st_size == 0:
+            raise InferenceError(f"{self.onnx_path}: empty file (0 bytes), not an ONNX model (an interrupted copy or "
+                                 f"download?); re-export with export_to_onnx.py")
+        self.meta_path = Path(meta_path) if meta_path else meta_path_for(self.onnx_path)
+        if not self.meta_path.is_file():
+            raise InferenceError(f"ONNX meta file not found: {self.meta_path} (export_to_onnx.py writes it next to "
+                                 f"the model; it holds the class names, image size and temperature. Re-export, or "
+                                 f"pass --meta_path)")
+        try:
+            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InferenceError(f"{self.meta_path}: not valid JSON ({e}); re-export with export_to_onnx.py") from None
+        need = ("class_names", "img_size", "temperature")
+        if not isinstance(meta, dict) or any(k not in meta for k in need):
+            raise InferenceError(f"{self.meta_path}: not a cxrkit ONNX meta file (needs {', '.join(need)}); "
+                                 f"re-export with export_to_onnx.py")
+        self.meta = meta
+        self.class_names = [str(c) for c in meta["class_names"]]
+        self.img_size = int(meta["img_size"])
+        self.temperature = float(meta["temperature"])
+        if not self.temperature > 0:
+            raise InferenceError(f"{self.meta_path}: temperature must be > 0, got {meta['temperature']}")
+        self.lung_area_range = meta.get("lung_area_range")  # None: older export, quality's default applies
+        self.calibration_problem = quality.calibration_problem(meta)
+        self.providers = resolve_providers(providers, use_cuda)
+        so = ort.SessionOptions()
+        # a small CPU: one op at a time, each using every physical core; full graph optimisation
+        self.intra_op_threads = int(intra_op_threads or physical_cores())
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), so, providers=self.providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            msg = str(e).splitlines()[0][:300] if str(e) else ""
+            raise InferenceError(f"{self.onnx_path}: ONNX Runtime cannot load it ({type(e).__name__}: {msg})") from None
+        self.active_providers = self.session.get_providers()
+        if "CUDAExecutionProvider" in self.providers and "CUDAExecutionProvider" not in self.active_providers:
+            log.warning("CUDA was requested but ONNX Runtime runs on %s", ", ".join(self.active_providers))
+        self._check_model_matches_meta()
+
+    def _check_model_matches_meta(self):
+        ins, outs = self.session.get_inputs(), {o.name: o for o in self.session.get_outputs()}
+        if len(ins) != 1 or ins[0].name != INPUT_NAME or any(n not in outs for n in OUTPUT_NAMES):
+            raise InferenceError(f"{self.onnx_path}: not a cxrkit export (inputs {[i.name for i in ins]}, outputs "
+                                 f"{list(outs)}; expected '{INPUT_NAME}' -> {list(OUTPUT_NAMES)})")
+        shp = ins[0].shape
+        if len(shp) != 4 or (isinstance(shp[1], int) and shp[1] != 3):
+            raise InferenceError(f"{self.onnx_path}: input shape {shp}, expected (batch, 3, H, W)")
+        for d in shp[2:]:
+            if isinstance(d, int) and d != self.img_size:
+                raise InferenceError(f"{self.meta_path} says img_size {self.img_size} but {self.onnx_path} takes "
+                                     f"{shp[2]}x{shp[3]} images: the meta file belongs to another export; "
+                                     f"re-export or pass the matching --meta_path")
+        c = outs["classification"].shape
+        if len(c) != 2 or (isinstance(c[1], int) and c[1] != len(self.class_names)):
+            raise InferenceError(f"{self.meta_path} lists {len(self.class_names)} class names but {self.onnx_path} "
+                                 f"outputs {c[1] if len(c) == 2 else c} classes: the meta file belongs to another "
+                                 f"export; re-export or pass the matching --meta_path")
+        self.static_batch = shp[0] if isinstance(shp[0], int) else None
+        self._check_binding()
+
+    def _check_binding(self):
+        """The meta file must be the one written with this graph: its onnx_sha256 must be the file's, and
+        the graph's own metadata_props (class names and order, size, temperature, lung-area range,
+        meta_id; written by export since the binding was added) must agree with it. Older graphs
+        without them are read with one warning (only the checksum can be checked)."""
+        fix = ("use the meta file written with this model (re-export with export_to_onnx.py, or pass the matching "
+               "--meta_path)")
+        want = self.meta.get("onnx_sha256")
+        if want and want != sha256_file(self.onnx_path):
+            raise InferenceError(f"{self.meta_path} was written for another ONNX file (its onnx_sha256 is not "
+                                 f"{self.onnx_path}'s): {fix}")
+        props = dict(self.session.get_modelmeta().custom_metadata_map or {})
+        if not any(k.startswith("cxrkit_") for k in props):
+            key = str(self.onnx_path.resolve())
+            if key not in _UNBOUND_WARNED:
+                _UNBOUND_WARNED.add(key)
+                log.warning("%s records no class names of its own (exported before cxrkit bound graph and meta): "
+                            "class order and temperature come from %s unchecked%s; re-export to bind them",
+                            self.onnx_path, self.meta_path, "" if want else ", and the meta has no onnx_sha256")
+            return
+        bad = binding_mismatches(props, self.meta)
+        if bad:
+            raise InferenceError(f"{self.meta_path} disagrees with {self.onnx_path} on {'; '.join(bad)}: {fix}")
+
+    def forward(self, x: np.ndarray):
+        """(B,3,S,S) float32 numpy -> (seg_prob (B,1,S,S), logits (B,C)) float32 numpy."""
+        a = np.ascontiguousarray(x, dtype=np.float32)
+        sb = self.static_batch
+        if sb is None:
+            seg, cls = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: a})
+        else:  # a fixed-batch export: run in chunks of that size (last one zero-padded)
+            segs, clss, n = [], [], a.shape[0]
+            for s in range(0, n, sb):
+                chunk = a[s:s + sb]
+                k = chunk.shape[0]
+                if k < sb:
+                    chunk = np.concatenate([chunk, np.zeros((sb - k, *chunk.shape[1:]), np.float32)])
+                sg, cl = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
+                segs.append(sg[:k]); clss.append(cl[:k])
+            seg, cls = np.concatenate(segs), np.concatenate(clss)
+        return np.asarray(seg, np.float32), np.asarray(cls, np.float32)
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+        return {"backend": self.name, "onnx_path": str(self.onnx_path), "meta_path": str(self.meta_path),
+                "providers": self.active_providers, "intra_op_threads": self.intra_op_threads,
+                "graph_optimization": "ORT_ENABLE_ALL", "onnxruntime": ort.__version__,
+                "opset": self.meta.get("opset"), "dynamic_batch": self.static_batch is None}

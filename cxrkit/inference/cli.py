@@ -1,0 +1,143 @@
+"""The shared argparse groups and body of the two inference CLIs."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+from ..errors import CxrkitError, InferenceError
+from ..io_utils import sha256_file
+from ..tta import MAX_TTA
+from .backends import TorchBackend
+from .gradcam import GradCamExplainer
+from .inputs import gather_inputs
+from .pipeline import run_pipeline
+
+log = logging.getLogger("cxrkit")
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def add_input_args(p):
+    g = p.add_argument_group("inputs")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--data_dir", default=None,
+                     help="folder searched recursively for images; in the database layout <Class>/images/* the "
+                          "folder names give the true class and <Class>/masks/* are ground truth (not inputs)")
+    src.add_argument("--images", nargs="+", default=None, metavar="FILE",
+                     help="explicit image files (or folders); a file's folder name gives its true class")
+    g.add_argument("--num_samples", type=int, default=12, help="pick this many inputs at random (0 = all)")
+    g.add_argument("--seed", type=int, default=42, help="random seed for --num_samples")
+    return g
+
+
+def add_run_args(p):
+    g = p.add_argument_group("run")
+    g.add_argument("--batch_size", type=int, default=16, help="images per model call")
+    g.add_argument("--tta", type=int, default=1,
+                   help=f"test-time augmentation views (1 = plain inference, at most {MAX_TTA})")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding threads")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return g
+
+
+def add_output_args(p, default_dir):
+    g = p.add_argument_group("outputs")
+    g.add_argument("--save_dir", default=default_dir,
+                   help="annotated/ PNGs, predictions.csv, summary.json (and masks/, cams/)")
+    g.add_argument("--save_masks", action="store_true", help="also write each predicted lung mask (PNG)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="--save_dir holds an earlier run's outputs: remove exactly the files that run wrote (its "
+                        "manifest), then write anew (without it such a folder is refused)")
+    g.add_argument("--no_report", action="store_true",
+                   help="no report.html (metrics, confusion matrix, thumbnail gallery) and no thumbs/")
+    return g
+
+
+def add_gradcam_args(p, onnx: bool):
+    g = p.add_argument_group("Grad-CAM (explanations)")
+    g.add_argument("--gradcam", action="store_true",
+                   help="add a Grad-CAM heat-map panel (UNet bottleneck) to each annotated PNG"
+                        + (" (needs --checkpoint: gradients come from the PyTorch model)" if onnx else ""))
+    g.add_argument("--cam_class", default=None, metavar="NAME",
+                   help="explain this class instead of the predicted one (implies --gradcam)")
+    g.add_argument("--save_cams", action="store_true",
+                   help="also write the raw Grad-CAM maps as float32 .npy (implies --gradcam)")
+    if onnx:
+        g.add_argument("--checkpoint", default=None,
+                       help="PyTorch checkpoint used ONLY for Grad-CAM (an ONNX Runtime session gives no gradients); "
+                            "use the checkpoint this ONNX model was exported from")
+    return g
+
+
+def user_errors() -> tuple:
+    """Exception types that mean 'fix your command' (exit 2, one line)."""
+    return (CxrkitError, FileNotFoundError)
+
+
+def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
+    """Shared body of the two inference scripts; returns the exit code (2 = user error)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    gradcam = bool(args.gradcam or args.cam_class or args.save_cams)
+    try:
+        if args.data_dir is None and not args.images:
+            raise InferenceError("no inputs: give --data_dir DIR or --images FILE [FILE ...]")
+        if not 1 <= args.tta <= MAX_TTA:
+            raise InferenceError(f"--tta must be between 1 and {MAX_TTA}, got {args.tta}")
+        if args.batch_size < 1:
+            raise InferenceError(f"--batch_size must be >= 1, got {args.batch_size}")
+        if gradcam and cam_checkpoint is None:
+            raise InferenceError("--gradcam with the ONNX backend needs --checkpoint (the PyTorch checkpoint the "
+                                 "model was exported from): ONNX Runtime gives no gradients")
+        backend = make_backend()
+        if args.cam_class is not None and args.cam_class not in backend.class_names:
+            raise InferenceError(f"--cam_class {args.cam_class!r} is not a model class; choose one of "
+                                 f"{backend.class_names}")
+        if getattr(backend, "calibration_problem", None):
+            log.warning("%s: %s", getattr(backend, "checkpoint_path", None) or getattr(backend, "onnx_path", "model"),
+                        backend.calibration_problem)
+        items = gather_inputs(args.data_dir, args.images, backend.class_names, args.num_samples, args.seed,
+                              exclude=args.save_dir)
+        cam = None
+        if gradcam:
+            dev = cam_device() if callable(cam_device) else cam_device
+            # the PyTorch backend's checkpoint is already in memory; the ONNX one needs --checkpoint
+            cam = GradCamExplainer(backend.ck if isinstance(backend, TorchBackend) else cam_checkpoint, dev)
+            src = getattr(backend, "meta", {}).get("source_checkpoint", {}).get("sha256")
+            if src and Path(cam_checkpoint).is_file() and sha256_file(cam_checkpoint) != src:
+                log.warning("Grad-CAM uses %s, which is not the checkpoint this ONNX model was exported from "
+                            "(SHA-256 differs): maps may not explain these predictions", cam_checkpoint)
+        summary = run_pipeline(backend, items, args.save_dir, batch_size=args.batch_size, tta=args.tta, cam=cam,
+                               cam_class=args.cam_class, save_cams=args.save_cams, save_masks=args.save_masks,
+                               report=not args.no_report, workers=args.workers, progress=not args.quiet,
+                               overwrite=getattr(args, "overwrite", False),
+                               extra_summary={"inputs": {"data_dir": args.data_dir, "images": args.images,
+                                                         "num_samples": args.num_samples, "seed": args.seed}})
+    except Exception as e:  # noqa: BLE001 - user errors become one line, anything else a traceback
+        if not isinstance(e, user_errors()):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if summary["n_processed"] == 0:
+        print(f"error: none of the {summary['n_inputs']} inputs could be decoded (reasons in "
+              f"{Path(args.save_dir) / 'summary.json'})", file=sys.stderr)
+        return 2
+    thr = summary["throughput"]
+    line = (f"{summary['backend']}: {summary['n_processed']} images ({summary['n_skipped']} skipped) in "
+            f"{thr['seconds']:.1f} s ({thr['images_per_second']:.1f} img/s)")
+    if summary["classification"]:
+        c = summary["classification"]
+        line += f" | accuracy {c['accuracy']:.3f} macro-F1 {c['macro_f1']:.3f} (n={c['n_labelled']})"
+    if summary["segmentation"]:
+        s = summary["segmentation"]
+        line += f" | Dice {s['mean_dice']:.3f} IoU {s['mean_iou']:.3f}"
+    q = summary.get("quality") or {}
+    if q.get("n_flagged"):
+        line += f" | {q['n_flagged']} flagged (quality_flags: " + ", ".join(
+            f"{k} {v}" for k, v in q["counts"].items() if v) + ")"
+    print(line + f" | outputs in {args.save_dir}")
+    return 0

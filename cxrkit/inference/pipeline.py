@@ -1,0 +1,302 @@
+"""run_pipeline: decode threads -> model -> writer thread; CSV, summary.json, report."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..errors import InferenceError
+from ..io_utils import write_json_atomic
+from .. import quality
+from ..outdir import claim_save_dir
+from ..preprocess import (ImageReadError, read_gray_info, read_mask, resize_gray, resize_mask, to_model_input_np)
+from ..tta import MAX_TTA, tta_predict
+from .gradcam import GradCamExplainer
+from .inputs import InputItem, assign_output_stems
+from .render import DISCLAIMER, _Writer, display_image, render_annotation, write_csv_atomic, write_npy, write_png
+
+log = logging.getLogger("cxrkit")
+
+
+# -------------------------------------------------------------------------------------- pipeline
+@dataclass
+class _Decoded:
+    item: InputItem
+    model_u8: np.ndarray | None = None
+    display: np.ndarray | None = None
+    orig_shape: tuple = ()
+    gt_mask: np.ndarray | None = None
+    error: str | None = None
+    mask_error: str | None = None
+    notes: tuple = ()              # what of the file was not used (later TIFF pages / DICOM frames)
+    stats: dict | None = None      # cxrkit.quality.image_stats of model_u8
+    flags: tuple = ()              # quality flag codes (set once the model has run)
+
+
+def _decode(item: InputItem, size: int, display_h: int) -> _Decoded:
+    try:
+        g, notes = read_gray_info(item.path)
+    except ImageReadError as e:
+        return _Decoded(item, error=e.reason)
+    except Exception as e:  # noqa: BLE001 - one bad file never stops the run
+        return _Decoded(item, error=f"{type(e).__name__}: {e}")
+    d = _Decoded(item, model_u8=resize_gray(g, size), display=display_image(g, display_h), orig_shape=g.shape[:2])
+    d.notes, d.stats = tuple(notes), quality.image_stats(d.model_u8)
+    if item.mask_path is not None:
+        try:
+            d.gt_mask = read_mask(item.mask_path)  # native resolution: Dice is scored at the mask's own size
+        except ImageReadError as e:
+            d.mask_error = e.reason
+    return d
+
+
+def planned_outputs(items, save_masks=False, save_cams=False) -> list[str]:
+    """The per-image files a run will write (relative to save_dir), for the manifest (cxrkit.outdir)."""
+    out = []
+    for it in items:
+        out.append(f"annotated/{it.out_stem}.png")
+        if save_masks:
+            out.append(f"masks/{it.out_stem}_mask.png")
+        if save_cams:
+            out.append(f"cams/{it.out_stem}_cam.npy")
+    return out
+
+
+def csv_columns(class_names, save_masks=False, gradcam=False) -> list[str]:
+    cols = ["image_path", "predicted_class", "confidence", *[f"prob_{c}" for c in class_names],
+            "lung_area_fraction", "true_class", "correct", "quality_flags", "dice", "iou", "annotated_png"]
+    if save_masks:
+        cols.append("mask_png")
+    if gradcam:
+        cols += ["cam_class", "cam_file"]
+    return cols
+
+
+def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int = 16, tta: int = 1,
+                 cam: GradCamExplainer | None = None, cam_class: str | None = None, save_cams: bool = False,
+                 save_masks: bool = False, workers: int | None = None, progress: bool = True,
+                 display_size: int = 512, extra_summary: dict | None = None, report: bool = True,
+                 overwrite: bool = False) -> dict:
+    """Run `backend` over `items`, write every output into save_dir; returns the summary dict.
+    report: also thumbs/ and report.html (cxrkit.report).
+    The run owns save_dir (cxrkit.outdir): refused while another process writes there, or when it
+    holds an earlier run's outputs unless overwrite (which removes exactly those files first)."""
+    from tqdm import tqdm
+    from ..metrics import binary_dice_iou, classification_metrics
+    from ..report import THUMB_DIR, confidence_intervals, model_info, thumb_relpath, write_report, write_thumbnail
+
+    if batch_size < 1:
+        raise InferenceError(f"--batch_size must be >= 1, got {batch_size}")
+    if not 1 <= tta <= MAX_TTA:
+        raise InferenceError(f"--tta must be between 1 and {MAX_TTA}, got {tta}")
+    names, size, temp = list(backend.class_names), int(backend.img_size), float(backend.temperature)
+    cam_idx = None
+    if cam_class is not None:
+        if cam_class not in names:
+            raise InferenceError(f"--cam_class {cam_class!r} is not a model class; choose one of {names}")
+        cam_idx = names.index(cam_class)
+    if cam is not None and (cam.class_names != names or cam.img_size != size):
+        raise InferenceError(f"the Grad-CAM checkpoint (classes {cam.class_names}, {cam.img_size}px) does not "
+                             f"match the model (classes {names}, {size}px)")
+    if save_cams and cam is None:
+        raise InferenceError("--save_cams needs Grad-CAM (--gradcam)")
+    if not items:
+        raise InferenceError("no images to run on")
+    save_dir = Path(save_dir)
+    ann_dir, mask_dir, cam_dir = save_dir / "annotated", save_dir / "masks", save_dir / "cams"
+    claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name})").acquire()  # lock
+    try:
+        for d in ([ann_dir] + ([mask_dir] if save_masks else []) + ([cam_dir] if save_cams else [])
+                  + ([save_dir / THUMB_DIR] if report else [])):
+            d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        claim.release()
+        raise InferenceError(f"--save_dir {save_dir}: cannot create it ({e})") from None
+    if not items[0].out_stem:
+        assign_output_stems(items)
+    claim.plan(["predictions.csv", "summary.json", *planned_outputs(items, save_masks, save_cams)])
+    area_rng = quality.resolve_lung_area_range(getattr(backend, "lung_area_range", None))
+    calib_problem = getattr(backend, "calibration_problem", None)
+    workers = int(workers or min(4, os.cpu_count() or 1))
+    notes = ([f"probabilities calibrated (T={temp:.3g})"] if calib_problem is None
+             else [f"probabilities NOT calibrated (T={temp:.3g})"]) + ([f"TTA: {tta} views"] if tta > 1 else [])
+
+    def write_job(job):
+        d, seg, probs, cam_map, cam_name = job
+        stem = d.item.out_stem
+        area = f"predicted lung area: {(seg > 0.5).mean() * 100:.1f}% of image"
+        img = render_annotation(d.display, seg, names, probs, d.item.true_class, cam=cam_map, cam_label=cam_name,
+                                title=d.item.rel, notes=[area] + notes, flags=d.flags)
+        write_png(ann_dir / f"{stem}.png", img)
+        if save_masks:
+            full = cv2.resize(seg.astype(np.float32), (d.orig_shape[1], d.orig_shape[0]),
+                              interpolation=cv2.INTER_LINEAR)
+            write_png(mask_dir / f"{stem}_mask.png", ((full > 0.5) * 255).astype(np.uint8))
+        if save_cams and cam_map is not None:
+            write_npy(cam_dir / f"{stem}_cam.npy", cam_map.astype(np.float32))
+        if report:
+            write_thumbnail(save_dir / thumb_relpath(stem), d.display, seg)
+
+    rows, skipped, mask_problems = [], [], []
+    input_notes, flag_counts = [], {c: 0 for c in quality.FLAG_CODES}
+    y_true, y_probs, dices, ious, dices_model = [], [], [], [], []
+    model_seconds, n_done = 0.0, 0
+    t0 = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxrkit-decode")
+    writer = _Writer(write_job, maxsize=max(4, 2 * batch_size))
+    writer.start()
+    pending, it = deque(), iter(items)
+    lookahead = 2 * batch_size + workers
+
+    def fill():
+        while len(pending) < lookahead:
+            nxt = next(it, None)
+            if nxt is None:
+                return
+            pending.append(pool.submit(_decode, nxt, size, display_size))
+
+    ok = False
+    try:
+        with tqdm(total=len(items), desc=f"{backend.name} inference", unit="img", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            fill()
+            while pending:
+                batch = []
+                while pending and len(batch) < batch_size:
+                    d = pending.popleft().result()
+                    fill()
+                    if d.error is not None:
+                        skipped.append({"path": str(d.item.path), "reason": d.error})
+                        log.warning("skipped %s: %s", d.item.path, d.error)
+                        bar.update(1)
+                        continue
+                    if d.mask_error is not None:
+                        mask_problems.append({"path": str(d.item.mask_path), "reason": d.mask_error})
+                    for n in d.notes:
+                        input_notes.append({"path": str(d.item.path), "note": n})
+                        log.warning("%s: %s", d.item.path, n)
+                    batch.append(d)
+                if not batch:
+                    continue
+                x = to_model_input_np(np.stack([d.model_u8 for d in batch]))
+                tm = time.perf_counter()
+                seg, probs = tta_predict(backend.forward, x, tta, temp)  # numpy in, numpy out
+                seg = seg[:, 0]
+                probs = probs.astype(np.float64)
+                model_seconds += time.perf_counter() - tm
+                pred = probs.argmax(1)
+                cams = None
+                if cam is not None:
+                    cams = cam(x, pred if cam_idx is None else np.full(len(batch), cam_idx))
+                for i, d in enumerate(batch):
+                    lung = seg[i] > 0.5
+                    tc = d.item.true_class
+                    row = {"image_path": str(d.item.path), "predicted_class": names[pred[i]],
+                           "confidence": f"{probs[i, pred[i]]:.6f}",
+                           **{f"prob_{c}": f"{probs[i, j]:.6f}" for j, c in enumerate(names)},
+                           "lung_area_fraction": f"{lung.mean():.6f}",
+                           "true_class": tc or "", "correct": "" if tc is None else str(int(tc == names[pred[i]])),
+                           "dice": "", "iou": "", "annotated_png": f"annotated/{d.item.out_stem}.png"}
+                    d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), area_rng))
+                    row["quality_flags"] = ";".join(d.flags)
+                    for f in d.flags:
+                        flag_counts[f] += 1
+                    if tc is not None:
+                        y_true.append(names.index(tc)); y_probs.append(probs[i])
+                    if d.gt_mask is not None:
+                        gh, gw = d.gt_mask.shape[:2]
+                        lung_native = cv2.resize(seg[i].astype(np.float32), (gw, gh),
+                                                 interpolation=cv2.INTER_LINEAR) > 0.5
+                        dc, io_ = binary_dice_iou(lung_native, d.gt_mask)
+                        dices.append(dc); ious.append(io_)
+                        dices_model.append(binary_dice_iou(lung, resize_mask(d.gt_mask, size))[0])
+                        row["dice"], row["iou"] = f"{dc:.6f}", f"{io_:.6f}"
+                    if save_masks:
+                        row["mask_png"] = f"masks/{d.item.out_stem}_mask.png"
+                    cam_name = ""
+                    if cams is not None:
+                        cam_name = names[pred[i] if cam_idx is None else cam_idx]
+                        row["cam_class"] = cam_name
+                        row["cam_file"] = f"cams/{d.item.out_stem}_cam.npy" if save_cams else ""
+                    rows.append(row)
+                    writer.put((d, seg[i], probs[i], None if cams is None else cams[i], cam_name))
+                n_done += len(batch)
+                bar.update(len(batch))
+        writer.close()
+        ok = True
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if not ok and writer.is_alive():
+            writer.q.put(None)
+        if not ok:
+            claim.release()  # the manifest stays "running": the next run needs --overwrite
+    cols = csv_columns(names, save_masks, cam is not None)
+    write_csv_atomic(save_dir / "predictions.csv", cols, rows)
+    seconds = time.perf_counter() - t0
+    summary = {
+        "n_inputs": len(items), "n_processed": n_done, "n_skipped": len(skipped), "skipped": skipped,
+        "backend": backend.name, "backend_info": backend.describe(),
+        "class_names": names, "img_size": size,
+        "calibrated": calib_problem is None, "temperature": temp,
+        **({"calibration_problem": f"the model: {calib_problem}"} if calib_problem else {}),
+        "calibration": "probabilities in predictions.csv = softmax(logits / temperature), averaged over TTA views",
+        "tta": int(tta), "batch_size": int(batch_size), "decode_workers": workers,
+        "throughput": {"seconds": seconds, "images_per_second": n_done / seconds if seconds > 0 else None,
+                       "model_seconds": model_seconds,
+                       "note": "seconds = wall clock of the whole pipeline (decode, model, overlays, files); "
+                               "model_seconds = time in the backend incl. TTA"},
+        "predicted_counts": {c: int(sum(r["predicted_class"] == c for r in rows)) for c in names},
+        "csv_notes": {"prob_<class>": "calibrated class probabilities, model class order",
+                      "confidence": "probability of predicted_class",
+                      "lung_area_fraction": "fraction of model-input pixels with lung probability > 0.5",
+                      "true_class/correct": "from the folder name when it is a model class (correct: 1/0), "
+                                            "else empty",
+                      "dice/iou": "vs the ground-truth mask (masks/ folder) at 0.5, at the mask's own "
+                                  "resolution, when there is one",
+                      "quality_flags": "empty when all is well, else ';'-joined codes (see quality)"},
+        "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": flag_counts,
+                    "meaning": quality.FLAG_MEANING, "thresholds": quality.thresholds(area_rng),
+                    "lung_area_range": area_rng,
+                    "note": "flagged images got an answer the model cannot back: check them by eye"},
+        "notes": input_notes,
+        "classification": None, "segmentation": None,
+        "gradcam": None if cam is None else {
+            "target": cam_class or "predicted class", "layer": cam.layer, "method": "monai.visualize.GradCAM",
+            "maps_saved": bool(save_cams), "input": "the un-augmented image (also with --tta)",
+            "map_format": "float32 .npy (S x S, model input size), raw ReLU'd Grad-CAM (not normalised); the "
+                          "annotated PNG shows it min-max normalised per image"},
+        "outputs": {"csv": "predictions.csv", "annotated": "annotated/",
+                    "masks": "masks/ (0/255 PNG at the original image resolution)" if save_masks else None,
+                    "cams": "cams/" if save_cams else None},
+        "note": DISCLAIMER,
+    }
+    if mask_problems:
+        summary["mask_problems"] = mask_problems
+    if y_true:
+        m = classification_metrics(np.asarray(y_true), np.asarray(y_probs), names)
+        m["n_labelled"] = len(y_true)
+        m.update(confidence_intervals(y_true, np.asarray(y_probs).argmax(1), len(names)))
+        summary["classification"] = m
+    if dices:
+        summary["segmentation"] = {"mean_dice": float(np.mean(dices)), "mean_iou": float(np.mean(ious)),
+                                   "n_masks": len(dices), "threshold": 0.5,
+                                   "resolution": "each ground-truth mask's own size (lung probabilities resized "
+                                                 "bilinearly to it, then thresholded)",
+                                   "mean_dice_model_input": float(np.mean(dices_model)),
+                                   "model_input_resolution": f"{size}x{size}"}
+    if extra_summary:
+        summary.update(extra_summary)
+    summary["outputs"]["report"] = "report.html (thumbnails in thumbs/)" if report else None
+    write_json_atomic(save_dir / "summary.json", summary)
+    if report:
+        write_report(save_dir, summary, rows, model=model_info(backend))
+    claim.finish()  # manifest: every file this run wrote, status complete
+    claim.release()
+    return summary

@@ -1,0 +1,184 @@
+"""The annotated PNG (OpenCV drawing) and the atomic writers of the writer thread."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import queue
+import threading
+
+import cv2
+import numpy as np
+
+from ..errors import InferenceError
+from ..io_utils import write_bytes_atomic
+
+
+log = logging.getLogger("cxrkit")
+
+
+DISCLAIMER = "research use only - not for diagnosis"
+
+
+# ------------------------------------------------------------------------------------- rendering
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+FLAG_BGR, FLAG_FRAME_PX = (0, 0, 255), 6  # the frame that marks a quality-flagged input's annotated PNG
+
+
+def _ascii(s: str) -> str:
+    return str(s).encode("ascii", "replace").decode("ascii")
+
+
+def _text(img, s, org, scale=0.5, color=(235, 235, 235), thick=1):
+    cv2.putText(img, _ascii(s), (int(org[0]), int(org[1])), _FONT, scale, color, thick, cv2.LINE_AA)
+
+
+def _fit(s: str, width_px: int, scale: float) -> str:
+    s = _ascii(s)
+    while len(s) > 4 and cv2.getTextSize(s, _FONT, scale, 1)[0][0] > width_px:
+        s = "..." + s[4:]
+    return s
+
+
+def display_image(gray: np.ndarray, height: int = 512) -> np.ndarray:
+    """The X-ray at a fixed display height, aspect ratio kept (width clamped to [h/2, 2h])."""
+    h, w = gray.shape[:2]
+    dw = int(np.clip(round(w * height / h), height // 2, height * 2))
+    interp = cv2.INTER_AREA if h > height else cv2.INTER_LINEAR
+    return cv2.resize(gray, (dw, height), interpolation=interp)
+
+
+def normalise_cam(cam: np.ndarray) -> np.ndarray:
+    lo, hi = float(cam.min()), float(cam.max())
+    return (cam - lo) / (hi - lo) if hi - lo > 1e-12 else np.zeros_like(cam, dtype=np.float32)
+
+
+def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, probs, true_class=None,
+                      cam=None, cam_label: str = "", title: str = "", notes=(), flags=()) -> np.ndarray:
+    """One BGR uint8 panel: X-ray with the predicted lungs tinted + outlined | optional Grad-CAM
+    overlay | text panel with the predicted class, true class and one bar per class probability.
+    flags (cxrkit.quality codes): a red frame around the whole panel and a red note naming them."""
+    flag_note = ("CHECK INPUT: " + "; ".join(flags)) if flags else None
+    notes = [*notes, flag_note] if flag_note else list(notes)
+    h, w = display.shape[:2]
+    cap = 30
+    base = cv2.cvtColor(display, cv2.COLOR_GRAY2BGR)
+    lung = cv2.resize(seg_prob.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
+    xray = base.copy()
+    tint = np.array([60, 200, 60], np.float32)
+    xray[lung] = (0.65 * xray[lung] + 0.35 * tint).astype(np.uint8)
+    contours, _ = cv2.findContours(lung.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(xray, contours, -1, (0, 230, 255), 2, cv2.LINE_AA)
+    panels = [(xray, _fit(title, w - 12, 0.5) if title else "X-ray + predicted lungs")]
+    if cam is not None:
+        c = cv2.resize(normalise_cam(cam.astype(np.float32)), (w, h), interpolation=cv2.INTER_LINEAR)
+        heat = cv2.applyColorMap(np.round(c * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        panels.append((cv2.addWeighted(base, 0.55, heat, 0.45, 0), _fit(f"Grad-CAM: {cam_label}", w - 12, 0.5)))
+    cols = []
+    for img, caption in panels:
+        strip = np.full((cap, w, 3), 32, np.uint8)
+        _text(strip, caption, (6, 20))
+        cols.append(np.vstack([strip, img]))
+    # text panel
+    pw, ph = 380, h + cap
+    panel = np.full((ph, pw, 3), 24, np.uint8)
+    probs = np.asarray(probs, np.float64)
+    pred = int(probs.argmax())
+    y = 34
+    _text(panel, _fit(f"Predicted: {class_names[pred]}", pw - 20, 0.7), (12, y), 0.7, (255, 255, 255), 2)
+    y += 28
+    _text(panel, f"confidence {probs[pred] * 100:.1f}%", (12, y), 0.55)
+    y += 28
+    if true_class is None:
+        _text(panel, "True: unknown", (12, y), 0.55, (170, 170, 170))
+    else:
+        ok = true_class == class_names[pred]
+        _text(panel, _fit(f"True: {true_class}", pw - 120, 0.55), (12, y), 0.55)
+        _text(panel, "correct" if ok else "WRONG", (pw - 100, y), 0.55, (80, 220, 80) if ok else (60, 60, 255), 2)
+    y += 18
+    n = len(class_names)
+    footer_h = 22 + 20 * len(notes)
+    step = int(np.clip((ph - y - footer_h - 10) / max(n, 1), 22, 46))
+    bar_w = pw - 90
+    for j, cname in enumerate(class_names):
+        if y + step > ph - footer_h:
+            _text(panel, f"... {n - j} more classes (see CSV)", (12, y + 14), 0.45, (170, 170, 170))
+            break
+        small = step < 34
+        _text(panel, _fit(cname, bar_w, 0.5), (12, y + 14), 0.5, (255, 255, 255) if j == pred else (210, 210, 210))
+        by = y + (4 if small else 20)
+        bx = 12 if not small else 150
+        bw = bar_w if not small else pw - 210
+        cv2.rectangle(panel, (bx, by), (bx + bw, by + 10), (90, 90, 90), 1)
+        fill = int(round(bw * float(np.clip(probs[j], 0, 1))))
+        if fill > 0:
+            cv2.rectangle(panel, (bx, by), (bx + fill, by + 10), (0, 170, 255) if j == pred else (190, 190, 190), -1)
+        _text(panel, f"{probs[j] * 100:5.1f}%", (bx + bw + 8, by + 10), 0.45)
+        y += step
+    fy = ph - footer_h + 6
+    for s in notes:
+        _text(panel, _fit(s, pw - 20, 0.45), (12, fy + 10), 0.45, FLAG_BGR if s == flag_note else (200, 200, 200))
+        fy += 20
+    _text(panel, DISCLAIMER, (12, ph - 8), 0.42, (150, 150, 150))
+    out = np.hstack(cols + [panel])
+    if flags:
+        cv2.rectangle(out, (0, 0), (out.shape[1] - 1, out.shape[0] - 1), FLAG_BGR, FLAG_FRAME_PX)
+    return out
+
+
+# --------------------------------------------------------------------------------------- writing
+def write_png(path, img: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise OSError(f"PNG encoding failed for {path}")
+    write_bytes_atomic(path, buf.tobytes())
+
+
+def write_npy(path, arr: np.ndarray) -> None:
+    bio = io.BytesIO()
+    np.save(bio, arr)
+    write_bytes_atomic(path, bio.getvalue())
+
+
+def write_csv_atomic(path, fieldnames, rows) -> None:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
+
+
+class _Writer(threading.Thread):
+    """Runs `fn(job)` for queued jobs in the background; the first error is kept and re-raised by
+    the main thread (later jobs are drained, not run, so the producer never blocks forever)."""
+
+    def __init__(self, fn, maxsize: int):
+        super().__init__(daemon=True, name="cxrkit-writer")
+        self.fn, self.q, self.error = fn, queue.Queue(maxsize=maxsize), None
+
+    def run(self):
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            if self.error is None:
+                try:
+                    self.fn(job)
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                    self.error = e
+
+    def check(self):
+        if self.error is not None:
+            e = self.error
+            if isinstance(e, OSError):
+                raise InferenceError(f"cannot write outputs: {e}") from e
+            raise e
+
+    def put(self, job):
+        self.check()
+        self.q.put(job)
+
+    def close(self):
+        self.q.put(None)
+        self.join()
+        self.check()
