@@ -4,13 +4,13 @@ model: config, class names, image size, normalisation and the calibration temper
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
 from .config import ModelConfig
+from .errors import CheckpointError
+from .io_utils import atomic_path
 from .model import CXRMultiTaskNet, build_model
 
 FORMAT = "cxrkit-checkpoint-v1"
@@ -18,11 +18,8 @@ FORMAT = "cxrkit-checkpoint-v1"
 
 def atomic_torch_save(obj, path) -> None:
     """Write to a temp file in the same folder, then os.replace: a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def clean_state_dict(sd: dict) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from .config import OUTSIDE_LUNG_FILLS  # noqa: F401  (re-exported for callers)
 from .device import barrier
 from .errors import DataError
-from .io_utils import write_json_atomic
+from .io_utils import atomic_path, write_json_atomic
 from .preprocess import (IMAGE_EXTS, ImageReadError, find_mask, list_images, read_gray, read_mask, resize_gray,
                          resize_mask)
 
@@ -145,9 +144,8 @@ class CachedData:
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
 
 
 def build_cache(data_dir, img_size: int, cache_dir, workers: int = 2, progress: bool = True) -> CachedData:

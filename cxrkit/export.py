@@ -34,7 +34,7 @@ from torch import nn
 # path imports them without torch); re-exported here for existing `from cxrkit.export import ...` callers
 from .device import pick_device
 from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
-from .io_utils import graph_binding
+from .io_utils import graph_binding, tmp_name
 from .model import predict
 
 log = logging.getLogger("cxrkit")
@@ -157,7 +157,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
     onnx_path = Path(onnx_path)
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     meta_p = meta_path_for(onnx_path)
-    tmp = onnx_path.with_name(onnx_path.name + ".tmp")
+    tmp = tmp_name(onnx_path)  # replaced onto onnx_path only after the parity check passes
     order = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"], "dynamo": ["dynamo"]}[exporter]
     used, real_opset, errors = None, None, []
     try:

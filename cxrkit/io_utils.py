@@ -11,6 +11,7 @@ path, whose start-up time matters (importing torch alone costs ~1.5 s there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -35,19 +36,25 @@ def tmp_name(path) -> Path:
     return p.with_name(f".{p.name}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
-def write_bytes_atomic(path, data: bytes) -> None:
-    """The one atomic writer: a unique temp file in the same folder, then os.replace, so a crash or a
-    second run never leaves a torn or mixed file."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """The one atomic-write pattern: yields a temp path unique to this process and thread in the same
+    folder; when the block succeeds it replaces `path` (os.replace), when it fails it is removed. So a
+    crash or a second run never leaves a torn or mixed file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json_atomic(path, obj, indent: int | None = 2) -> None:

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 
 from .errors import SaveDirError
-from .io_utils import tmp_name  # noqa: F401  (re-exported)
+from .io_utils import tmp_name, write_json_atomic  # noqa: F401  (tmp_name re-exported)
 
 log = logging.getLogger("cxrkit")
 
@@ -204,10 +204,7 @@ class SaveDirClaim:
             m["finished"] = _now()
         if self.removed:
             m["removed_from_earlier_run"] = len(self.removed)
-        p = self.dir / MANIFEST_NAME
-        tmp = tmp_name(p)
-        tmp.write_text(json.dumps(m, indent=1), encoding="utf-8")
-        os.replace(tmp, p)
+        write_json_atomic(self.dir / MANIFEST_NAME, m, indent=1)
 
     def plan(self, files) -> None:
         """Record the files this run is about to write (before the first one is written)."""

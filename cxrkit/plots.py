@@ -1,20 +1,16 @@
 """Figures, drawn with matplotlib's object API (no pyplot global state), written atomically."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
+
+from .io_utils import atomic_path
 
 
 def _save(fig, path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def training_curves(history: list[dict], path) -> None:

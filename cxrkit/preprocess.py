@@ -297,12 +297,13 @@ def to_model_input(batch_u8) -> torch.Tensor:
     return (t.float() / 255.0).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
-def check_input(x: torch.Tensor, img_size: int) -> None:
-    """Enforce the network's input contract with a clear message (not used in the training loop)."""
-    import torch  # lazily: see the note at the imports
+def check_input(x, img_size: int) -> None:
+    """Enforce the network's input contract with a clear message; numpy arrays or torch tensors.
+    Both inference backends call it on every batch (cheap: one min and one max), like
+    torchxrayvision's models; the training loop does not (its inputs come from to_model_input)."""
     if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (img_size, img_size):
         raise ValueError(f"model input must be (B, 3, {img_size}, {img_size}); got {tuple(x.shape)}")
-    if x.dtype != torch.float32:
+    if not str(x.dtype).endswith("float32"):
         raise ValueError(f"model input must be float32, got {x.dtype}")
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-3 or hi > 1 + 1e-3:

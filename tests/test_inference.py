@@ -345,3 +345,19 @@ def test_help_texts(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--checkpoint" in out and "Grad-CAM" in out and "(default:" in out
+
+
+def test_both_backends_enforce_the_input_contract(tiny_model):
+    """Both backends check every batch (preprocess.check_input): a 0..255 image, the wrong size or
+    dtype is a clear ValueError, never a silently wrong prediction."""
+    size = int(tiny_model.meta["img_size"])
+    ok = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
+    for backend in (TorchBackend(tiny_model.checkpoint, device="cpu"), OnnxBackend(tiny_model.onnx)):
+        seg, logits = backend.forward(ok)
+        assert seg.shape == (2, 1, size, size) and logits.shape[0] == 2
+        with pytest.raises(ValueError, match="divide 8-bit images by 255"):
+            backend.forward(ok * 255)
+        with pytest.raises(ValueError, match=r"\(B, 3, "):
+            backend.forward(ok[:, :, :-1])
+        with pytest.raises(ValueError, match="float32"):
+            backend.forward(ok.astype(np.float64))

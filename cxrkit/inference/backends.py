@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InferenceError
-from ..io_utils import (INPUT_NAME, OUTPUT_NAMES, binding_mismatches, meta_path_for, sha256_file)
 from .. import quality
+from ..io_utils import INPUT_NAME, OUTPUT_NAMES, binding_mismatches, meta_path_for, sha256_file
+from ..preprocess import check_input
 
 
 log = logging.getLogger("cxrkit")
@@ -73,6 +74,7 @@ class TorchBackend:
         float32 numpy; runs on self.device."""
         import torch
         from ..model import predict
+        check_input(x, self.img_size)
         with torch.no_grad():
             xt = torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True)
             seg, logits = predict(self.model, xt)
@@ -228,6 +230,7 @@ class OnnxBackend:
 
     def forward(self, x: np.ndarray):
         """(B,3,S,S) float32 numpy -> (seg_prob (B,1,S,S), logits (B,C)) float32 numpy."""
+        check_input(x, self.img_size)
         a = np.ascontiguousarray(x, dtype=np.float32)
         sb = self.static_batch
         if sb is None:
