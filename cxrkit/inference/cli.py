@@ -13,7 +13,7 @@ from ..tta import MAX_TTA
 from .backends import TorchBackend
 from .gradcam import GradCamExplainer
 from .inputs import gather_inputs
-from .pipeline import run_pipeline
+from .pipeline import check_options, run_pipeline
 
 log = logging.getLogger("cxrkit")
 
@@ -83,17 +83,11 @@ def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
     try:
         if args.data_dir is None and not args.images:
             raise InferenceError("no inputs: give --data_dir DIR or --images FILE [FILE ...]")
-        if not 1 <= args.tta <= MAX_TTA:
-            raise InferenceError(f"--tta must be between 1 and {MAX_TTA}, got {args.tta}")
-        if args.batch_size < 1:
-            raise InferenceError(f"--batch_size must be >= 1, got {args.batch_size}")
         if gradcam and cam_checkpoint is None:
             raise InferenceError("--gradcam with the ONNX backend needs --checkpoint (the PyTorch checkpoint the "
                                  "model was exported from): ONNX Runtime gives no gradients")
         backend = make_backend()
-        if args.cam_class is not None and args.cam_class not in backend.class_names:
-            raise InferenceError(f"--cam_class {args.cam_class!r} is not a model class; choose one of "
-                                 f"{backend.class_names}")
+        check_options(backend.class_names, args.batch_size, args.tta, args.cam_class)
         if getattr(backend, "calibration_problem", None):
             log.warning("%s: %s", getattr(backend, "checkpoint_path", None) or getattr(backend, "onnx_path", "model"),
                         backend.calibration_problem)

@@ -79,6 +79,134 @@ def csv_columns(class_names, save_masks=False, gradcam=False) -> list[str]:
     return cols
 
 
+def check_options(names, batch_size, tta, cam_class) -> int | None:
+    """The run options, checked once (run_cli calls it before scanning the inputs, run_pipeline for
+    library callers); returns the Grad-CAM class index (None: the predicted class)."""
+    if batch_size < 1:
+        raise InferenceError(f"--batch_size must be >= 1, got {batch_size}")
+    if not 1 <= tta <= MAX_TTA:
+        raise InferenceError(f"--tta must be between 1 and {MAX_TTA}, got {tta}")
+    if cam_class is not None and cam_class not in names:
+        raise InferenceError(f"--cam_class {cam_class!r} is not a model class; choose one of {names}")
+    return None if cam_class is None else names.index(cam_class)
+
+
+def _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cams) -> int | None:
+    cam_idx = check_options(names, batch_size, tta, cam_class)
+    if cam is not None and (cam.class_names != names or cam.img_size != size):
+        raise InferenceError(f"the Grad-CAM checkpoint (classes {cam.class_names}, {cam.img_size}px) does not "
+                             f"match the model (classes {names}, {size}px)")
+    if save_cams and cam is None:
+        raise InferenceError("--save_cams needs Grad-CAM (--gradcam)")
+    if not items:
+        raise InferenceError("no images to run on")
+    return cam_idx
+
+
+class _Tally:
+    """Per-image results: the CSV rows, quality-flag counts, and what the metrics need."""
+
+    def __init__(self, names, size, area_rng):
+        self.names, self.size, self.area_rng = names, size, area_rng
+        self.rows, self.y_true, self.y_probs = [], [], []
+        self.dices, self.ious, self.dices_model = [], [], []
+        self.flag_counts = {c: 0 for c in quality.FLAG_CODES}
+
+    def add(self, d, seg, probs, save_masks, cam_name, save_cams) -> dict:
+        from ..metrics import binary_dice_iou
+        names, pred = self.names, int(probs.argmax())
+        lung = seg > 0.5
+        tc = d.item.true_class
+        row = {"image_path": str(d.item.path), "predicted_class": names[pred], "confidence": f"{probs[pred]:.6f}",
+               **{f"prob_{c}": f"{probs[j]:.6f}" for j, c in enumerate(names)},
+               "lung_area_fraction": f"{lung.mean():.6f}",
+               "true_class": tc or "", "correct": "" if tc is None else str(int(tc == names[pred])),
+               "dice": "", "iou": "", "annotated_png": f"annotated/{d.item.out_stem}.png"}
+        d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), self.area_rng))
+        row["quality_flags"] = ";".join(d.flags)
+        for f in d.flags:
+            self.flag_counts[f] += 1
+        if tc is not None:
+            self.y_true.append(names.index(tc))
+            self.y_probs.append(probs)
+        if d.gt_mask is not None:  # Dice at the mask's own resolution (and, labelled, at the model input)
+            gh, gw = d.gt_mask.shape[:2]
+            lung_native = cv2.resize(seg.astype(np.float32), (gw, gh), interpolation=cv2.INTER_LINEAR) > 0.5
+            dc, io_ = binary_dice_iou(lung_native, d.gt_mask)
+            self.dices.append(dc)
+            self.ious.append(io_)
+            self.dices_model.append(binary_dice_iou(lung, resize_mask(d.gt_mask, self.size))[0])
+            row["dice"], row["iou"] = f"{dc:.6f}", f"{io_:.6f}"
+        if save_masks:
+            row["mask_png"] = f"masks/{d.item.out_stem}_mask.png"
+        if cam_name:
+            row["cam_class"] = cam_name
+            row["cam_file"] = f"cams/{d.item.out_stem}_cam.npy" if save_cams else ""
+        self.rows.append(row)
+        return row
+
+
+def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally: _Tally, seconds, model_seconds, *,
+             tta, batch_size, workers, cam, cam_class, save_masks, save_cams, calib_problem) -> dict:
+    """summary.json: counts, skips, throughput, quality flags, and metrics where ground truth exists."""
+    from ..metrics import classification_metrics
+    from ..report import confidence_intervals
+    names, size, temp, rows = tally.names, tally.size, float(backend.temperature), tally.rows
+    summary = {
+        "n_inputs": len(items), "n_processed": n_done, "n_skipped": len(skipped), "skipped": skipped,
+        "backend": backend.name, "backend_info": backend.describe(),
+        "class_names": names, "img_size": size,
+        "calibrated": calib_problem is None, "temperature": temp,
+        **({"calibration_problem": f"the model: {calib_problem}"} if calib_problem else {}),
+        "calibration": "probabilities in predictions.csv = softmax(logits / temperature), averaged over TTA views",
+        "tta": int(tta), "batch_size": int(batch_size), "decode_workers": workers,
+        "throughput": {"seconds": seconds, "images_per_second": n_done / seconds if seconds > 0 else None,
+                       "model_seconds": model_seconds,
+                       "note": "seconds = wall clock of the whole pipeline (decode, model, overlays, files); "
+                               "model_seconds = time in the backend incl. TTA"},
+        "predicted_counts": {c: int(sum(r["predicted_class"] == c for r in rows)) for c in names},
+        "csv_notes": {"prob_<class>": "calibrated class probabilities, model class order",
+                      "confidence": "probability of predicted_class",
+                      "lung_area_fraction": "fraction of model-input pixels with lung probability > 0.5",
+                      "true_class/correct": "from the folder name when it is a model class (correct: 1/0), "
+                                            "else empty",
+                      "dice/iou": "vs the ground-truth mask (masks/ folder) at 0.5, at the mask's own "
+                                  "resolution, when there is one",
+                      "quality_flags": "empty when all is well, else ';'-joined codes (see quality)"},
+        "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": tally.flag_counts,
+                    "meaning": quality.FLAG_MEANING, "thresholds": quality.thresholds(tally.area_rng),
+                    "lung_area_range": tally.area_rng,
+                    "note": "flagged images got an answer the model cannot back: check them by eye"},
+        "notes": input_notes,
+        "classification": None, "segmentation": None,
+        "gradcam": None if cam is None else {
+            "target": cam_class or "predicted class", "layer": cam.layer, "method": "monai.visualize.GradCAM",
+            "maps_saved": bool(save_cams), "input": "the un-augmented image (also with --tta)",
+            "map_format": "float32 .npy (S x S, model input size), raw ReLU'd Grad-CAM (not normalised); the "
+                          "annotated PNG shows it min-max normalised per image"},
+        "outputs": {"csv": "predictions.csv", "annotated": "annotated/",
+                    "masks": "masks/ (0/255 PNG at the original image resolution)" if save_masks else None,
+                    "cams": "cams/" if save_cams else None},
+        "note": DISCLAIMER,
+    }
+    if mask_problems:
+        summary["mask_problems"] = mask_problems
+    if tally.y_true:
+        y_true, y_probs = np.asarray(tally.y_true), np.asarray(tally.y_probs)
+        m = classification_metrics(y_true, y_probs, names)
+        m["n_labelled"] = len(y_true)
+        m.update(confidence_intervals(tally.y_true, y_probs.argmax(1), len(names)))
+        summary["classification"] = m
+    if tally.dices:
+        summary["segmentation"] = {"mean_dice": float(np.mean(tally.dices)), "mean_iou": float(np.mean(tally.ious)),
+                                   "n_masks": len(tally.dices), "threshold": 0.5,
+                                   "resolution": "each ground-truth mask's own size (lung probabilities resized "
+                                                 "bilinearly to it, then thresholded)",
+                                   "mean_dice_model_input": float(np.mean(tally.dices_model)),
+                                   "model_input_resolution": f"{size}x{size}"}
+    return summary
+
+
 def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int = 16, tta: int = 1,
                  cam: GradCamExplainer | None = None, cam_class: str | None = None, save_cams: bool = False,
                  save_masks: bool = False, workers: int | None = None, progress: bool = True,
@@ -89,26 +217,10 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
     The run owns save_dir (cxrkit.outdir): refused while another process writes there, or when it
     holds an earlier run's outputs unless overwrite (which removes exactly those files first)."""
     from tqdm import tqdm
-    from ..metrics import binary_dice_iou, classification_metrics
-    from ..report import THUMB_DIR, confidence_intervals, model_info, thumb_relpath, write_report, write_thumbnail
+    from ..report import THUMB_DIR, model_info, thumb_relpath, write_report, write_thumbnail
 
-    if batch_size < 1:
-        raise InferenceError(f"--batch_size must be >= 1, got {batch_size}")
-    if not 1 <= tta <= MAX_TTA:
-        raise InferenceError(f"--tta must be between 1 and {MAX_TTA}, got {tta}")
     names, size, temp = list(backend.class_names), int(backend.img_size), float(backend.temperature)
-    cam_idx = None
-    if cam_class is not None:
-        if cam_class not in names:
-            raise InferenceError(f"--cam_class {cam_class!r} is not a model class; choose one of {names}")
-        cam_idx = names.index(cam_class)
-    if cam is not None and (cam.class_names != names or cam.img_size != size):
-        raise InferenceError(f"the Grad-CAM checkpoint (classes {cam.class_names}, {cam.img_size}px) does not "
-                             f"match the model (classes {names}, {size}px)")
-    if save_cams and cam is None:
-        raise InferenceError("--save_cams needs Grad-CAM (--gradcam)")
-    if not items:
-        raise InferenceError("no images to run on")
+    cam_idx = _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cams)
     save_dir = Path(save_dir)
     ann_dir, mask_dir, cam_dir = save_dir / "annotated", save_dir / "masks", save_dir / "cams"
     claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name})").acquire()  # lock
@@ -144,9 +256,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
         if report:
             write_thumbnail(save_dir / thumb_relpath(stem), d.display, seg)
 
-    rows, skipped, mask_problems = [], [], []
-    input_notes, flag_counts = [], {c: 0 for c in quality.FLAG_CODES}
-    y_true, y_probs, dices, ious, dices_model = [], [], [], [], []
+    tally = _Tally(names, size, area_rng)
+    skipped, mask_problems, input_notes = [], [], []
     model_seconds, n_done = 0.0, 0
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxrkit-decode")
@@ -196,36 +307,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                 if cam is not None:
                     cams = cam(x, pred if cam_idx is None else np.full(len(batch), cam_idx))
                 for i, d in enumerate(batch):
-                    lung = seg[i] > 0.5
-                    tc = d.item.true_class
-                    row = {"image_path": str(d.item.path), "predicted_class": names[pred[i]],
-                           "confidence": f"{probs[i, pred[i]]:.6f}",
-                           **{f"prob_{c}": f"{probs[i, j]:.6f}" for j, c in enumerate(names)},
-                           "lung_area_fraction": f"{lung.mean():.6f}",
-                           "true_class": tc or "", "correct": "" if tc is None else str(int(tc == names[pred[i]])),
-                           "dice": "", "iou": "", "annotated_png": f"annotated/{d.item.out_stem}.png"}
-                    d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), area_rng))
-                    row["quality_flags"] = ";".join(d.flags)
-                    for f in d.flags:
-                        flag_counts[f] += 1
-                    if tc is not None:
-                        y_true.append(names.index(tc)); y_probs.append(probs[i])
-                    if d.gt_mask is not None:
-                        gh, gw = d.gt_mask.shape[:2]
-                        lung_native = cv2.resize(seg[i].astype(np.float32), (gw, gh),
-                                                 interpolation=cv2.INTER_LINEAR) > 0.5
-                        dc, io_ = binary_dice_iou(lung_native, d.gt_mask)
-                        dices.append(dc); ious.append(io_)
-                        dices_model.append(binary_dice_iou(lung, resize_mask(d.gt_mask, size))[0])
-                        row["dice"], row["iou"] = f"{dc:.6f}", f"{io_:.6f}"
-                    if save_masks:
-                        row["mask_png"] = f"masks/{d.item.out_stem}_mask.png"
-                    cam_name = ""
-                    if cams is not None:
-                        cam_name = names[pred[i] if cam_idx is None else cam_idx]
-                        row["cam_class"] = cam_name
-                        row["cam_file"] = f"cams/{d.item.out_stem}_cam.npy" if save_cams else ""
-                    rows.append(row)
+                    cam_name = "" if cams is None else names[pred[i] if cam_idx is None else cam_idx]
+                    tally.add(d, seg[i], probs[i], save_masks, cam_name, save_cams)  # sets d.flags
                     writer.put((d, seg[i], probs[i], None if cams is None else cams[i], cam_name))
                 n_done += len(batch)
                 bar.update(len(batch))
@@ -238,65 +321,17 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
         if not ok:
             claim.release()  # the manifest stays "running": the next run needs --overwrite
     cols = csv_columns(names, save_masks, cam is not None)
-    write_csv_atomic(save_dir / "predictions.csv", cols, rows)
+    write_csv_atomic(save_dir / "predictions.csv", cols, tally.rows)
     seconds = time.perf_counter() - t0
-    summary = {
-        "n_inputs": len(items), "n_processed": n_done, "n_skipped": len(skipped), "skipped": skipped,
-        "backend": backend.name, "backend_info": backend.describe(),
-        "class_names": names, "img_size": size,
-        "calibrated": calib_problem is None, "temperature": temp,
-        **({"calibration_problem": f"the model: {calib_problem}"} if calib_problem else {}),
-        "calibration": "probabilities in predictions.csv = softmax(logits / temperature), averaged over TTA views",
-        "tta": int(tta), "batch_size": int(batch_size), "decode_workers": workers,
-        "throughput": {"seconds": seconds, "images_per_second": n_done / seconds if seconds > 0 else None,
-                       "model_seconds": model_seconds,
-                       "note": "seconds = wall clock of the whole pipeline (decode, model, overlays, files); "
-                               "model_seconds = time in the backend incl. TTA"},
-        "predicted_counts": {c: int(sum(r["predicted_class"] == c for r in rows)) for c in names},
-        "csv_notes": {"prob_<class>": "calibrated class probabilities, model class order",
-                      "confidence": "probability of predicted_class",
-                      "lung_area_fraction": "fraction of model-input pixels with lung probability > 0.5",
-                      "true_class/correct": "from the folder name when it is a model class (correct: 1/0), "
-                                            "else empty",
-                      "dice/iou": "vs the ground-truth mask (masks/ folder) at 0.5, at the mask's own "
-                                  "resolution, when there is one",
-                      "quality_flags": "empty when all is well, else ';'-joined codes (see quality)"},
-        "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": flag_counts,
-                    "meaning": quality.FLAG_MEANING, "thresholds": quality.thresholds(area_rng),
-                    "lung_area_range": area_rng,
-                    "note": "flagged images got an answer the model cannot back: check them by eye"},
-        "notes": input_notes,
-        "classification": None, "segmentation": None,
-        "gradcam": None if cam is None else {
-            "target": cam_class or "predicted class", "layer": cam.layer, "method": "monai.visualize.GradCAM",
-            "maps_saved": bool(save_cams), "input": "the un-augmented image (also with --tta)",
-            "map_format": "float32 .npy (S x S, model input size), raw ReLU'd Grad-CAM (not normalised); the "
-                          "annotated PNG shows it min-max normalised per image"},
-        "outputs": {"csv": "predictions.csv", "annotated": "annotated/",
-                    "masks": "masks/ (0/255 PNG at the original image resolution)" if save_masks else None,
-                    "cams": "cams/" if save_cams else None},
-        "note": DISCLAIMER,
-    }
-    if mask_problems:
-        summary["mask_problems"] = mask_problems
-    if y_true:
-        m = classification_metrics(np.asarray(y_true), np.asarray(y_probs), names)
-        m["n_labelled"] = len(y_true)
-        m.update(confidence_intervals(y_true, np.asarray(y_probs).argmax(1), len(names)))
-        summary["classification"] = m
-    if dices:
-        summary["segmentation"] = {"mean_dice": float(np.mean(dices)), "mean_iou": float(np.mean(ious)),
-                                   "n_masks": len(dices), "threshold": 0.5,
-                                   "resolution": "each ground-truth mask's own size (lung probabilities resized "
-                                                 "bilinearly to it, then thresholded)",
-                                   "mean_dice_model_input": float(np.mean(dices_model)),
-                                   "model_input_resolution": f"{size}x{size}"}
+    summary = _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally, seconds, model_seconds,
+                       tta=tta, batch_size=batch_size, workers=workers, cam=cam, cam_class=cam_class,
+                       save_masks=save_masks, save_cams=save_cams, calib_problem=calib_problem)
     if extra_summary:
         summary.update(extra_summary)
     summary["outputs"]["report"] = "report.html (thumbnails in thumbs/)" if report else None
     write_json_atomic(save_dir / "summary.json", summary)
     if report:
-        write_report(save_dir, summary, rows, model=model_info(backend))
+        write_report(save_dir, summary, tally.rows, model=model_info(backend))
     claim.finish()  # manifest: every file this run wrote, status complete
     claim.release()
     return summary
