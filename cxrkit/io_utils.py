@@ -1,7 +1,6 @@
 """Light file helpers shared by the torch side (export, training) and the ONNX Runtime inference path.
 
-This module must stay free of torch / MONAI imports: `cxrkit.inference` imports it on the CPU ONNX
-path, whose start-up time matters (importing torch alone costs ~1.5 s there).
+The ONNX inference path imports it, so it stays torch-free on import (why: cxrkit/inference/__init__.py; tests/test_inference.py enforces it).
 
 * Atomic file writes: write a temp file in the same folder, then os.replace (never a torn file).
 * The exported graph's input/output names and the side-car `<model>.onnx.meta.json` path.

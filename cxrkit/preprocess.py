@@ -27,8 +27,7 @@ from .errors import ImageReadError
 if TYPE_CHECKING:  # annotations only
     import torch
 
-# No module-level `import torch`: the CPU ONNX inference path imports this module and must start
-# fast (importing torch costs ~1.5 s there); the torch helpers below import it when called.
+# No module-level `import torch`: torch-free on import (why: cxrkit/inference/__init__.py; tests/test_inference.py enforces it).
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
 

@@ -19,8 +19,8 @@ exact value) so tests can check the page against the file.
 Thumbnails (THUMB_HEIGHT px JPEGs under thumbs/, lung outline drawn) are written by the pipeline's
 writer thread through write_thumbnail, never scaled down from the full PNGs by the browser.
 
-Torch-free on import, like cxrkit.inference: the CPU ONNX path must never load torch. Only
-write_split_report (model_arch.py --evaluate) imports the PyTorch side, when called.
+The ONNX inference path imports it, so it stays torch-free on import (why: cxrkit/inference/__init__.py; tests/test_inference.py enforces it); only write_split_report
+(model_arch.py --evaluate) imports the PyTorch side, when called.
 
 Research software: not for diagnosis.
 """

@@ -10,8 +10,7 @@ Two calling conventions, chosen by the type of x:
 * numpy arrays (the inference backends, cxrkit.inference): forward takes and returns float32 numpy
   arrays. N = 1 runs in numpy only; N > 1 imports torch for the warps (on the CPU).
 
-torch is imported lazily (inside the functions) so that plain numpy inference - the CPU ONNX
-Runtime path - never pays torch's import time (~1.5 s of a ~3.4 s run over 48 images).
+torch is imported inside the functions: this module is torch-free on import (why: cxrkit/inference/__init__.py; tests/test_inference.py enforces it).
 """
 from __future__ import annotations
 

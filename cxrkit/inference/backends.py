@@ -54,8 +54,7 @@ class TorchBackend:
     name = "pytorch"
 
     def __init__(self, checkpoint, device=None):
-        # cxrkit.checkpoint / cxrkit.device import torch and MONAI: imported here, not at module level
-        # (start-up time of the CPU ONNX path)
+        # torch / MONAI come in here, when a PyTorch backend is made (the package is torch-free on import)
         from ..checkpoint import model_from_checkpoint
         from ..device import pick_device
         self.checkpoint_path = Path(checkpoint)

@@ -13,9 +13,8 @@ log = logging.getLogger("cxrkit")
 # ------------------------------------------------------------------------------------- Grad-CAM
 def _class_logits_module(net):
     """The multi-task net seen as a classifier (a module with one child `net` returning the logits):
-    MONAI's GradCAM wants a module returning logits. The nn.Module subclass is defined here, not at
-    module level, so that importing cxrkit.inference does not import torch (start-up time of the
-    CPU ONNX path)."""
+    MONAI's GradCAM wants a module returning logits. Defined inside a function: the package is
+    torch-free on import."""
     import torch
 
     class _ClassLogits(torch.nn.Module):
