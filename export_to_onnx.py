@@ -14,23 +14,26 @@ import argparse
 import logging
 import sys
 
+from cxrkit.config import CHECKPOINT_PATH, ONNX_PATH, ExportConfig
 from cxrkit.io_utils import HelpFormatter
+
+E = ExportConfig()
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("files")
-    g.add_argument("--checkpoint", default="model_checkpoints/best_covid_model.pth", help="trained cxrkit checkpoint")
-    g.add_argument("--onnx_path", default="models/covid_multitask.onnx",
+    g.add_argument("--checkpoint", default=CHECKPOINT_PATH, help="trained cxrkit checkpoint")
+    g.add_argument("--onnx_path", default=ONNX_PATH,
                    help="output model; the meta file is written next to it as <onnx_path>.meta.json")
     g = p.add_argument_group("export")
     g.add_argument("--img_size", type=int, default=None, help="input size; None = the checkpoint's training size")
-    g.add_argument("--opset", type=int, default=17, help="ONNX opset (the dynamo fallback exporter needs >= 18)")
+    g.add_argument("--opset", type=int, default=E.opset, help="ONNX opset (the dynamo fallback exporter needs >= 18)")
     g.add_argument("--no_dynamic_batch", dest="dynamic_batch", action="store_false",
                    help="fix the batch dimension to 1 instead of a dynamic 'batch' axis (dynamic batch: %(default)s)")
-    g.add_argument("--exporter", default="auto", choices=["auto", "torchscript", "dynamo"],
+    g.add_argument("--exporter", default=E.exporter, choices=["auto", "torchscript", "dynamo"],
                    help="auto = TorchScript exporter (dynamo=False) first, torch.export-based one if that fails")
-    g.add_argument("--device", default="cpu", help="device the model is traced on (cpu, cuda, cuda:N)")
+    g.add_argument("--device", default=E.device, help="device the model is traced on (cpu, cuda, cuda:N)")
     return p.parse_args(argv)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cxrkit.config import CHECKPOINT_PATH
 from cxrkit.inference import add_gradcam_args, add_input_args, add_output_args, add_run_args, run_cli
 from cxrkit.io_utils import HelpFormatter
 
@@ -19,7 +20,7 @@ from cxrkit.io_utils import HelpFormatter
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", default="model_checkpoints/best_covid_model.pth", help="trained cxrkit checkpoint")
+    g.add_argument("--checkpoint", default=CHECKPOINT_PATH, help="trained cxrkit checkpoint")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_input_args(p)
     add_output_args(p, "out/pth_inference")

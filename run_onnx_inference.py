@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cxrkit.config import ONNX_PATH
 from cxrkit.inference import add_gradcam_args, add_input_args, add_output_args, add_run_args, run_cli
 from cxrkit.io_utils import HelpFormatter
 
@@ -22,7 +23,7 @@ from cxrkit.io_utils import HelpFormatter
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--onnx_path", default="models/covid_multitask.onnx", help="exported model")
+    g.add_argument("--onnx_path", default=ONNX_PATH, help="exported model")
     g.add_argument("--meta_path", default=None, help="meta file; None = <onnx_path>.meta.json")
     g.add_argument("--use_cuda", action="store_true",
                    help="CUDAExecutionProvider first, CPU as fallback (warns and uses CPU when CUDA is unavailable)")

@@ -1,4 +1,5 @@
-"""Every default lives here, in one commented place.
+"""Every default lives here, in one commented place: the model presets, the training recipe
+(TrainConfig), inference (InferConfig), export (ExportConfig) and the shipped files' paths.
 
 `ModelConfig` fully describes a network; it is stored in each checkpoint as a plain dict, so a
 checkpoint rebuilds its model with no architecture flags. `PRESETS` are the variants compared in
@@ -123,3 +124,25 @@ class TrainConfig:
     # fine-tuning: the pretrained encoder learns at lr * encoder_lr_mult (new decoder/heads at lr)
     encoder_lr_mult: float = 0.3
     channels_last: bool = True    # NHWC: 1.6x faster lite0 training on a 2-core Xeon (AVX-512), see README
+
+
+# ------------------------------------------------------------------ shipped files, inference, export
+CHECKPOINT_PATH = "model_checkpoints/best_covid_model.pth"  # the shipped checkpoint (paths relative to the repo)
+ONNX_PATH = "models/covid_multitask.onnx"                   # the shipped ONNX model (+ .meta.json beside it)
+
+
+@dataclass
+class InferConfig:
+    """Defaults of the two inference CLIs (cxrkit/inference/cli.py reads them)."""
+    num_samples: int = 12         # a random dozen: a quick look; 0 = every image
+    seed: int = 42                # for --num_samples
+    batch_size: int = 16          # images per model call (ONNX Runtime is at its throughput plateau by 16)
+    tta: int = 1                  # views; 4 bought 0.2 points for the shipped model (README)
+
+
+@dataclass
+class ExportConfig:
+    """Defaults of export_to_onnx.py."""
+    opset: int = 17               # the TorchScript exporter's; the dynamo fallback needs >= 18
+    exporter: str = "auto"        # TorchScript first, torch.export-based if that fails
+    device: str = "cpu"           # device the model is traced on

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 
+from ..config import InferConfig
 from ..errors import CxrkitError, InferenceError
 from ..io_utils import sha256_file
 from ..tta import MAX_TTA
@@ -16,6 +17,7 @@ from .inputs import gather_inputs
 from .pipeline import check_options, run_pipeline
 
 log = logging.getLogger("cxrkit")
+D = InferConfig()
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -27,15 +29,15 @@ def add_input_args(p):
                           "folder names give the true class and <Class>/masks/* are ground truth (not inputs)")
     src.add_argument("--images", nargs="+", default=None, metavar="FILE",
                      help="explicit image files (or folders); a file's folder name gives its true class")
-    g.add_argument("--num_samples", type=int, default=12, help="pick this many inputs at random (0 = all)")
-    g.add_argument("--seed", type=int, default=42, help="random seed for --num_samples")
+    g.add_argument("--num_samples", type=int, default=D.num_samples, help="pick this many inputs at random (0 = all)")
+    g.add_argument("--seed", type=int, default=D.seed, help="random seed for --num_samples")
     return g
 
 
 def add_run_args(p):
     g = p.add_argument_group("run")
-    g.add_argument("--batch_size", type=int, default=16, help="images per model call")
-    g.add_argument("--tta", type=int, default=1,
+    g.add_argument("--batch_size", type=int, default=D.batch_size, help="images per model call")
+    g.add_argument("--tta", type=int, default=D.tta,
                    help=f"test-time augmentation views (1 = plain inference, at most {MAX_TTA})")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding threads")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
