@@ -62,3 +62,47 @@ def test_tta_report(evaluated):
     assert rep["rows"]["1"]["accuracy"] == pytest.approx(cls["accuracy"])  # 1 view = plain inference
     for r in rep["rows"].values():
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["dice"] <= 1 and r["ms_per_image"] > 0
+
+
+def test_shortcut_check_reports_cam_mass_and_validation(evaluated):
+    _, out, _, _ = evaluated
+    res = json.loads((out / "test_results" / "shortcut_check.json").read_text())
+    cam = res["cam_mass_in_lungs"]
+    assert cam["n_images"] > 0 and 0.0 <= cam["mean"] <= 1.0
+    assert 0.0 < cam["lung_area_share_mean"] < 1.0 and cam["layer"].startswith("net.")
+    val = res["validation"]  # what model selection reads (never the test split)
+    split = json.loads((out / "split.json").read_text())
+    assert val["n_images"] == len(split["val"]) > 0 and res["n_images"] == len(split["test"])
+    assert 0.0 <= val["cam_mass_in_lungs"]["mean"] <= 1.0
+    for k in ("original", "lungs_only", "lungs_removed"):
+        assert 0.0 <= val[k]["accuracy"] <= 1.0
+
+
+def test_cam_mass_in_lungs_measures_where_the_map_lies(monkeypatch):
+    """A Grad-CAM map that lies inside the lung mask scores 1, one outside it 0."""
+    from types import SimpleNamespace
+
+    import cxrkit.inference as inf
+    from cxrkit import evaluate
+
+    s = 32
+    masks = np.zeros((2, s, s), np.uint8)
+    masks[:, 8:24, 4:14] = 1
+    data = SimpleNamespace(images=np.full((2, s, s), 128, np.uint8), masks=masks, has_mask=np.array([True, True]))
+
+    class FakeCam:
+        layer = "net.fake"
+
+        def __init__(self, *a, **k):
+            self.net = lambda x: torch.zeros(x.shape[0], 4)
+
+        def __call__(self, x, idx):
+            m = np.zeros((x.shape[0], s, s), np.float32)
+            m[0] = masks[0]          # image 0: all mass inside the lungs
+            m[1] = 1 - masks[1]      # image 1: all mass outside
+            return m
+
+    monkeypatch.setattr(inf, "GradCamExplainer", FakeCam)
+    r = evaluate.cam_mass_in_lungs(None, {}, data, np.array([0, 1]), torch.device("cpu"))
+    assert r["n_images"] == 2 and r["mean"] == pytest.approx(0.5)
+    assert r["lung_area_share_mean"] == pytest.approx(masks[0].mean())
