@@ -30,6 +30,23 @@ def roc_auc(pos: np.ndarray, scores: np.ndarray) -> float:
     return float((r[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def f1_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """Per-class F1 of (..., C, C) confusion matrices (rows true, columns predicted): 2 tp / (true_n +
+    pred_n), 0 where undefined (scikit-learn's zero_division=0)."""
+    cm = np.asarray(cm, np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    den = cm.sum(-1) + cm.sum(-2)
+    return np.divide(2 * tp, den, out=np.zeros_like(tp), where=den > 0)
+
+
+def macro_f1_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """Macro-F1 of (..., C, C) confusion matrices, averaged over the classes present in the true or
+    predicted labels (as scikit-learn); batched, so the report's bootstrap uses it too."""
+    cm = np.asarray(cm, np.float64)
+    present = (cm.sum(-1) + cm.sum(-2)) > 0
+    return (f1_from_confusion(cm) * present).sum(-1) / np.maximum(present.sum(-1), 1)
+
+
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, macro/weighted F1, per-class precision/recall/F1/support/ROC-AUC, confusion matrix.
 
@@ -44,10 +61,9 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     tp, pred_n, true_n = np.diag(cm).astype(np.float64), cm.sum(0), cm.sum(1)
     p = np.divide(tp, pred_n, out=np.zeros(c), where=pred_n > 0)
     r = np.divide(tp, true_n, out=np.zeros(c), where=true_n > 0)
-    f = np.divide(2 * p * r, p + r, out=np.zeros(c), where=(p + r) > 0)
-    present = (true_n + pred_n) > 0  # macro average over classes seen in y_true or y_pred, as scikit-learn
+    f = f1_from_confusion(cm)
     out = {"accuracy": float((y_pred == y_true).mean()) if len(y_true) else 0.0,
-           "macro_f1": float(f[present].mean()) if present.any() else 0.0,
+           "macro_f1": float(macro_f1_from_confusion(cm)),
            "weighted_f1": float((f * true_n).sum() / max(true_n.sum(), 1)),
            "per_class": {}, "confusion_matrix": cm.tolist()}
     for i, name in enumerate(classes):

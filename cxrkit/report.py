@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from .io_utils import write_bytes_atomic
+from .metrics import macro_f1_from_confusion  # noqa: F401  (tests use it from here)
 
 log = logging.getLogger("cxrkit")
 
@@ -91,18 +92,6 @@ def wilson_interval(k: int, n: int, z: float = _Z95) -> tuple[float, float]:
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
     lo, hi = max(0.0, centre - half), min(1.0, centre + half)
     return (0.0 if k <= 0 else lo), (1.0 if k >= n else hi)  # exact ends (no 0.9999999999999999)
-
-
-def macro_f1_from_confusion(cm: np.ndarray) -> np.ndarray:
-    """Macro-F1 of (..., C, C) confusion matrices (rows true, columns predicted), averaged over the
-    classes present in the true or predicted labels, 0 where undefined: the definition of
-    cxrkit.metrics.classification_metrics (and scikit-learn's, zero_division=0)."""
-    cm = np.asarray(cm, np.float64)
-    tp = np.diagonal(cm, axis1=-2, axis2=-1)
-    den = cm.sum(-1) + cm.sum(-2)                      # true_n + pred_n; F1 = 2 tp / (true_n + pred_n)
-    f = np.divide(2 * tp, den, out=np.zeros_like(tp), where=den > 0)
-    present = den > 0
-    return (f * present).sum(-1) / np.maximum(present.sum(-1), 1)
 
 
 def bootstrap_macro_f1(y_true, y_pred, n_classes: int, n_resamples: int = CI_RESAMPLES, seed: int = CI_SEED,

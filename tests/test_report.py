@@ -189,6 +189,8 @@ def test_bootstrap_macro_f1():
     cm = np.bincount(y * 4 + p, minlength=16).reshape(4, 4)
     ref = classification_metrics(y, np.eye(4)[p], CLASSES)["macro_f1"]
     assert rp.macro_f1_from_confusion(cm) == pytest.approx(ref, abs=1e-12)
+    from sklearn.metrics import f1_score  # the one definition (cxrkit.metrics) agrees with scikit-learn
+    assert rp.macro_f1_from_confusion(cm) == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
     a = rp.bootstrap_macro_f1(y, p, 4)
     assert a == rp.bootstrap_macro_f1(y, p, 4)                 # seeded: reproducible
     assert a != rp.bootstrap_macro_f1(y, p, 4, seed=5)
