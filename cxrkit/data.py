@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -128,18 +128,26 @@ class CachedData:
     mask_paths: list | None = None  # relative mask path per image (None entries: no mask); for Dice at the
                                     # masks' own resolution. None when unknown (a carried cache folder)
 
+    _native: dict = field(default_factory=dict, repr=False, compare=False)  # index -> (packed bits, shape)
+
     def native_masks(self, idx) -> list | None:
         """The ground-truth masks of images idx at their files' own resolution (0/1 uint8), None for
-        images without one; None altogether when the mask files cannot be reached."""
+        images without one; None altogether when the mask files cannot be reached. Each file is read
+        once and kept bit-packed (validation asks for the same masks every epoch)."""
         if not self.mask_paths or not self.root or not Path(self.root).is_dir():
             return None
         out = []
-        for i in idx:
-            rel = self.mask_paths[int(i)] if self.has_mask[int(i)] else None
-            try:
-                out.append(read_mask(Path(self.root) / rel) if rel else None)
-            except (ImageReadError, OSError):
-                out.append(None)
+        for i in map(int, idx):
+            if i not in self._native:
+                rel = self.mask_paths[i] if self.has_mask[i] else None
+                try:
+                    m = read_mask(Path(self.root) / rel) if rel else None
+                except (ImageReadError, OSError):
+                    m = None
+                self._native[i] = None if m is None else (np.packbits(m.astype(bool)), m.shape)
+            packed = self._native[i]
+            out.append(None if packed is None else
+                       np.unpackbits(packed[0], count=packed[1][0] * packed[1][1]).reshape(packed[1]))
         return out
 
 
