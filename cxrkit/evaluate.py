@@ -17,6 +17,7 @@ from .metrics import (SegAccumulator, classification_metrics, expected_calibrati
                       softmax)
 from .model import predict
 from .preprocess import to_model_input
+from .quality import lung_area_range  # stored in the checkpoint: inference flags predicted lung areas against it
 from .tta import tta_predict
 
 
@@ -192,7 +193,6 @@ def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype
     model.to(device)
     t = calibrate(model, data, va_idx, device, 64, amp_dtype)
     ck["temperature"] = t
-    from .quality import lung_area_range  # the range inference flags predicted lung areas against
     ck["lung_area_range"] = lung_area_range(data.masks, data.has_mask, tr_idx)
     atomic_torch_save(ck, best_path)
     return evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype)
@@ -243,7 +243,7 @@ def evaluate_from_args(args) -> None:
     split_p = Path(args.split_file) if args.split_file else out / "split.json"
     if not split_p.is_file():
         log.warning("%s not found: making a new split with --seed %d (it only matches the training split "
-                        "if the checkpoint was trained on this data with this seed)", split_p, args.seed)
+                    "if the checkpoint was trained on this data with this seed)", split_p, args.seed)
     split = load_or_make_split(data, split_p, args.val_frac, args.test_frac, args.seed, args.dup_threshold)
     amp = amp_dtype_for(device, args.amp)
     res_dir = out / "test_results"

@@ -17,6 +17,7 @@ import os
 import threading
 import uuid
 from pathlib import Path
+
 from .errors import UsageError  # noqa: F401  (re-exported)
 
 # ONNX graph contract (see cxrkit.export): one input, two outputs

@@ -32,10 +32,6 @@ log = logging.getLogger("cxrkit")
 BEST, LAST = "best_covid_model.pth", "last_checkpoint.pth"
 
 
-# ------------------------------------------------------------------------------ process / device
-# (setup_distributed, pick_device and amp_dtype_for live in cxrkit/device.py)
-
-
 def lr_lambda_factory(warmup_steps: int, total_steps: int):
     def f(step):
         if step < warmup_steps:
@@ -56,7 +52,7 @@ def model_config_from_args(args, num_classes: int) -> ModelConfig:
     if pre is not None:
         if cfg.backbone != "lite0" and pre:
             raise UsageError(f"--pretrained: --arch {args.arch} has no pretrained encoder; use --arch lite0")
-        cfg.pretrained = bool(pre) and cfg.backbone == "lite0"
+        cfg.pretrained = bool(pre)
     if cfg.backbone == "lite0" and args.img_size % 32:
         raise UsageError(f"--img_size {args.img_size}: --arch {args.arch} needs a multiple of 32 (its encoder "
                          f"halves the size 5 times), e.g. 128, 160, 192 or 256")
