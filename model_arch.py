@@ -34,6 +34,14 @@ def parse_args(argv=None):
     g.add_argument("--dup_threshold", type=float, default=D.dup_threshold,
                    help="32-px thumbnail correlation above which images are near-duplicates (same split side)")
     g.add_argument("--workers", type=int, default=D.workers, help="decode processes and DataLoader workers")
+    g.add_argument("--folds", type=int, default=D.folds, metavar="K",
+                   help="k-fold cross-validation (0: the usual train/val/test split); with --fold")
+    g.add_argument("--fold", default=D.fold, metavar="k|all",
+                   help="with --folds K: train on the other folds, hold fold k out (monitored only: the last epoch "
+                        "is kept) and write test_results/oof_predictions.npz; 'all' trains on every image. "
+                        "Pool the folds with `python -m cxrkit.cv RUN_DIR`")
+    g.add_argument("--fold_seed", type=int, default=D.fold_seed,
+                   help="seed of the fold assignment (kept apart from --seed so every seed holds out the same images)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=D.arch, choices=sorted(PRESETS),
                    help="model preset (see cxrkit/config.py); lite0 is the shipped one")

@@ -124,6 +124,12 @@ class TrainConfig:
     # fine-tuning: the pretrained encoder learns at lr * encoder_lr_mult (new decoder/heads at lr)
     encoder_lr_mult: float = 0.3
     channels_last: bool = True    # NHWC: 1.6x faster lite0 training on a 2-core Xeon (AVX-512), see README
+    # k-fold cross-validation (cxrkit/cv.py): 0 = the usual train/val/test split. With folds = K, fold k
+    # trains on the other K-1 folds and holds fold k out; fold "all" trains on every image. The fold
+    # assignment follows fold_seed (not seed), so runs of several seeds hold out the same images.
+    folds: int = 0
+    fold: str = ""
+    fold_seed: int = 0
 
 
 # ------------------------------------------------------------------ shipped files, inference, export

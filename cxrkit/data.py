@@ -281,8 +281,9 @@ def make_split(labels: np.ndarray, groups: np.ndarray, val_frac: float, test_fra
 
 
 def load_or_make_split(data: CachedData, split_path, val_frac=0.15, test_frac=0.15, seed=42,
-                       dup_threshold=0.985) -> dict[str, np.ndarray]:
-    """Reuse split_path when it exists (resume, evaluation), else make and write it atomically."""
+                       dup_threshold=0.985, folds: int = 0, fold=None, fold_seed: int = 0) -> dict[str, np.ndarray]:
+    """Reuse split_path when it exists (resume, evaluation), else make and write it atomically.
+    folds > 0: fold `fold` (an int or "all") of a k-fold assignment (cxrkit/cv.py) instead of train/val/test."""
     split_path = Path(split_path)
     index = {p: i for i, p in enumerate(data.paths)}
     if split_path.is_file():
@@ -290,6 +291,10 @@ def load_or_make_split(data: CachedData, split_path, val_frac=0.15, test_frac=0.
         if js.get("classes") != data.classes:
             raise DataError(f"{split_path}: made for classes {js.get('classes')}, data has {data.classes}; "
                             f"use a new --output_dir or delete the split file")
+        if folds and (js.get("folds"), js.get("fold"), js.get("fold_seed")) != (folds, fold, fold_seed):
+            raise DataError(f"{split_path}: made for folds={js.get('folds')} fold={js.get('fold')} fold_seed="
+                            f"{js.get('fold_seed')}, not --folds {folds} --fold {fold} --fold_seed {fold_seed}; "
+                            f"use one --output_dir per fold")
         out = {}
         for k in ("train", "val", "test"):
             missing = [p for p in js[k] if p not in index]
@@ -299,12 +304,19 @@ def load_or_make_split(data: CachedData, split_path, val_frac=0.15, test_frac=0.
             out[k] = np.array(sorted(index[p] for p in js[k] if p in index), np.int64)
         return out
     groups = near_duplicate_groups(data.images, dup_threshold)
-    split = make_split(data.labels, groups, val_frac, test_frac, seed)
     n_groups = int(sum(np.bincount(groups)[np.unique(groups)] > 1))
-    js = {"seed": seed, "val_frac": val_frac, "test_frac": test_frac, "dup_threshold": dup_threshold,
-          "classes": data.classes, "near_duplicate_groups": n_groups,
-          "counts": {k: {c: int((data.labels[v] == i).sum()) for i, c in enumerate(data.classes)}
-                     for k, v in split.items()}}
+    if folds:
+        from .cv import fold_split, make_folds
+        fold_of = make_folds(data.labels, groups, folds, fold_seed)
+        split = fold_split(fold_of, fold)
+        js = {"folds": folds, "fold": fold, "fold_seed": fold_seed, "fold_of": fold_of.tolist(),
+              "note": "k-fold run: val = test = the held-out fold, monitored only (the last epoch is kept)"}
+    else:
+        split = make_split(data.labels, groups, val_frac, test_frac, seed)
+        js = {"seed": seed, "val_frac": val_frac, "test_frac": test_frac}
+    js.update({"dup_threshold": dup_threshold, "classes": data.classes, "near_duplicate_groups": n_groups,
+               "counts": {k: {c: int((data.labels[v] == i).sum()) for i, c in enumerate(data.classes)}
+                          for k, v in split.items()}})
     js.update({k: [data.paths[i] for i in v] for k, v in split.items()})
     write_json_atomic(split_path, js, indent=1)
     log.info("split written to %s (%d near-duplicate groups kept on one side)", split_path, n_groups)

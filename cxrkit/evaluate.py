@@ -35,7 +35,7 @@ def predict_split(model, data: CachedData, indices, device, batch_size=64, amp_d
     folder is reachable (a carried cache folder has no mask files)."""
     model.eval()
     loader = make_loader(data, indices, batch_size, shuffle=False, workers=workers)
-    seg_acc, labels, probs, logits_all, seg_maps = SegAccumulator(), [], [], [], []
+    seg_acc, labels, probs, logits_all, seg_maps, hms = SegAccumulator(), [], [], [], [], []
     t0 = time.perf_counter()
     for imgs, masks, has_mask, y in loader:
         x = to_model_input(imgs.to(device, non_blocking=True))
@@ -60,11 +60,14 @@ def predict_split(model, data: CachedData, indices, device, batch_size=64, amp_d
         seg_acc.update(seg_logit, m, hm)
         if native_dice:
             seg_maps.append(seg_p[:, 0].float().cpu().numpy())
-        probs.append(p.cpu()); labels.append(y)
+        probs.append(p.cpu()); labels.append(y); hms.append(has_mask)
     if device.type == "cuda":
         torch.cuda.synchronize()
     out = {"labels": torch.cat(labels).numpy(), "probs": torch.cat(probs).numpy(),
            "seg": seg_acc.compute(), "seconds": time.perf_counter() - t0}
+    dice = np.full(len(out["labels"]), np.nan)  # per image, NaN where there is no mask
+    dice[torch.cat(hms).numpy().astype(bool)] = seg_acc.per_image()
+    out["dice_per_image"] = dice
     if logits_all:
         out["logits"] = torch.cat(logits_all).numpy()
     if native_dice:
@@ -184,9 +187,11 @@ def tta_report(model, data, test_idx, classes, device, ns=(1, 4, 8), batch_size=
     return rows
 
 
-def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype, prior_correction=True) -> dict:
+def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype, prior_correction=True,
+             oof=False) -> dict:
     """Prior-correct and temperature-calibrate the best checkpoint on validation, store both in it
-    (atomically), then evaluate it on the test split."""
+    (atomically), then evaluate it on the test split. oof (k-fold runs): also write the held-out
+    fold's predictions (plain, 4-view TTA, lungs only) for cxrkit.cv to pool."""
     model, ck = model_from_checkpoint(best_path, map_location="cpu")
     if prior_correction:
         apply_prior_correction(model, ck, data.labels[tr_idx])
@@ -195,7 +200,15 @@ def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype
     ck["temperature"] = t
     ck["lung_area_range"] = lung_area_range(data.masks, data.has_mask, tr_idx)
     atomic_torch_save(ck, best_path)
-    return evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype)
+    rep = evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype)
+    if oof and len(te_idx):
+        from .cv import OOF_FILE, write_oof
+        idx = np.sort(te_idx)
+        r = predict_split(model, data, idx, device, 64, amp_dtype)
+        tta = predict_split(model, data, idx, device, 64, amp_dtype, tta=4)["probs"]
+        lungs = predict_split(model, data, idx, device, 64, amp_dtype, input_mask="lungs_only")["probs"]
+        write_oof(Path(res_dir) / OOF_FILE, data, idx, r, tta, lungs)
+    return rep
 
 
 def evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype=None) -> dict:

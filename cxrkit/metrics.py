@@ -123,6 +123,11 @@ class SegAccumulator:
         self.iou.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(ps)))
         self.bce.append(F.binary_cross_entropy_with_logits(lg, t, reduction="none").mean(1))
 
+    def per_image(self):
+        """Dice of each masked image, in the order fed (numpy)."""
+        import torch
+        return torch.cat(self.dice).cpu().numpy() if self.dice else np.zeros(0)
+
     def compute(self) -> dict:
         import torch
         if not self.dice:

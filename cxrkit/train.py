@@ -71,6 +71,11 @@ def param_groups(model, lr: float, encoder_lr_mult: float) -> list[dict]:
             {"params": [p for p in model.parameters() if id(p) not in enc_ids], "lr": lr}]
 
 
+# the validation columns of a run with nothing held out (--folds K --fold all)
+NO_VALIDATION = {"val_loss": float("nan"), "val_acc": float("nan"), "val_macro_f1": float("nan"),
+                 "val_dice": float("nan"), "val_iou": float("nan"), "val_dice_native": None}
+
+
 def selection_score(row: dict) -> float:
     """Best-epoch criterion on validation: macro-F1 + Dice (classification and segmentation equally)."""
     return row["val_macro_f1"] + row["val_dice"]
@@ -164,14 +169,27 @@ def train(args) -> dict:
     data = load_data(args.data_dir, args.img_size, cache_dir, args.workers, rank, world, not args.quiet)
     classes = data.classes
     split_path = out / "split.json"
+    fold = None
+    if args.folds:
+        from .cv import parse_fold
+        try:
+            fold = parse_fold(str(args.fold), args.folds)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    elif args.fold:
+        raise UsageError(f"--fold {args.fold} needs --folds K (the number of folds)")
+    fold_kw = dict(folds=args.folds, fold=fold, fold_seed=args.fold_seed)
     if rank == 0:
-        split = load_or_make_split(data, split_path, args.val_frac, args.test_frac, args.seed, args.dup_threshold)
+        split = load_or_make_split(data, split_path, args.val_frac, args.test_frac, args.seed, args.dup_threshold,
+                                   **fold_kw)
     barrier(world)
     if rank != 0:
-        split = load_or_make_split(data, split_path)
+        split = load_or_make_split(data, split_path, **fold_kw)
     tr_idx, va_idx, te_idx = split["train"], split["val"], split["test"]
+    # k-fold runs keep the last epoch: their held-out fold is monitored, never used to select
+    keep_last = bool(args.folds)
     for k, v in (("train", tr_idx), ("validation", va_idx)):
-        if len(v) == 0:
+        if len(v) == 0 and not (k == "validation" and fold == "all"):
             raise DataError(f"the {k} split is empty ({len(data.paths)} images): add images or change the fractions")
 
     cfg = model_config_from_args(args, len(classes))
@@ -185,7 +203,8 @@ def train(args) -> dict:
     recipe = {k: getattr(args, k) for k in ("arch", "img_size", "batch_size", "lr", "weight_decay", "num_epochs",
                                             "seed", "seg_weight", "cls_weight", "patience", "warmup_epochs",
                                             "ema_decay", "init_from", "encoder_lr_mult", "outside_lung_aug",
-                                            "outside_lung_fill", "outside_lung_margin", "channels_last")}
+                                            "outside_lung_fill", "outside_lung_margin", "channels_last",
+                                            "folds", "fold", "fold_seed")}
     recipe["pretrained"] = cfg.pretrained
     # --- resume -------------------------------------------------------------------------------
     start_epoch, history, best_score, bad_epochs, train_state = 0, [], -1e9, 0, None
@@ -265,12 +284,12 @@ def train(args) -> dict:
         stop = torch.zeros(1, device=device)
         if rank == 0:
             val = validate(eval_model, data, va_idx, classes, class_w, device, max(args.batch_size, 32), amp_dtype,
-                           args.seg_weight, args.cls_weight)
+                           args.seg_weight, args.cls_weight) if len(va_idx) else NO_VALIDATION
             row = {"epoch": epoch + 1, "train_loss": tr[0], "train_seg": tr[1], "train_cls": tr[2], **val,
                    "lr": sched.get_last_lr()[0], "train_images_per_s": n_seen / train_time,
                    "epoch_seconds": time.perf_counter() - t0}
             history.append(row)
-            score = selection_score(row)
+            score = epoch if keep_last else selection_score(row)
             improved = score > best_score
             if improved:
                 best_score, bad_epochs = score, 0
@@ -287,12 +306,15 @@ def train(args) -> dict:
             atomic_torch_save(ck, ck_dir / LAST)  # last is written after best: resume never skips a best
             plots.training_curves(history, ck_dir / "training_curves.png")
             write_json_atomic(ck_dir / "training_summary.json", _summary(args, cfg, classes, history, best_score, split,
-                                                                  time.perf_counter() - t_train0, world, device))
+                                                                  time.perf_counter() - t_train0, world, device,
+                                                                  keep_last))
+            vtxt = (f"| {'held-out' if keep_last else 'val'} loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} "
+                    f"F1 {row['val_macro_f1']:.4f} Dice {row['val_dice']:.4f} IoU {row['val_iou']:.4f} "
+                    if len(va_idx) else "| no validation (fold all) ")
             print(f"epoch {epoch + 1:3d}/{args.num_epochs} | loss {tr[0]:.4f} (seg {tr[1]:.4f} cls {tr[2]:.4f}) "
-                  f"| val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} F1 {row['val_macro_f1']:.4f} "
-                  f"Dice {row['val_dice']:.4f} IoU {row['val_iou']:.4f} | {row['train_images_per_s']:.1f} img/s "
+                  f"{vtxt}| {row['train_images_per_s']:.1f} img/s "
                   f"{row['epoch_seconds']:.1f}s{' *' if improved else ''}", flush=True)
-            if args.patience and bad_epochs >= args.patience:
+            if args.patience and bad_epochs >= args.patience and not keep_last:
                 print(f"early stopping: no validation improvement in {args.patience} epochs", flush=True)
                 stop[0] = 1
             if max_seconds and time.perf_counter() - t_train0 > max_seconds and epoch + 1 < args.num_epochs:
@@ -310,15 +332,16 @@ def train(args) -> dict:
     interrupted = bool(args.stop_after_epoch) and epoch + 1 < args.num_epochs
     if rank == 0 and not interrupted and (ck_dir / BEST).is_file():
         result = finalize(ck_dir / BEST, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype,
-                          args.prior_correction)
+                          args.prior_correction, oof=keep_last)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return result
 
 
-def _summary(args, cfg: ModelConfig, classes, history, best_score, split, seconds, world, device) -> dict:
-    best = max(history, key=selection_score) if history else {}
+def _summary(args, cfg: ModelConfig, classes, history, best_score, split, seconds, world, device,
+             keep_last=False) -> dict:
+    best = (history[-1] if keep_last else max(history, key=selection_score)) if history else {}
     return {"arch": args.arch, "model_config": cfg.to_dict(), "classes": classes, "img_size": args.img_size,
             "epochs_run": len(history), "best_epoch": best.get("epoch"), "best_val": best,
             "best_score": best_score, "train_seconds_this_session": seconds,
