@@ -46,6 +46,9 @@ class ModelConfig:
     cls_dropout: tuple = (0.5, 0.3, 0.2)
     # segmentation head: conv features -> seg_hidden (BN, ReLU) -> 1
     seg_hidden: int = 32
+    # > 1: an ensemble of this many networks of this config, averaged inside the model (and so inside
+    # the ONNX graph); built from trained members by `python -m cxrkit.ensemble`, never trained as one
+    ensemble_size: int = 1
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -171,6 +171,35 @@ class Lite0MultiTaskNet(nn.Module):
         return ModelOutput(seg, self.cls_head(head.mean(dim=(2, 3))))
 
 
+class EnsembleNet(nn.Module):
+    """cfg.ensemble_size networks of one config, averaged: the lung probability is the members' mean
+    sigmoid and the class probability their mean softmax, returned as logits (logit of the mean lung
+    probability; log of the mean class probability, which softmax maps back to that mean). So the
+    ensemble is one model to every caller: one checkpoint, one ONNX graph, one temperature.
+    Why probabilities, not logits: that is the ensemble scored in cross-validation (cxrkit/cv.py)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.ensemble_size < 2:
+            raise ValueError("EnsembleNet needs ensemble_size >= 2")
+        import dataclasses
+        self.cfg = cfg
+        member_cfg = dataclasses.replace(cfg, ensemble_size=1)
+        self.members = nn.ModuleList(build_model(member_cfg) for _ in range(cfg.ensemble_size))
+
+    @property
+    def bottleneck(self) -> nn.Module:
+        """Grad-CAM reads the first member's deepest block (gradients of the ensemble's score)."""
+        return self.members[0].bottleneck
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        outs = [m(x) for m in self.members]
+        n = float(len(outs))
+        lung = torch.stack([torch.sigmoid(o.segmentation.float()) for o in outs]).mean(0).clamp(1e-6, 1 - 1e-6)
+        logp = torch.logsumexp(torch.stack([torch.log_softmax(o.classification.float(), 1) for o in outs]), 0)
+        return ModelOutput(torch.logit(lung), logp - torch.log(torch.tensor(n)))
+
+
 def predict(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The one inference adapter (evaluation, the PyTorch backend, the ONNX graph): image ->
     (lung probabilities (B, 1, H, W) = sigmoid of the segmentation logits, class logits (B, C)), float32."""
@@ -181,6 +210,8 @@ def predict(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def build_model(cfg: ModelConfig, load_pretrained: bool = False) -> nn.Module:
     """The network for `cfg`. load_pretrained=True (training only) loads ImageNet encoder weights
     when cfg.pretrained; a checkpoint always carries every weight, so rebuilding never needs them."""
+    if cfg.ensemble_size > 1:
+        return EnsembleNet(cfg)
     if cfg.backbone == "lite0":
         model = Lite0MultiTaskNet(cfg)
         if load_pretrained and cfg.pretrained:

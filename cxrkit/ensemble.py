@@ -1,0 +1,110 @@
+"""Build one ensemble checkpoint from trained member checkpoints (model.EnsembleNet).
+
+  python -m cxrkit.ensemble runs/cv/s42/foldall/model_checkpoints/best_covid_model.pth \\
+      runs/cv/s7/foldall/model_checkpoints/best_covid_model.pth \\
+      --oof runs/cv/s42 runs/cv/s7 --out model_checkpoints/best_covid_model.pth
+
+The members must share config, classes and input size (e.g. the same recipe trained with several
+--seed values and --folds K --fold all). The temperature is fitted on the pooled out-of-fold
+predictions of the same recipe's fold runs (--oof, one folder per member seed), averaged exactly as
+the ensemble averages: members trained on every image have no held-out images of their own.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import FORMAT, atomic_torch_save, load_checkpoint
+from .config import ModelConfig
+from .errors import CheckpointError, CxrkitError
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def oof_temperature(oof_dirs) -> dict:
+    """Temperature of the probability-mean ensemble of the given fold-run folders' OOF predictions."""
+    from .cv import fit_oof_calibration, load_oof
+    from .metrics import softmax
+    runs = [load_oof(d) for d in oof_dirs]
+    for r in runs[1:]:
+        if not np.array_equal(r["paths"], runs[0]["paths"]):
+            raise CxrkitError(f"--oof folders hold out different images: use fold runs of one --fold_seed")
+    mean_p = np.mean([softmax(r["logits"]) for r in runs], axis=0)
+    logits = np.log(np.clip(mean_p, 1e-12, 1)) if len(runs) > 1 else runs[0]["logits"]
+    cal = fit_oof_calibration(runs[0]["labels"], logits)
+    cal["oof_runs"] = [str(d) for d in oof_dirs]
+    return cal
+
+
+def build_ensemble(member_paths, oof_dirs=None) -> dict:
+    """The ensemble checkpoint (a dict) of the member checkpoints; T from oof_dirs when given."""
+    if len(member_paths) < 2:
+        raise CxrkitError("an ensemble needs at least two member checkpoints")
+    cks = [load_checkpoint(p) for p in member_paths]
+    first = cks[0]
+    for p, ck in zip(member_paths[1:], cks[1:]):
+        for k in ("model_config", "class_names", "img_size"):
+            if ck[k] != first[k]:
+                raise CheckpointError(f"{p}: its {k} differs from {member_paths[0]}'s; members must share the "
+                                      f"config, classes and input size")
+    if first["model_config"].get("ensemble_size", 1) != 1:
+        raise CheckpointError(f"{member_paths[0]} is already an ensemble; pass single-model checkpoints")
+    cfg = dataclasses.replace(ModelConfig.from_dict(first["model_config"]), ensemble_size=len(cks))
+    sd = {f"members.{i}.{k}": v for i, ck in enumerate(cks) for k, v in ck["state_dict"].items()}
+    ck = {"format": FORMAT, "model_config": cfg.to_dict(), "class_names": first["class_names"],
+          "img_size": first["img_size"], "normalization": first["normalization"], "temperature": 1.0,
+          "state_dict": sd, "recipe": first.get("recipe"),
+          "prior_correction": first.get("prior_correction"), "lung_area_range": first.get("lung_area_range"),
+          "history": first.get("history"),
+          "ensemble": {"members": [{"file": str(p), "sha256": _sha256(p), "recipe": c.get("recipe"),
+                                    "epochs_run": len(c.get("history") or [])} for p, c in zip(member_paths, cks)],
+                       "combine": "mean of member probabilities (lung sigmoid, class softmax)"}}
+    if oof_dirs:
+        cal = oof_temperature(oof_dirs)
+        ck["temperature"] = cal["temperature"]
+        ck["calibration"] = cal
+    return ck
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("members", nargs="+", help="member checkpoints (same config, classes, input size)")
+    p.add_argument("--oof", nargs="*", default=None,
+                   help="fold-run folders (fold*/test_results/oof_predictions.npz) whose pooled out-of-fold "
+                        "predictions fit the temperature; one per member seed")
+    p.add_argument("--out", required=True, help="the ensemble checkpoint to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    a = p.parse_args(argv)
+    try:
+        out = Path(a.out)
+        if out.exists() and not a.overwrite:
+            raise CxrkitError(f"{out} exists: pass --overwrite to replace it, or another --out")
+        ck = build_ensemble(a.members, a.oof)
+        # the model must load back from the file alone
+        from .checkpoint import model_from_checkpoint
+        model_from_checkpoint(ck)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(ck, out)
+    except (CxrkitError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cal = ck.get("calibration")
+    print(f"wrote {out}: {len(a.members)} members"
+          + (f", T = {cal['temperature']:.3f} (ECE on OOF {cal['ece_before']:.4f} -> {cal['ece_after']:.4f})"
+             if cal else ", T = 1 (no --oof)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

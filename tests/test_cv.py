@@ -1,0 +1,153 @@
+"""k-fold cross-validation (cxrkit/cv.py), fold runs of model_arch.py, and the ensemble model
+(model.EnsembleNet, python -m cxrkit.ensemble)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+
+# ------------------------------------------------------------------------------------ folds
+def test_folds_are_stratified_grouped_and_deterministic():
+    from cxrkit.cv import fold_split, make_folds
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 400)
+    groups = np.arange(400)
+    groups[10:14] = 10          # a near-duplicate group of four
+    labels[10:14] = labels[10]
+    f1, f2 = make_folds(labels, groups, 5, seed=3), make_folds(labels, groups, 5, seed=3)
+    assert np.array_equal(f1, f2)
+    assert not np.array_equal(f1, make_folds(labels, groups, 5, seed=4))
+    assert len(set(f1[10:14])) == 1, "a near-duplicate group was split across folds"
+    for c in range(4):
+        per_fold = np.bincount(f1[labels == c], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 4, per_fold  # at most one group apart
+    held = np.concatenate([fold_split(f1, k)["test"] for k in range(5)])
+    assert sorted(held.tolist()) == list(range(400)), "every image is held out exactly once"
+    s = fold_split(f1, 2)
+    assert not set(s["train"]) & set(s["test"]) and np.array_equal(s["val"], s["test"])
+    assert len(fold_split(f1, "all")["train"]) == 400
+
+
+def test_parse_fold_rejects_out_of_range():
+    from cxrkit.cv import parse_fold
+    assert parse_fold("all", 5) == "all" and parse_fold("4", 5) == 4
+    for bad in ("5", "-1", "x"):
+        with pytest.raises(ValueError, match="--fold"):
+            parse_fold(bad, 5)
+
+
+def test_pooled_figures_and_paired_difference():
+    from sklearn.metrics import accuracy_score, f1_score
+    from cxrkit.cv import paired_difference, pooled_figures
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    p = rng.dirichlet(np.ones(3), 600)
+    p[np.arange(600)[:400], y[:400]] += 1.0   # 2/3 made right
+    p /= p.sum(1, keepdims=True)
+    f = pooled_figures(y, p, ["a", "b", "c"], dice=np.r_[np.full(300, 0.9), np.full(300, np.nan)])
+    assert f["accuracy"] == pytest.approx(accuracy_score(y, p.argmax(1)))
+    assert f["macro_f1"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
+    assert f["accuracy_ci95"][0] < f["accuracy"] < f["accuracy_ci95"][1]
+    assert f["dice"] == pytest.approx(0.9) and f["dice_n_masks"] == 300
+    same = paired_difference(y, p, p)
+    assert same["accuracy_diff"] == 0 and not same["differs"]
+    better = p.copy()
+    better[np.arange(600), y] += 5.0
+    d = paired_difference(y, p, better)
+    assert d["differs"] and d["accuracy_diff_ci95"][0] > 0
+
+
+# ------------------------------------------------------------------------ fold runs (training)
+@pytest.fixture(scope="module")
+def fold_runs(mdt_subset, tmp_path_factory):
+    """model_arch.py --folds 2, fold 0, 1 and all (arch tiny, 64 px, 1 epoch), sharing one cache."""
+    import model_arch
+    root = tmp_path_factory.mktemp("cv")
+    data = root / "data"
+    shutil.copytree(mdt_subset, data)
+    for f in ("0", "1", "all"):
+        rc = model_arch.main(["--data_dir", str(data), "--arch", "tiny", "--img_size", "64", "--num_epochs", "1",
+                              "--batch_size", "8", "--output_dir", str(root / "s1" / f"fold{f}"), "--workers", "0",
+                              "--cache_dir", str(root / "cache"), "--quiet", "--folds", "2", "--fold", f])
+        assert rc == 0
+    return root
+
+
+def test_fold_runs_write_oof_and_pool(fold_runs, capsys):
+    from cxrkit import cv
+    s0 = json.loads((fold_runs / "s1" / "fold0" / "split.json").read_text())
+    s1 = json.loads((fold_runs / "s1" / "fold1" / "split.json").read_text())
+    assert s0["fold_of"] == s1["fold_of"], "fold runs must share one fold assignment"
+    assert set(s0["test"]) == set(s1["train"]) and s0["test"] == s0["val"]
+    pooled = cv.load_oof(fold_runs / "s1")
+    assert pooled["n_folds"] == 2
+    assert len(pooled["paths"]) == len(s0["fold_of"]) - 0  # every decodable image held out once
+    assert set(pooled) >= {"logits", "tta4_probs", "lungs_only_probs", "dice", "labels"}
+    rc = cv.main([str(fold_runs / "s1"), "--out", str(fold_runs / "rep")])
+    assert rc == 0
+    rep = json.loads((fold_runs / "rep" / "cv_report.json").read_text())
+    assert rep["n_images"] == len(pooled["paths"])
+    assert "accuracy_ci95" in rep["runs"][str(fold_runs / "s1")]["plain"]
+    assert "Pooled out-of-fold" in capsys.readouterr().out
+    summ = json.loads((fold_runs / "s1" / "foldall" / "model_checkpoints" / "training_summary.json").read_text())
+    assert summ["split_sizes"]["train"] == len(s0["fold_of"]) and summ["split_sizes"]["test"] == 0
+
+
+def test_fold_flag_errors_are_one_line(tmp_path, mdt_subset, capsys):
+    import model_arch
+    base = ["--data_dir", str(mdt_subset), "--output_dir", str(tmp_path / "o"), "--arch", "tiny",
+            "--img_size", "64", "--num_epochs", "1", "--workers", "0", "--quiet"]
+    assert model_arch.main(base + ["--fold", "1"]) == 2
+    assert "needs --folds" in capsys.readouterr().err
+    assert model_arch.main(base + ["--folds", "3", "--fold", "3"]) == 2
+    assert "fold number from 0 to 2" in capsys.readouterr().err
+
+
+def test_pool_without_fold_runs_is_one_line(tmp_path, capsys):
+    from cxrkit import cv
+    assert cv.main([str(tmp_path)]) == 2
+    assert "no fold*/test_results/oof_predictions.npz" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- ensemble
+def test_ensemble_averages_member_probabilities_and_exports(fold_runs, tmp_path):
+    from cxrkit.checkpoint import model_from_checkpoint
+    from cxrkit.ensemble import main as ens_main
+    from cxrkit.export import export_to_onnx
+    from cxrkit.model import predict
+    a = fold_runs / "s1" / "fold0" / "model_checkpoints" / "best_covid_model.pth"
+    b = fold_runs / "s1" / "fold1" / "model_checkpoints" / "best_covid_model.pth"
+    out = tmp_path / "ens.pth"
+    assert ens_main([str(a), str(b), "--oof", str(fold_runs / "s1"), "--out", str(out)]) == 0
+    assert ens_main([str(a), str(b), "--out", str(out)]) == 2, "must refuse to replace without --overwrite"
+    ens, ck = model_from_checkpoint(out)
+    ma, _ = model_from_checkpoint(a)
+    mb, _ = model_from_checkpoint(b)
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        s, lg = predict(ens, x)
+        sa, la = predict(ma, x)
+        sb, lb = predict(mb, x)
+    assert torch.allclose(torch.softmax(lg, 1), (torch.softmax(la, 1) + torch.softmax(lb, 1)) / 2, atol=1e-6)
+    assert torch.allclose(s, ((sa + sb) / 2).clamp(1e-6, 1 - 1e-6), atol=1e-5)
+    assert ck["calibration"]["fitted_on"] == "pooled out-of-fold logits" and ck["temperature"] > 0
+    assert len(ck["ensemble"]["members"]) == 2
+    meta = export_to_onnx(out, tmp_path / "ens.onnx")  # the parity gate passes for the averaged graph
+    assert meta["temperature"] == pytest.approx(ck["temperature"])
+
+
+def test_ensemble_refuses_mismatched_members(fold_runs, tmp_path, mdt_subset, capsys):
+    import model_arch
+    from cxrkit.ensemble import main as ens_main
+    other = tmp_path / "other"
+    rc = model_arch.main(["--data_dir", str(mdt_subset), "--arch", "tiny", "--img_size", "32", "--num_epochs", "1",
+                          "--batch_size", "8", "--output_dir", str(other), "--workers", "0", "--quiet"])
+    assert rc == 0
+    a = fold_runs / "s1" / "fold0" / "model_checkpoints" / "best_covid_model.pth"
+    rc = ens_main([str(a), str(other / "model_checkpoints" / "best_covid_model.pth"), "--out", str(tmp_path / "e.pth")])
+    assert rc == 2
+    assert "img_size differs" in capsys.readouterr().err
