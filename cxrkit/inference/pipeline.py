@@ -149,8 +149,7 @@ class _Tally:
 def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally: _Tally, seconds, model_seconds, *,
              tta, batch_size, workers, cam, cam_class, save_masks, save_cams, calib_problem) -> dict:
     """summary.json: counts, skips, throughput, quality flags, and metrics where ground truth exists."""
-    from ..metrics import classification_metrics
-    from ..report import confidence_intervals
+    from ..metrics import classification_metrics, confidence_intervals
     names, size, temp, rows = tally.names, tally.size, float(backend.temperature), tally.rows
     summary = {
         "n_inputs": len(items), "n_processed": n_done, "n_skipped": len(skipped), "skipped": skipped,
