@@ -35,7 +35,7 @@ from torch import nn
 from .device import pick_device
 from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
 from .io_utils import graph_binding, tmp_name
-from .model import predict
+from .model import check_img_size, predict
 
 log = logging.getLogger("cxrkit")
 
@@ -134,9 +134,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
     model, ck = model_from_checkpoint(ck)
     trained_size = int(ck["img_size"])
     size = trained_size if img_size in (None, 0) else int(img_size)
-    factor = int(np.prod(model.cfg.strides))
-    if size <= 0 or size % factor:
-        raise ValueError(f"--img_size {size}: must be a positive multiple of {factor} (the UNet's total stride)")
+    check_img_size(model.cfg, size)  # a multiple of model.output_stride (UsageError, a ValueError)
     if Path(onnx_path).is_dir():
         raise ValueError(f"--onnx_path {onnx_path} is a folder: give a file name, e.g. {Path(onnx_path) / 'model.onnx'}")
     if not 13 <= int(opset) <= 21:
