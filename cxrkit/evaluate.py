@@ -11,6 +11,7 @@ import torch
 from . import plots
 from .calibration import apply_prior_correction, fit_temperature
 from .checkpoint import atomic_torch_save, model_from_checkpoint
+from .config import LUNG_THRESHOLD
 from .data import CachedData, make_loader
 from .io_utils import write_json_atomic
 from .metrics import (SegAccumulator, classification_metrics, expected_calibration_error, native_resolution_dice, nll,
@@ -47,7 +48,7 @@ def predict_split(model, data: CachedData, indices, device, batch_size=64, amp_d
                 return predict(model, xx)
 
         if input_mask is not None:
-            pred_mask = (fwd(x)[0] > 0.5).float()
+            pred_mask = (fwd(x)[0] > LUNG_THRESHOLD).float()
             lung = torch.where(hm.view(-1, 1, 1, 1), m, pred_mask)
             x = x * lung if input_mask == "lungs_only" else x * (1 - lung)
         if tta == 1:

@@ -32,6 +32,7 @@ from torch import nn
 
 # the graph's names, meta_path_for and sha256_file live in the torch-free io_utils (the ONNX inference
 # path imports them without torch); re-exported here for existing `from cxrkit.export import ...` callers
+from .config import LUNG_THRESHOLD
 from .device import pick_device
 from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
 from .io_utils import graph_binding, tmp_name
@@ -233,7 +234,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         },
         "outputs": {
             "segmentation": {"shape": ["batch" if dynamic_batch else 1, 1, size, size], "dtype": "float32",
-                             "meaning": "lung probability per pixel (sigmoid applied); lung = prob > 0.5"},
+                             "meaning": f"lung probability per pixel (sigmoid applied); lung = prob > {LUNG_THRESHOLD}"},
             "classification": {"shape": ["batch" if dynamic_batch else 1, len(class_names)], "dtype": "float32",
                                "meaning": "raw logits in class_names order; probabilities = "
                                           "softmax(logits / temperature)"},

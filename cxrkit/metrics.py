@@ -143,11 +143,11 @@ def binary_dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
 
 def native_resolution_dice(seg_probs: np.ndarray, gt_masks: list) -> dict:
     """Mean Dice / IoU with each predicted lung-probability map (model input size) resized bilinearly
-    to its ground-truth mask's own size, then thresholded at 0.5. gt_masks: (H, W) 0/1 arrays."""
-    import cv2
+    to its ground-truth mask's own size, then thresholded (preprocess.lung_mask). gt_masks: (H, W) 0/1 arrays."""
+    from .preprocess import lung_mask
     d, i = [], []
     for p, g in zip(seg_probs, gt_masks):
-        up = cv2.resize(np.asarray(p, np.float32), (g.shape[1], g.shape[0]), interpolation=cv2.INTER_LINEAR) > 0.5
+        up = lung_mask(p, g.shape[:2])
         dc, io = binary_dice_iou(up, g)
         d.append(dc); i.append(io)
     if not d:

@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 
 from .io_utils import write_bytes_atomic
+from .preprocess import lung_mask
 from .report_assets import CSS as _CSS, JS as _JS
 
 log = logging.getLogger("cxrkit")
@@ -60,13 +61,13 @@ def thumb_relpath(stem: str) -> str:
 
 def make_thumbnail(gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_HEIGHT) -> np.ndarray:
     """A small BGR uint8 image: the X-ray at `height` px (aspect ratio kept) with the predicted lung
-    outline (seg_prob > 0.5) drawn."""
+    outline (preprocess.lung_mask) drawn."""
     h, w = gray.shape[:2]
     tw = max(1, int(round(w * height / h)))
     interp = cv2.INTER_AREA if h > height else cv2.INTER_LINEAR
     small = cv2.resize(gray, (tw, height), interpolation=interp)
     bgr = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR) if small.ndim == 2 else small
-    lung = cv2.resize(np.asarray(seg_prob, np.float32), (tw, height), interpolation=cv2.INTER_LINEAR) > 0.5
+    lung = lung_mask(seg_prob, (height, tw))
     contours, _ = cv2.findContours(lung.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(bgr, contours, -1, (0, 230, 255), 1, cv2.LINE_AA)
     return bgr
