@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 import uuid
 import warnings
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch import nn
 from .config import LUNG_THRESHOLD
 from .device import pick_device
 from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
-from .io_utils import graph_binding, tmp_name
+from .io_utils import atomic_path, graph_binding
 from .model import check_img_size, predict
 
 log = logging.getLogger("cxrkit")
@@ -154,12 +153,11 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
     dummy = torch.rand(2 if dynamic_batch else 1, 3, size, size, device=dev)
 
     onnx_path = Path(onnx_path)
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
     meta_p = meta_path_for(onnx_path)
-    tmp = tmp_name(onnx_path)  # replaced onto onnx_path only after the parity check passes
     order = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"], "dynamo": ["dynamo"]}[exporter]
     used, real_opset, errors = None, None, []
-    try:
+    # atomic: the temp file replaces onnx_path only when the parity check passes, else it is removed
+    with atomic_path(onnx_path) as tmp:
         for name in order:
             try:
                 fn = _export_torchscript if name == "torchscript" else _export_dynamo
@@ -198,10 +196,6 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
             raise RuntimeError(f"ONNX Runtime disagrees with PyTorch: max class-probability diff {worst_cls:.3g} "
                                f"(tolerance {CLASS_PROB_TOL}), max segmentation diff {worst_seg:.3g} "
                                f"(tolerance {SEG_PROB_TOL}); the model was not written")
-        os.replace(tmp, onnx_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
     import onnxruntime
     meta = {
