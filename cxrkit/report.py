@@ -84,11 +84,9 @@ def write_thumbnail(path, gray: np.ndarray, seg_prob: np.ndarray, height: int = 
 
 # ---------------------------------------------------------------------------------------- model
 def model_info(backend) -> dict:
-    """File, preset, input size and calibration of an inference backend (for the report header)."""
-    src = getattr(backend, "meta", None) or getattr(backend, "ck", None) or {}
-    cfg = src.get("model_config") or {}
-    path = getattr(backend, "onnx_path", None) or getattr(backend, "checkpoint_path", None)
-    return {"file": str(path) if path else None, "preset": cfg.get("preset"), "img_size": int(backend.img_size),
+    """File, preset, input size and calibration of an inference backend (a cxrkit.inference.Backend;
+    for the report header)."""
+    return {"file": str(backend.model_file), "preset": backend.preset, "img_size": int(backend.img_size),
             "temperature": float(backend.temperature)}
 
 

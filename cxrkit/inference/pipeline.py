@@ -234,8 +234,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
     if not items[0].out_stem:
         assign_output_stems(items)
     claim.plan(["predictions.csv", "summary.json", *planned_outputs(items, save_masks, save_cams)])
-    area_rng = quality.resolve_lung_area_range(getattr(backend, "lung_area_range", None))
-    calib_problem = getattr(backend, "calibration_problem", None)
+    area_rng = quality.resolve_lung_area_range(backend.lung_area_range)
+    calib_problem = backend.calibration_problem
     workers = int(workers or min(4, os.cpu_count() or 1))
     notes = ([f"probabilities calibrated (T={temp:.3g})"] if calib_problem is None
              else [f"probabilities NOT calibrated (T={temp:.3g})"]) + ([f"TTA: {tta} views"] if tta > 1 else [])
