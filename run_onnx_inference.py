@@ -12,17 +12,13 @@ for diagnosis.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from cxrkit.config import ONNX_PATH
-from cxrkit.inference import add_gradcam_args, add_input_args, add_output_args, add_run_args, run_cli
-from cxrkit.io_utils import HelpFormatter
+from cxrkit.inference import inference_parser, run_cli
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    g = p.add_argument_group("model")
+def _model_args(g):
     g.add_argument("--onnx_path", default=ONNX_PATH, help="exported model")
     g.add_argument("--meta_path", default=None, help="meta file; None = <onnx_path>.meta.json")
     g.add_argument("--use_cuda", action="store_true",
@@ -31,11 +27,10 @@ def parse_args(argv=None):
                    help="ONNX Runtime execution providers in priority order (e.g. CUDAExecutionProvider, or "
                         "cuda cpu); CPU is always appended as the fallback")
     g.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = number of physical cores)")
-    add_input_args(p)
-    add_output_args(p, "out/onnx_inference")
-    add_run_args(p)
-    add_gradcam_args(p, onnx=True)
-    return p.parse_args(argv)
+
+
+def parse_args(argv=None):
+    return inference_parser(__doc__, _model_args, "out/onnx_inference", onnx=True).parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -46,11 +41,8 @@ def main(argv=None) -> int:
         return OnnxBackend(args.onnx_path, args.meta_path, providers=args.providers, use_cuda=args.use_cuda,
                            intra_op_threads=args.threads or None)
 
-    def cam_device():
-        import torch
-        return "cuda" if args.use_cuda and torch.cuda.is_available() else "cpu"
-
-    return run_cli(args, make_backend, cam_checkpoint=args.checkpoint, cam_device=cam_device)
+    # Grad-CAM: gradients from --checkpoint, on CUDA with --use_cuda (OnnxBackend.explainer)
+    return run_cli(args, make_backend, cam_checkpoint=args.checkpoint)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ DEFAULT_STD = (0.5, 0.5, 0.5)
 # always comes from its checkpoint; this is only used by the synthetic-data generator.
 DEFAULT_CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 
+# A pixel is lung where the predicted lung probability is above this (masks, Dice / IoU, lung area,
+# outlines; cxrkit.preprocess.lung_mask applies it at any size).
+LUNG_THRESHOLD = 0.5
+
 
 @dataclass
 class ModelConfig:

@@ -12,6 +12,8 @@ loads with strict=True: a wrong mapping fails loudly instead of leaving random w
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -19,12 +21,13 @@ from torch import nn
 LITE0_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
                 (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TF-trained weights: eps 1e-3; PyTorch momentum 0.01 == TF 0.99
-# Lite models take (x - 0.5) / 0.5 (not the ImageNet mean/std)
-LITE0_MEAN, LITE0_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 # feature taps: after these block indices the resolution halves next (strides 2, 4, 8, 16, 32)
 LITE0_TAPS = (0, 2, 4, 10, 15)
 LITE0_TAP_CHANNELS = (16, 24, 40, 112, 320)
 LITE0_HEAD_CHANNELS = 1280
+# Lite models take (x - 0.5) / 0.5, not the ImageNet mean/std: the lite0 preset's mean/std (config.py)
+# total downsampling: the stride-2 stem times every stage's stride (2 x 2 x 2 x 2 x 2 = 32)
+LITE0_OUTPUT_STRIDE = 2 * math.prod(s for _, _, s, _, _, _ in LITE0_STAGES)
 
 
 def _bn(c):
@@ -58,6 +61,8 @@ class MBConv(nn.Module):
 class EfficientNetLite0(nn.Module):
     """forward_features(x) -> [f/2, f/4, f/8, f/16, f/32] tap features and the 1280-ch head map.
     Takes an already normalised (B, 3, H, W) tensor."""
+
+    output_stride = LITE0_OUTPUT_STRIDE
 
     def __init__(self, with_imagenet_fc: bool = False):
         super().__init__()

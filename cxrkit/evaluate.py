@@ -11,6 +11,7 @@ import torch
 from . import plots
 from .calibration import apply_prior_correction, fit_temperature
 from .checkpoint import atomic_torch_save, model_from_checkpoint
+from .config import LUNG_THRESHOLD
 from .data import CachedData, make_loader
 from .io_utils import write_json_atomic
 from .metrics import (SegAccumulator, classification_metrics, expected_calibration_error, native_resolution_dice, nll,
@@ -47,7 +48,7 @@ def predict_split(model, data: CachedData, indices, device, batch_size=64, amp_d
                 return predict(model, xx)
 
         if input_mask is not None:
-            pred_mask = (fwd(x)[0] > 0.5).float()
+            pred_mask = (fwd(x)[0] > LUNG_THRESHOLD).float()
             lung = torch.where(hm.view(-1, 1, 1, 1), m, pred_mask)
             x = x * lung if input_mask == "lungs_only" else x * (1 - lung)
         if tta == 1:
@@ -268,7 +269,7 @@ def evaluate_from_args(args) -> None:
     else:
         evaluate_checkpoint(model, ck, data, split["test"], res_dir, device, amp)
     if not args.no_report:
-        from .report import write_split_report  # <output_dir>/test_report/report.html, beside test_results/
+        # <output_dir>/test_report/report.html, beside test_results/
         write_split_report(args.evaluate, data, split["test"], out / "test_report", device,
                            progress=not args.quiet, extra_inputs={"split_file": str(split_p)})
     if (args.shortcut_check or tta_ns) and len(split["test"]) == 0:
@@ -285,3 +286,40 @@ def evaluate_from_args(args) -> None:
         rows = tta_report(model, data, split["test"], ck["class_names"], device, tta_ns, amp_dtype=amp)
         write_json_atomic(res_dir / "tta_report.json", {"device": str(device), "rows": rows})
         print(json.dumps(rows, indent=1))
+
+
+# ------------------------------------------------------- model_arch.py --evaluate: test_report/
+def write_split_report(checkpoint, data, indices, save_dir, device=None, *, split_name: str = "test",
+                       batch_size: int = 16, workers: int | None = None, progress: bool = True,
+                       extra_inputs: dict | None = None) -> dict | None:
+    """The inference pipeline (PyTorch backend) over one split of a cached data set, from its
+    original image files: annotated/, thumbs/, predictions.csv, summary.json and report.html in
+    save_dir, exactly as the inference CLIs write them. `data`: a cxrkit.data.CachedData; returns
+    the summary, or None (with a warning) when the split is empty or its files are not reachable
+    (a prebuilt cache folder given as --data_dir holds no image files)."""
+    from .inference import InputItem, TorchBackend, assign_output_stems, run_pipeline
+    from .preprocess import mask_for_image
+    from .report import REPORT_NAME
+    idx = [int(i) for i in np.asarray(indices).ravel()]
+    if not idx:
+        log.warning("the %s split is empty: no report", split_name)
+        return None
+    root = Path(data.root) if getattr(data, "root", "") else None
+    items = []
+    for i in idx:
+        p = (root / data.paths[i]) if root is not None else Path(data.paths[i])
+        items.append(InputItem(path=p, rel=str(data.paths[i]), true_class=data.classes[int(data.labels[i])],
+                               mask_path=mask_for_image(p) if p.is_file() else None))
+    if not any(it.path.is_file() for it in items):
+        log.warning("no %s report: its image files are not under %s (a prebuilt cache folder holds none); "
+                    "pass the data folder as --data_dir", split_name, root)
+        return None
+    assign_output_stems(items)
+    backend = TorchBackend(checkpoint, None if device is None else str(device))
+    # the folder belongs to this evaluation (like test_results/): a re-run replaces the last one's files
+    summary = run_pipeline(backend, items, save_dir, batch_size=batch_size, workers=workers, progress=progress,
+                           extra_summary={"inputs": {"split": split_name, "data_dir": str(root),
+                                                     "n_images": len(items), **(extra_inputs or {})}},
+                           overwrite=True)
+    print(f"{split_name} report: {Path(save_dir) / REPORT_NAME}", flush=True)
+    return summary

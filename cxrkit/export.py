@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 import uuid
 import warnings
 from pathlib import Path
@@ -32,10 +31,11 @@ from torch import nn
 
 # the graph's names, meta_path_for and sha256_file live in the torch-free io_utils (the ONNX inference
 # path imports them without torch); re-exported here for existing `from cxrkit.export import ...` callers
+from .config import LUNG_THRESHOLD
 from .device import pick_device
 from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
-from .io_utils import graph_binding, tmp_name
-from .model import predict
+from .io_utils import atomic_path, graph_binding
+from .model import check_img_size, predict
 
 log = logging.getLogger("cxrkit")
 
@@ -134,9 +134,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
     model, ck = model_from_checkpoint(ck)
     trained_size = int(ck["img_size"])
     size = trained_size if img_size in (None, 0) else int(img_size)
-    factor = int(np.prod(model.cfg.strides))
-    if size <= 0 or size % factor:
-        raise ValueError(f"--img_size {size}: must be a positive multiple of {factor} (the UNet's total stride)")
+    check_img_size(model.cfg, size)  # a multiple of model.output_stride (UsageError, a ValueError)
     if Path(onnx_path).is_dir():
         raise ValueError(f"--onnx_path {onnx_path} is a folder: give a file name, e.g. {Path(onnx_path) / 'model.onnx'}")
     if not 13 <= int(opset) <= 21:
@@ -155,12 +153,11 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
     dummy = torch.rand(2 if dynamic_batch else 1, 3, size, size, device=dev)
 
     onnx_path = Path(onnx_path)
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
     meta_p = meta_path_for(onnx_path)
-    tmp = tmp_name(onnx_path)  # replaced onto onnx_path only after the parity check passes
     order = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"], "dynamo": ["dynamo"]}[exporter]
     used, real_opset, errors = None, None, []
-    try:
+    # atomic: the temp file replaces onnx_path only when the parity check passes, else it is removed
+    with atomic_path(onnx_path) as tmp:
         for name in order:
             try:
                 fn = _export_torchscript if name == "torchscript" else _export_dynamo
@@ -199,10 +196,6 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
             raise RuntimeError(f"ONNX Runtime disagrees with PyTorch: max class-probability diff {worst_cls:.3g} "
                                f"(tolerance {CLASS_PROB_TOL}), max segmentation diff {worst_seg:.3g} "
                                f"(tolerance {SEG_PROB_TOL}); the model was not written")
-        os.replace(tmp, onnx_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
     import onnxruntime
     meta = {
@@ -235,7 +228,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         },
         "outputs": {
             "segmentation": {"shape": ["batch" if dynamic_batch else 1, 1, size, size], "dtype": "float32",
-                             "meaning": "lung probability per pixel (sigmoid applied); lung = prob > 0.5"},
+                             "meaning": f"lung probability per pixel (sigmoid applied); lung = prob > {LUNG_THRESHOLD}"},
             "classification": {"shape": ["batch" if dynamic_batch else 1, len(class_names)], "dtype": "float32",
                                "meaning": "raw logits in class_names order; probabilities = "
                                           "softmax(logits / temperature)"},

@@ -1,7 +1,15 @@
-"""Evaluation metrics (numpy / scikit-learn, computed once per epoch on gathered arrays)."""
+"""Evaluation metrics (numpy / scikit-learn, computed once per epoch on gathered arrays), and the 95%
+confidence intervals summary.json and the report show for accuracy and macro-F1."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+# confidence intervals (confidence_intervals): bootstrap resamples and seed, normal 97.5% quantile
+CI_RESAMPLES = 1000
+CI_SEED = 0
+_Z95 = 1.959963984540054  # standard normal 97.5% quantile
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -47,6 +55,53 @@ def macro_f1_from_confusion(cm: np.ndarray) -> np.ndarray:
     return (f1_from_confusion(cm) * present).sum(-1) / np.maximum(present.sum(-1), 1)
 
 
+def wilson_interval(k: int, n: int, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (95% for the default z)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if k <= 0 else lo), (1.0 if k >= n else hi)  # exact ends (no 0.9999999999999999)
+
+
+def bootstrap_macro_f1(y_true, y_pred, n_classes: int, n_resamples: int = CI_RESAMPLES, seed: int = CI_SEED,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of macro-F1: `n_resamples` resamples (with replacement) of the
+    labelled images, numpy default_rng(seed), so the same run gives the same interval."""
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    n, c = len(y_true), int(n_classes)
+    if n == 0:
+        return 0.0, 1.0
+    code = y_true * c + y_pred
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_resamples, np.float64)
+    chunk = max(1, min(n_resamples, 2_000_000 // n))  # bounded memory on big runs
+    for s in range(0, n_resamples, chunk):
+        b = min(chunk, n_resamples - s)
+        idx = rng.integers(0, n, size=(b, n))
+        flat = (np.arange(b)[:, None] * (c * c) + code[idx]).ravel()
+        cms = np.bincount(flat, minlength=b * c * c).reshape(b, c, c)
+        stats[s:s + b] = macro_f1_from_confusion(cms)
+    a = (1.0 - level) / 2
+    lo, hi = np.quantile(stats, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def confidence_intervals(y_true, y_pred, n_classes: int, n_resamples: int = CI_RESAMPLES,
+                         seed: int = CI_SEED) -> dict:
+    """95% intervals for summary.json's "classification": accuracy (Wilson) and macro-F1 (bootstrap)."""
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    k, n = int((y_true == y_pred).sum()), len(y_true)
+    return {"accuracy_ci95": list(wilson_interval(k, n)),
+            "macro_f1_ci95": list(bootstrap_macro_f1(y_true, y_pred, n_classes, n_resamples, seed)),
+            "ci_method": {"accuracy": "Wilson score interval, 95%",
+                          "macro_f1": f"percentile bootstrap, 95%, {n_resamples} resamples of the labelled "
+                                      f"images (numpy default_rng seed {seed})"}}
+
+
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, macro/weighted F1, per-class precision/recall/F1/support/ROC-AUC, confusion matrix.
 
@@ -88,11 +143,11 @@ def binary_dice_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
 
 def native_resolution_dice(seg_probs: np.ndarray, gt_masks: list) -> dict:
     """Mean Dice / IoU with each predicted lung-probability map (model input size) resized bilinearly
-    to its ground-truth mask's own size, then thresholded at 0.5. gt_masks: (H, W) 0/1 arrays."""
-    import cv2
+    to its ground-truth mask's own size, then thresholded (preprocess.lung_mask). gt_masks: (H, W) 0/1 arrays."""
+    from .preprocess import lung_mask
     d, i = [], []
     for p, g in zip(seg_probs, gt_masks):
-        up = cv2.resize(np.asarray(p, np.float32), (g.shape[1], g.shape[0]), interpolation=cv2.INTER_LINEAR) > 0.5
+        up = lung_mask(p, g.shape[:2])
         dc, io = binary_dice_iou(up, g)
         d.append(dc); i.append(io)
     if not d:

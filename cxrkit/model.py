@@ -11,6 +11,7 @@ ModelOutput(segmentation=(B, 1, H, W) logits, classification=(B, C) logits).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -19,12 +20,30 @@ from monai.networks.nets import UNet
 from monai.networks.nets.basic_unet import UpCat
 
 from .config import ModelConfig
-from .encoders import LITE0_HEAD_CHANNELS, LITE0_TAP_CHANNELS, EfficientNetLite0, load_lite0_imagenet
+from .encoders import (LITE0_HEAD_CHANNELS, LITE0_OUTPUT_STRIDE, LITE0_TAP_CHANNELS, EfficientNetLite0,
+                       load_lite0_imagenet)
+from .errors import UsageError
 
 
 class ModelOutput(NamedTuple):
     segmentation: torch.Tensor   # (B, 1, H, W) logits; sigmoid gives the lung probability
     classification: torch.Tensor  # (B, C) logits
+
+
+def output_stride(cfg: ModelConfig) -> int:
+    """How many times the network's encoder shrinks its input: the input size must be a multiple of
+    it. lite0: 32 (its encoder); MONAI UNet: the product of cfg.strides. Both networks expose it as
+    `model.output_stride`."""
+    return LITE0_OUTPUT_STRIDE if cfg.backbone == "lite0" else math.prod(cfg.strides)
+
+
+def check_img_size(cfg: ModelConfig, size: int) -> None:
+    """The one input-size rule (training and export): a positive multiple of output_stride(cfg);
+    raises UsageError (a ValueError) with the fix otherwise."""
+    s = output_stride(cfg)
+    if size <= 0 or size % s:
+        raise UsageError(f"--img_size {size}: preset {cfg.preset} needs a positive multiple of {s} (the "
+                         f"network's output stride), e.g. {4 * s}, {5 * s}, {6 * s} or {8 * s}")
 
 
 def _unet_levels(unet: UNet) -> list[nn.Module]:
@@ -115,6 +134,10 @@ class CXRMultiTaskNet(nn.Module):
         """The deepest encoder block (the default Grad-CAM layer)."""
         return self._levels[-1]
 
+    @property
+    def output_stride(self) -> int:
+        return output_stride(self.cfg)
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         self._captured = []
         feats = self.unet((x - self.mean) / self.std)
@@ -157,6 +180,10 @@ class Lite0MultiTaskNet(nn.Module):
     def bottleneck(self) -> nn.Module:
         """The encoder's last block (stride 32), the default Grad-CAM layer."""
         return self.encoder._blocks[-1]
+
+    @property
+    def output_stride(self) -> int:
+        return output_stride(self.cfg)
 
     def load_pretrained_encoder(self) -> None:
         load_lite0_imagenet(self.encoder)

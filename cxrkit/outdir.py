@@ -32,6 +32,13 @@ from pathlib import Path
 from .errors import SaveDirError
 from .io_utils import tmp_name, write_json_atomic  # noqa: F401  (tmp_name re-exported)
 
+try:  # the lock primitive, chosen once: flock on POSIX, msvcrt byte-range locks on Windows
+    import fcntl
+    msvcrt = None
+except ImportError:  # pragma: no cover - Windows
+    import msvcrt
+    fcntl = None
+
 log = logging.getLogger("cxrkit")
 
 LOCK_NAME = ".cxrkit.lock"
@@ -53,10 +60,7 @@ def _now() -> str:
 
 def _lock(fd) -> bool:
     """Non-blocking exclusive lock on an open file; False when another process holds it."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        import msvcrt
+    if fcntl is None:  # pragma: no cover - Windows
         try:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
             return True
@@ -75,17 +79,11 @@ def _lock(fd) -> bool:
 
 def _unlock(fd) -> None:
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        import msvcrt
-        try:
+        if fcntl is None:  # pragma: no cover - Windows
             os.lseek(fd, 0, os.SEEK_SET)
             msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-        except OSError:
-            pass
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
     except OSError:
         pass  # closing the file releases it anyway
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from .config import LUNG_THRESHOLD
 from .errors import ImageReadError
 
 if TYPE_CHECKING:  # annotations only
@@ -270,6 +271,16 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     # picks one source pixel per output pixel, off its centre, which shifts the mask against the
     # image by up to half a source pixel (0.3-0.5 output px on average)
     return (resize_gray((mask > 0).astype(np.uint8) * 255, size) >= 128).astype(np.uint8)
+
+
+def lung_mask(seg_prob: np.ndarray, size: tuple | None = None) -> np.ndarray:
+    """The predicted lungs as a bool (H, W) array: the lung-probability map (model input size) resized
+    bilinearly to size = (H, W) when given, then > LUNG_THRESHOLD. The one rule for every mask, Dice,
+    outline and lung area computed from a prediction."""
+    if size is not None:
+        h, w = int(size[0]), int(size[1])
+        seg_prob = cv2.resize(np.asarray(seg_prob, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    return seg_prob > LUNG_THRESHOLD
 
 
 def load_for_model(path, size: int) -> np.ndarray:

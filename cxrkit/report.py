@@ -5,11 +5,14 @@
 
 One renderer serves every run: cxrkit.inference.run_pipeline calls it after summary.json is written
 (both inference CLIs; `--no_report` turns it off), and `model_arch.py --evaluate` runs that same
-pipeline over the test split into <output_dir>/test_report/ (write_split_report).
+pipeline over the test split into <output_dir>/test_report/ (cxrkit.evaluate.write_split_report).
+This module renders only: it runs no model, and the confidence intervals it shows are computed by
+cxrkit.metrics (confidence_intervals) into summary.json.
 
-The page has inline CSS and a few lines of vanilla JS (gallery filters), loads nothing from the
-network, and links only to files under save_dir by relative path (annotated/, thumbs/,
-predictions.csv, summary.json), so the folder can be zipped and opened anywhere. Its first screen
+The page has inline CSS and a few lines of vanilla JS (gallery filters; both in
+cxrkit.report_assets), loads nothing from the network, and links only to files under save_dir by
+relative path (annotated/, thumbs/, predictions.csv, summary.json), so the folder can be zipped and
+opened anywhere. Its first screen
 holds the run header, accuracy and macro-F1 with 95% confidence intervals, lung Dice / IoU, the
 confusion matrix, the per-class table and the start of the gallery, which puts the misclassified
 images first, then the rest by ascending confidence, up to GALLERY_CAP thumbnails. Every number the
@@ -19,8 +22,9 @@ exact value) so tests can check the page against the file.
 Thumbnails (THUMB_HEIGHT px JPEGs under thumbs/, lung outline drawn) are written by the pipeline's
 writer thread through write_thumbnail, never scaled down from the full PNGs by the browser.
 
-The ONNX inference path imports it, so it stays torch-free on import (why: cxrkit/inference/__init__.py; tests/test_inference.py enforces it); only write_split_report
-(model_arch.py --evaluate) imports the PyTorch side, when called.
+The ONNX inference path imports it, so it stays torch-free on import (why: cxrkit/inference/__init__.py;
+tests/test_inference.py enforces it), and it imports nothing of the inference pipeline
+(tests/test_report.py checks both).
 
 Research software: not for diagnosis.
 """
@@ -29,7 +33,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from urllib.parse import quote
@@ -38,7 +41,8 @@ import cv2
 import numpy as np
 
 from .io_utils import write_bytes_atomic
-from .metrics import macro_f1_from_confusion  # noqa: F401  (tests use it from here)
+from .preprocess import lung_mask
+from .report_assets import CSS as _CSS, JS as _JS
 
 log = logging.getLogger("cxrkit")
 
@@ -46,9 +50,6 @@ REPORT_NAME = "report.html"
 THUMB_DIR = "thumbs"
 THUMB_HEIGHT = 160
 GALLERY_CAP = 300
-CI_RESAMPLES = 1000
-CI_SEED = 0
-_Z95 = 1.959963984540054  # standard normal 97.5% quantile
 DISCLAIMER = "Research use only - not for diagnosis."
 
 
@@ -60,13 +61,13 @@ def thumb_relpath(stem: str) -> str:
 
 def make_thumbnail(gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_HEIGHT) -> np.ndarray:
     """A small BGR uint8 image: the X-ray at `height` px (aspect ratio kept) with the predicted lung
-    outline (seg_prob > 0.5) drawn."""
+    outline (preprocess.lung_mask) drawn."""
     h, w = gray.shape[:2]
     tw = max(1, int(round(w * height / h)))
     interp = cv2.INTER_AREA if h > height else cv2.INTER_LINEAR
     small = cv2.resize(gray, (tw, height), interpolation=interp)
     bgr = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR) if small.ndim == 2 else small
-    lung = cv2.resize(np.asarray(seg_prob, np.float32), (tw, height), interpolation=cv2.INTER_LINEAR) > 0.5
+    lung = lung_mask(seg_prob, (height, tw))
     contours, _ = cv2.findContours(lung.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(bgr, contours, -1, (0, 230, 255), 1, cv2.LINE_AA)
     return bgr
@@ -81,61 +82,11 @@ def write_thumbnail(path, gray: np.ndarray, seg_prob: np.ndarray, height: int = 
     write_bytes_atomic(path, buf.tobytes())
 
 
-# ------------------------------------------------------------------------ confidence intervals
-def wilson_interval(k: int, n: int, z: float = _Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (95% for the default z)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p, z2 = k / n, z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
-    return (0.0 if k <= 0 else lo), (1.0 if k >= n else hi)  # exact ends (no 0.9999999999999999)
-
-
-def bootstrap_macro_f1(y_true, y_pred, n_classes: int, n_resamples: int = CI_RESAMPLES, seed: int = CI_SEED,
-                       level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of macro-F1: `n_resamples` resamples (with replacement) of the
-    labelled images, numpy default_rng(seed), so the same run gives the same interval."""
-    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
-    n, c = len(y_true), int(n_classes)
-    if n == 0:
-        return 0.0, 1.0
-    code = y_true * c + y_pred
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n_resamples, np.float64)
-    chunk = max(1, min(n_resamples, 2_000_000 // n))  # bounded memory on big runs
-    for s in range(0, n_resamples, chunk):
-        b = min(chunk, n_resamples - s)
-        idx = rng.integers(0, n, size=(b, n))
-        flat = (np.arange(b)[:, None] * (c * c) + code[idx]).ravel()
-        cms = np.bincount(flat, minlength=b * c * c).reshape(b, c, c)
-        stats[s:s + b] = macro_f1_from_confusion(cms)
-    a = (1.0 - level) / 2
-    lo, hi = np.quantile(stats, [a, 1 - a])
-    return float(lo), float(hi)
-
-
-def confidence_intervals(y_true, y_pred, n_classes: int, n_resamples: int = CI_RESAMPLES,
-                         seed: int = CI_SEED) -> dict:
-    """95% intervals for summary.json's "classification": accuracy (Wilson) and macro-F1 (bootstrap)."""
-    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
-    k, n = int((y_true == y_pred).sum()), len(y_true)
-    return {"accuracy_ci95": list(wilson_interval(k, n)),
-            "macro_f1_ci95": list(bootstrap_macro_f1(y_true, y_pred, n_classes, n_resamples, seed)),
-            "ci_method": {"accuracy": "Wilson score interval, 95%",
-                          "macro_f1": f"percentile bootstrap, 95%, {n_resamples} resamples of the labelled "
-                                      f"images (numpy default_rng seed {seed})"}}
-
-
 # ---------------------------------------------------------------------------------------- model
 def model_info(backend) -> dict:
-    """File, preset, input size and calibration of an inference backend (for the report header)."""
-    src = getattr(backend, "meta", None) or getattr(backend, "ck", None) or {}
-    cfg = src.get("model_config") or {}
-    path = getattr(backend, "onnx_path", None) or getattr(backend, "checkpoint_path", None)
-    return {"file": str(path) if path else None, "preset": cfg.get("preset"), "img_size": int(backend.img_size),
+    """File, preset, input size and calibration of an inference backend (a cxrkit.inference.Backend;
+    for the report header)."""
+    return {"file": str(backend.model_file), "preset": backend.preset, "img_size": int(backend.img_size),
             "temperature": float(backend.temperature)}
 
 
@@ -162,82 +113,6 @@ def row_flags(row: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ rendering
-_CSS = """
-*{box-sizing:border-box}
-body{margin:0;font:13px/1.35 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
-  color:#1d2127;background:#f4f5f7}
-header{background:#1f2630;color:#eef1f5;padding:8px 16px 7px}
-h1{font-size:17px;margin:0 0 3px;font-weight:600}
-h1 small{font-weight:400;color:#aeb8c4;font-size:13px;margin-left:8px}
-h2{font-size:13px;margin:0 0 6px;text-transform:uppercase;letter-spacing:.04em;color:#56606c}
-.meta{display:flex;flex-wrap:wrap;gap:2px 18px;margin:0;color:#cfd6de}
-.meta b{color:#8d99a6;font-weight:400;margin-right:4px}
-.warn{color:#ffcf70}
-main{padding:10px 16px 24px}
-.row{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start;margin-bottom:12px}
-.panel{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:9px 11px}
-.cards{display:flex;flex-direction:column;gap:8px}
-.card{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:7px 12px;min-width:215px}
-.card .lbl{color:#56606c;font-size:12px}
-.card .big{font-size:24px;font-weight:650}
-.card .ci,.card .n{color:#56606c;font-size:12px}
-table{border-collapse:collapse}
-th,td{padding:3px 7px;text-align:right;font-variant-numeric:tabular-nums}
-th{color:#56606c;font-weight:500}
-td.l,th.l{text-align:left}
-.pc td,.pc th{border-bottom:1px solid #eceef1}
-.cm td{min-width:64px;height:30px;text-align:center;border:1px solid #fff;font-weight:600}
-.cm th.ax{color:#8d99a6;font-weight:400;font-size:11px}
-.cm .rl{text-align:right;max-width:130px}
-.cm .cl{width:64px;max-width:80px;font-size:11px;text-align:center;vertical-align:bottom}
-.filters{display:flex;flex-wrap:wrap;gap:6px 14px;align-items:center;margin:0 0 8px}
-.filters select{font:inherit;padding:1px 3px}
-.note{color:#56606c;margin:0 0 8px}
-.grid{display:flex;flex-wrap:wrap;gap:8px}
-figure.g{margin:0;width:170px;background:#fff;border:1px solid #dde1e6;border-radius:5px;padding:4px;overflow:hidden}
-figure.g[hidden]{display:none}
-figure.g.err{border:2px solid #d0342c;padding:3px}
-figure.g img{display:block;width:160px;height:160px;object-fit:contain;background:#111;margin:0 auto}
-figure.g .ph{display:flex;width:160px;height:160px;background:#333;color:#ccc;align-items:center;
-  justify-content:center;margin:0 auto}
-figcaption{margin-top:3px;font-size:12px}
-figcaption div{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-figcaption .p{font-weight:650}
-figcaption .bad{color:#c0271f;font-weight:650}
-figcaption .ok{color:#2e7d32}
-figcaption .fn{color:#7a838e;font-size:11px}
-.bar{height:3px;background:#e3e6ea;margin:2px 0}
-.bar i{display:block;height:3px;background:#ff9f1a}
-.flag{display:inline-block;background:#fff2cc;color:#7a5200;border-radius:3px;padding:0 4px;font-size:11px;
-  margin-right:3px}
-.sk td,.sk th{text-align:left;border-bottom:1px solid #eceef1;vertical-align:top}
-.sk td{word-break:break-all}
-footer{color:#7a838e;padding:0 16px 20px}
-a{color:#1a5fb4}
-"""
-
-_JS = """
-(function () {
-  var P = document.getElementById("f-pred"), T = document.getElementById("f-true"),
-      E = document.getElementById("f-err"), C = document.getElementById("f-count");
-  var items = document.querySelectorAll("#grid figure");
-  function apply() {
-    var p = P ? P.value : "", t = T ? T.value : "", e = E ? E.checked : false, n = 0;
-    for (var i = 0; i < items.length; i++) {
-      var d = items[i].dataset;
-      var ok = (!p || d.pred === p) && (!t || d["true"] === t) && (!e || d.err === "1");
-      items[i].hidden = !ok;
-      if (ok) { n++; }
-    }
-    if (C) { C.textContent = n + " of " + items.length + " shown"; }
-  }
-  [P, T, E].forEach(function (el) { if (el) { el.addEventListener("change", apply); } });
-  apply();
-  document.body.setAttribute("data-ready", "1");
-})();
-"""
-
-
 _ESC = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"})
 
 
@@ -493,41 +368,3 @@ def write_report(save_dir, summary: dict, rows: list[dict], *, model: dict | Non
     path = save_dir / REPORT_NAME
     write_bytes_atomic(path, page.encode("utf-8"))
     return path
-
-
-# ----------------------------------------------------------------------- model_arch.py --evaluate
-def write_split_report(checkpoint, data, indices, save_dir, device=None, *, split_name: str = "test",
-                       batch_size: int = 16, workers: int | None = None, progress: bool = True,
-                       extra_inputs: dict | None = None) -> dict | None:
-    """The inference pipeline (PyTorch backend) over one split of a cached data set, from its
-    original image files: annotated/, thumbs/, predictions.csv, summary.json and report.html in
-    save_dir, exactly as the inference CLIs write them. `data`: a cxrkit.data.CachedData; returns
-    the summary, or None (with a warning) when the split is empty or its files are not reachable
-    (a prebuilt cache folder given as --data_dir holds no image files)."""
-    import inspect
-
-    from .inference import InputItem, TorchBackend, assign_output_stems, run_pipeline
-    from .preprocess import mask_for_image
-    idx = [int(i) for i in np.asarray(indices).ravel()]
-    if not idx:
-        log.warning("the %s split is empty: no report", split_name)
-        return None
-    root = Path(data.root) if getattr(data, "root", "") else None
-    items = []
-    for i in idx:
-        p = (root / data.paths[i]) if root is not None else Path(data.paths[i])
-        items.append(InputItem(path=p, rel=str(data.paths[i]), true_class=data.classes[int(data.labels[i])],
-                               mask_path=mask_for_image(p) if p.is_file() else None))
-    if not any(it.path.is_file() for it in items):
-        log.warning("no %s report: its image files are not under %s (a prebuilt cache folder holds none); "
-                    "pass the data folder as --data_dir", split_name, root)
-        return None
-    assign_output_stems(items)
-    backend = TorchBackend(checkpoint, None if device is None else str(device))
-    # the folder belongs to this evaluation (like test_results/): a re-run replaces the last one's files
-    kw = {"overwrite": True} if "overwrite" in inspect.signature(run_pipeline).parameters else {}
-    summary = run_pipeline(backend, items, save_dir, batch_size=batch_size, workers=workers, progress=progress,
-                           extra_summary={"inputs": {"split": split_name, "data_dir": str(root),
-                                                     "n_images": len(items), **(extra_inputs or {})}}, **kw)
-    print(f"{split_name} report: {Path(save_dir) / REPORT_NAME}", flush=True)
-    return summary

@@ -18,13 +18,14 @@ import torch.distributed as dist
 from . import plots
 from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, make_checkpoint, strip_for_release
 from .config import ModelConfig, TrainConfig, make_config
-from .data import DataError, augment, load_data, load_or_make_split, make_loader
+from .data import augment, load_data, load_or_make_split, make_loader
 from .device import amp_dtype_for, barrier, pick_device, setup_distributed
+from .errors import DataError
 from .evaluate import finalize, predict_split
 from .io_utils import UsageError, write_json_atomic
 from .losses import MultiTaskLoss, inverse_frequency_weights, validation_loss
 from .metrics import classification_metrics
-from .model import build_model, count_gflops, count_parameters
+from .model import build_model, check_img_size, count_gflops, count_parameters
 from .preprocess import to_model_input
 
 log = logging.getLogger("cxrkit")
@@ -53,9 +54,7 @@ def model_config_from_args(args, num_classes: int) -> ModelConfig:
         if cfg.backbone != "lite0" and pre:
             raise UsageError(f"--pretrained: --arch {args.arch} has no pretrained encoder; use --arch lite0")
         cfg.pretrained = bool(pre)
-    if cfg.backbone == "lite0" and args.img_size % 32:
-        raise UsageError(f"--img_size {args.img_size}: --arch {args.arch} needs a multiple of 32 (its encoder "
-                         f"halves the size 5 times), e.g. 128, 160, 192 or 256")
+    check_img_size(cfg, args.img_size)
     return cfg
 
 

@@ -477,3 +477,20 @@ def test_synthetic_set_has_the_database_quirks_and_a_usable_split(tmp_path):
     split = load_or_make_split(d, tmp_path / "split.json")
     for k, idx in split.items():
         assert set(d.labels[idx].tolist()) == {0, 1, 2, 3}, f"{k} split misses a class"
+
+
+def test_lung_mask_is_the_one_threshold_rule():
+    """preprocess.lung_mask: the lung probabilities resized bilinearly to (H, W), then > LUNG_THRESHOLD
+    (the rule every mask, Dice, outline and lung area uses); without a size, only the threshold."""
+    from cxrkit.config import LUNG_THRESHOLD
+    from cxrkit.preprocess import lung_mask
+    rng = np.random.default_rng(0)
+    p = rng.random((32, 32)).astype(np.float32)
+    p[0, 0] = LUNG_THRESHOLD  # exactly at the threshold: not lung
+    assert LUNG_THRESHOLD == 0.5
+    np.testing.assert_array_equal(lung_mask(p), p > 0.5)
+    assert not lung_mask(p)[0, 0]
+    want = cv2.resize(p, (50, 70), interpolation=cv2.INTER_LINEAR) > 0.5  # (W, H) for OpenCV
+    got = lung_mask(p.astype(np.float64), (70, 50))
+    assert got.dtype == bool and got.shape == (70, 50)
+    np.testing.assert_array_equal(got, want)

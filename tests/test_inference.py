@@ -361,3 +361,27 @@ def test_both_backends_enforce_the_input_contract(tiny_model):
             backend.forward(ok[:, :, :-1])
         with pytest.raises(ValueError, match="float32"):
             backend.forward(ok.astype(np.float64))
+
+
+def test_both_backends_meet_the_backend_contract(tiny_model):
+    """One explicit contract (cxrkit.inference.Backend): both backends implement it, the report header
+    reads it alike, Grad-CAM comes from the backend (ONNX: only with a checkpoint), and the pipeline,
+    the CLI body and the report no longer probe a backend with getattr."""
+    import inspect
+
+    from cxrkit.inference import Backend, cli, pipeline
+    from cxrkit.report import model_info
+    tb, ob = TorchBackend(tiny_model.checkpoint, "cpu"), OnnxBackend(tiny_model.onnx)
+    for b in (tb, ob):
+        assert isinstance(b, Backend)
+    it, io_ = model_info(tb), model_info(ob)
+    assert it["file"] == str(tiny_model.checkpoint) and io_["file"] == str(tiny_model.onnx)
+    assert it["preset"] == io_["preset"] == load_checkpoint(tiny_model.checkpoint)["model_config"]["preset"]
+    assert (it["img_size"], it["temperature"]) == (io_["img_size"], io_["temperature"])
+    assert tb.explainer().class_names == ob.explainer(tiny_model.checkpoint).class_names == tb.class_names
+    with pytest.raises(InferenceError, match="needs --checkpoint"):
+        ob.explainer(None)
+    import cxrkit.report as report
+    for mod in (cli, pipeline, report):
+        assert "getattr(backend" not in inspect.getsource(mod)
+    assert "holder" not in inspect.getsource(pth_cli)

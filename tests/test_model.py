@@ -138,3 +138,21 @@ def test_config_round_trip_and_errors():
         ModelConfig.from_dict({**make_config("tiny").to_dict(), "wings": 2})
     with pytest.raises(ValueError, match="cls_source"):
         build_model(make_config("tiny", cls_source="sideways"))
+
+
+def test_output_stride_is_the_one_size_rule():
+    """Both networks say how much their encoder shrinks the input (lite0 32, a MONAI UNet the product
+    of its strides); training and export both refuse a size that is not a multiple of it."""
+    from cxrkit.errors import UsageError
+    from cxrkit.model import check_img_size, output_stride
+    lite = build_model(make_config("lite0", pretrained=False))
+    tiny = _model("tiny")
+    assert lite.output_stride == lite.encoder.output_stride == output_stride(lite.cfg) == 32
+    assert tiny.output_stride == output_stride(make_config("tiny", strides=(2, 2, 2))) * 2 == 16
+    for m in (lite, tiny):
+        check_img_size(m.cfg, 4 * m.output_stride)
+        for bad in (0, m.output_stride + 8, 100):
+            with pytest.raises(UsageError, match=f"multiple of {m.output_stride}"):
+                check_img_size(m.cfg, bad)
+    with torch.no_grad():  # a size the rule accepts runs, and the mask comes back at the input size
+        assert lite.eval()(torch.rand(1, 3, 64, 64)).segmentation.shape[-2:] == (64, 64)

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
+from cxrkit import metrics
 from cxrkit import report as rp
 from cxrkit.metrics import classification_metrics
 
@@ -164,21 +165,35 @@ def synthetic_summary(rows: list[dict]) -> dict:
         p = np.array([CLASSES.index(r["predicted_class"]) for r in labelled])
         m = classification_metrics(y, np.eye(4)[p], CLASSES)
         m["n_labelled"] = len(y)
-        m.update(rp.confidence_intervals(y, p, 4))
+        m.update(metrics.confidence_intervals(y, p, 4))
         s["classification"] = m
     return s
 
 
 # -------------------------------------------------------------------------- confidence intervals
+def test_report_module_renders_only():
+    """No import circle: cxrkit.report renders; importing it (a fresh interpreter) loads neither the
+    inference pipeline nor torch / MONAI, and the interval maths lives in cxrkit.metrics."""
+    import subprocess
+    import sys
+    probe = ("import json, sys; import cxrkit.report; print(json.dumps(sorted(m for m in sys.modules "
+             "if m.startswith('cxrkit.inference') or m.split('.')[0] in ('torch', 'monai') "
+             "or m in ('cxrkit.evaluate', 'cxrkit.model', 'cxrkit.checkpoint'))))")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+    assert not hasattr(rp, "write_split_report") and not hasattr(rp, "confidence_intervals")
+
+
 def test_wilson_interval():
-    lo, hi = rp.wilson_interval(8, 10)
+    lo, hi = metrics.wilson_interval(8, 10)
     assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
-    assert rp.wilson_interval(0, 10)[0] == 0.0 and rp.wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
-    assert rp.wilson_interval(10, 10)[1] == 1.0
+    assert metrics.wilson_interval(0, 10)[0] == 0.0 and metrics.wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert metrics.wilson_interval(10, 10)[1] == 1.0
     for k, n in ((1, 3), (37, 48), (700, 1000)):
-        lo, hi = rp.wilson_interval(k, n)
+        lo, hi = metrics.wilson_interval(k, n)
         assert 0 <= lo < k / n < hi <= 1
-    assert rp.wilson_interval(700, 1000)[1] - rp.wilson_interval(700, 1000)[0] < 0.06
+    assert metrics.wilson_interval(700, 1000)[1] - metrics.wilson_interval(700, 1000)[0] < 0.06
 
 
 def test_bootstrap_macro_f1():
@@ -188,21 +203,21 @@ def test_bootstrap_macro_f1():
     p[p == 3] = 2  # class 3 never predicted: still counted (present in y_true), F1 0
     cm = np.bincount(y * 4 + p, minlength=16).reshape(4, 4)
     ref = classification_metrics(y, np.eye(4)[p], CLASSES)["macro_f1"]
-    assert rp.macro_f1_from_confusion(cm) == pytest.approx(ref, abs=1e-12)
+    assert metrics.macro_f1_from_confusion(cm) == pytest.approx(ref, abs=1e-12)
     from sklearn.metrics import f1_score  # the one definition (cxrkit.metrics) agrees with scikit-learn
-    assert rp.macro_f1_from_confusion(cm) == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
-    a = rp.bootstrap_macro_f1(y, p, 4)
-    assert a == rp.bootstrap_macro_f1(y, p, 4)                 # seeded: reproducible
-    assert a != rp.bootstrap_macro_f1(y, p, 4, seed=5)
+    assert metrics.macro_f1_from_confusion(cm) == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+    a = metrics.bootstrap_macro_f1(y, p, 4)
+    assert a == metrics.bootstrap_macro_f1(y, p, 4)                 # seeded: reproducible
+    assert a != metrics.bootstrap_macro_f1(y, p, 4, seed=5)
     assert a[0] < ref < a[1] and a[1] - a[0] < 0.3
     # a class absent from both y and the predictions does not count (as scikit-learn)
     y2, p2 = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
     cm2 = np.bincount(y2 * 4 + p2, minlength=16).reshape(4, 4)
-    assert rp.macro_f1_from_confusion(cm2) == pytest.approx(
+    assert metrics.macro_f1_from_confusion(cm2) == pytest.approx(
         classification_metrics(y2, np.eye(4)[p2], CLASSES)["macro_f1"])
     # a big run is resampled in chunks (bounded memory) and gives a narrow interval
     yb = rng.integers(0, 4, 20000)
-    lo, hi = rp.bootstrap_macro_f1(yb, np.where(rng.random(20000) < 0.8, yb, 0), 4, n_resamples=200)
+    lo, hi = metrics.bootstrap_macro_f1(yb, np.where(rng.random(20000) < 0.8, yb, 0), 4, n_resamples=200)
     assert 0 < hi - lo < 0.03
 
 
@@ -312,7 +327,7 @@ def test_report_numbers_equal_summary(report_runs, which):
     # the intervals in summary.json are those of the predictions in predictions.csv
     y = np.array([CLASSES.index(r["true_class"]) for r in rows])
     p = np.array([CLASSES.index(r["predicted_class"]) for r in rows])
-    ci = rp.confidence_intervals(y, p, 4)
+    ci = metrics.confidence_intervals(y, p, 4)
     assert c["accuracy_ci95"] == ci["accuracy_ci95"] and c["macro_f1_ci95"] == ci["macro_f1_ci95"]
     assert c["accuracy_ci95"][0] <= c["accuracy"] <= c["accuracy_ci95"][1]
     assert c["macro_f1_ci95"][0] <= c["macro_f1"] <= c["macro_f1_ci95"][1]

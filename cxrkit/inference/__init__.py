@@ -1,6 +1,6 @@
 """Batch inference: ONE pipeline, two backends (PyTorch checkpoint, ONNX Runtime model).
 
-Modules: backends (TorchBackend, OnnxBackend) · inputs (folders -> InputItems) · render (annotated
+Modules: backends (the Backend contract; TorchBackend, OnnxBackend) · inputs (folders -> InputItems) · render (annotated
 PNG, writers) · gradcam · pipeline (run_pipeline) · cli (the two CLIs' shared body). The names below
 are re-exported here, so `from cxrkit.inference import run_pipeline` is the public API.
 
@@ -9,7 +9,8 @@ are re-exported here, so `from cxrkit.inference import run_pipeline` is the publ
     items = gather_inputs(data_dir="DIR", class_names=backend.class_names)
     summary = run_pipeline(backend, items, "out/preds", batch_size=16, tta=1)
 
-A backend exposes class_names, img_size, temperature and
+A backend meets the `Backend` protocol (backends.py): model_file, preset, class_names, img_size,
+temperature and calibration_problem, lung_area_range, describe(), explainer() (Grad-CAM) and
 `forward(x) -> (seg_prob (B,1,S,S), cls_logits (B,C))` on float32 numpy arrays (x: (B,3,S,S) from
 `cxrkit.preprocess.to_model_input_np`), which is what `cxrkit.tta.tta_predict` runs; so
 preprocessing (cxrkit.preprocess), TTA, calibration (softmax(logits / T)), metrics and every output
@@ -34,8 +35,9 @@ Research software: not for diagnosis.
 from __future__ import annotations
 
 from ..errors import CxrkitError, InferenceError  # noqa: F401
-from .backends import OnnxBackend, TorchBackend, physical_cores, resolve_providers  # noqa: F401
-from .cli import add_gradcam_args, add_input_args, add_output_args, add_run_args, run_cli, user_errors  # noqa: F401
+from .backends import Backend, OnnxBackend, TorchBackend, physical_cores, resolve_providers  # noqa: F401
+from .cli import (add_gradcam_args, add_input_args, add_output_args, add_run_args, inference_parser,  # noqa: F401
+                  run_cli, user_errors)
 from .gradcam import GradCamExplainer  # noqa: F401
 from .inputs import InputItem, assign_output_stems, gather_inputs  # noqa: F401
 from .pipeline import csv_columns, planned_outputs, run_pipeline  # noqa: F401

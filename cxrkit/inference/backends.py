@@ -1,10 +1,12 @@
-"""A backend: the PyTorch checkpoint or the ONNX Runtime model, numpy in, numpy out."""
+"""A backend: the PyTorch checkpoint or the ONNX Runtime model, numpy in, numpy out (the `Backend`
+contract below)."""
 from __future__ import annotations
 
 import json
 import logging
 import os
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -12,9 +14,40 @@ from ..errors import InferenceError
 from .. import quality
 from ..io_utils import INPUT_NAME, OUTPUT_NAMES, binding_mismatches, meta_path_for, sha256_file
 from ..preprocess import check_input
+from .gradcam import GradCamExplainer
 
 
 log = logging.getLogger("cxrkit")
+
+
+# ------------------------------------------------------------------------------------- contract
+CAM_NEEDS_CHECKPOINT = ("--gradcam with the ONNX backend needs --checkpoint (the PyTorch checkpoint the model was "
+                        "exported from): ONNX Runtime gives no gradients")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What run_pipeline, the report and the CLIs use of a backend, and all they use of it
+    (TorchBackend and OnnxBackend implement it; nothing probes a backend for other attributes)."""
+
+    name: str                         # "pytorch" or "onnxruntime" (summary.json "backend")
+    model_file: Path                  # the checkpoint or ONNX file it runs
+    preset: str | None                # the model's preset (ModelConfig.preset), None when not recorded
+    class_names: list[str]            # model class order
+    img_size: int                     # S of the (B, 3, S, S) input
+    temperature: float                # calibration: probabilities = softmax(logits / temperature)
+    calibration_problem: str | None   # why the temperature is not a fitted one (None: calibrated)
+    lung_area_range: dict | None      # training lung-area percentiles (None: quality's default)
+
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B,3,S,S) float32 -> (lung probabilities (B,1,S,S), class logits (B,C)), float32 numpy."""
+
+    def describe(self) -> dict:
+        """Runtime details for summary.json "backend_info" (device or providers, versions)."""
+
+    def explainer(self, checkpoint=None) -> GradCamExplainer:
+        """Grad-CAM for this model's predictions; `checkpoint`: the PyTorch checkpoint to take the
+        gradients from where the backend has none of its own (ONNX: --checkpoint)."""
 
 
 # ------------------------------------------------------------------------------------- backends
@@ -57,11 +90,12 @@ class TorchBackend:
         # torch / MONAI come in here, when a PyTorch backend is made (the package is torch-free on import)
         from ..checkpoint import model_from_checkpoint
         from ..device import pick_device
-        self.checkpoint_path = Path(checkpoint)
+        self.checkpoint_path = self.model_file = Path(checkpoint)
         model, ck = model_from_checkpoint(checkpoint)  # FileNotFoundError / CheckpointError
         self.device = pick_device(device or "auto")
         self.model = model.to(self.device).eval()
         self.ck = ck
+        self.preset = (ck.get("model_config") or {}).get("preset")
         self.class_names = list(ck["class_names"])
         self.img_size = int(ck["img_size"])
         self.temperature = float(ck.get("temperature", 1.0))
@@ -86,6 +120,10 @@ class TorchBackend:
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)
         return d
+
+    def explainer(self, checkpoint=None) -> GradCamExplainer:
+        """Grad-CAM from this backend's own checkpoint (already in memory), on its device."""
+        return GradCamExplainer(self.ck, self.device)
 
 
 _PROVIDER_ALIASES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider",
@@ -135,7 +173,8 @@ class OnnxBackend:
     def __init__(self, onnx_path, meta_path=None, providers=None, use_cuda: bool = False,
                  intra_op_threads: int | None = None):
         import onnxruntime as ort
-        self.onnx_path = Path(onnx_path)
+        self.onnx_path = self.model_file = Path(onnx_path)
+        self.use_cuda = bool(use_cuda)
         if not self.onnx_path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.onnx_path} (make it with export_to_onnx.py "
                                     f"or pass --onnx_path)")
@@ -156,6 +195,7 @@ class OnnxBackend:
             raise InferenceError(f"{self.meta_path}: not a cxrkit ONNX meta file (needs {', '.join(need)}); "
                                  f"re-export with export_to_onnx.py")
         self.meta = meta
+        self.preset = (meta.get("model_config") or {}).get("preset")
         self.class_names = [str(c) for c in meta["class_names"]]
         self.img_size = int(meta["img_size"])
         self.temperature = float(meta["temperature"])
@@ -252,3 +292,16 @@ class OnnxBackend:
                 "providers": self.active_providers, "intra_op_threads": self.intra_op_threads,
                 "graph_optimization": "ORT_ENABLE_ALL", "onnxruntime": ort.__version__,
                 "opset": self.meta.get("opset"), "dynamic_batch": self.static_batch is None}
+
+    def explainer(self, checkpoint=None) -> GradCamExplainer:
+        """Grad-CAM from `checkpoint` (ONNX Runtime gives no gradients), on CUDA with --use_cuda when
+        torch sees a GPU, else the CPU; warns when it is not the checkpoint this model was exported from."""
+        import torch
+        if checkpoint is None:
+            raise InferenceError(CAM_NEEDS_CHECKPOINT)
+        cam = GradCamExplainer(checkpoint, "cuda" if self.use_cuda and torch.cuda.is_available() else "cpu")
+        src = (self.meta.get("source_checkpoint") or {}).get("sha256")
+        if src and Path(checkpoint).is_file() and sha256_file(checkpoint) != src:
+            log.warning("Grad-CAM uses %s, which is not the checkpoint this ONNX model was exported from "
+                        "(SHA-256 differs): maps may not explain these predictions", checkpoint)
+        return cam

@@ -1,18 +1,18 @@
-"""The shared argparse groups and body of the two inference CLIs."""
+"""The shared argparse groups, parser and body of the two inference CLIs."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from pathlib import Path
-
+from typing import Callable
 
 from ..config import InferConfig
 from ..errors import CxrkitError, InferenceError
-from ..io_utils import sha256_file
+from ..io_utils import HelpFormatter
 from ..tta import MAX_TTA
-from .backends import TorchBackend
-from .gradcam import GradCamExplainer
+from .backends import CAM_NEEDS_CHECKPOINT, Backend
 from .inputs import gather_inputs
 from .pipeline import check_options, run_pipeline
 
@@ -73,41 +73,45 @@ def add_gradcam_args(p, onnx: bool):
     return g
 
 
+def inference_parser(description: str, add_model_args: Callable, default_save_dir: str,
+                     onnx: bool) -> argparse.ArgumentParser:
+    """One inference CLI's parser: its own "model" group (add_model_args(group)), then the shared
+    inputs, outputs, run and Grad-CAM groups."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    add_model_args(p.add_argument_group("model"))
+    add_input_args(p)
+    add_output_args(p, default_save_dir)
+    add_run_args(p)
+    add_gradcam_args(p, onnx=onnx)
+    return p
+
+
 def user_errors() -> tuple:
     """Exception types that mean 'fix your command' (exit 2, one line)."""
     return (CxrkitError, FileNotFoundError)
 
 
-def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
-    """Shared body of the two inference scripts; returns the exit code (2 = user error)."""
+def run_cli(args, make_backend: Callable[[], Backend], cam_checkpoint=None) -> int:
+    """Shared body of the two inference scripts; returns the exit code (2 = user error).
+    cam_checkpoint: the PyTorch checkpoint Grad-CAM takes its gradients from (ONNX: --checkpoint)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     gradcam = bool(args.gradcam or args.cam_class or args.save_cams)
     try:
         if args.data_dir is None and not args.images:
             raise InferenceError("no inputs: give --data_dir DIR or --images FILE [FILE ...]")
         if gradcam and cam_checkpoint is None:
-            raise InferenceError("--gradcam with the ONNX backend needs --checkpoint (the PyTorch checkpoint the "
-                                 "model was exported from): ONNX Runtime gives no gradients")
+            raise InferenceError(CAM_NEEDS_CHECKPOINT)
         backend = make_backend()
         check_options(backend.class_names, args.batch_size, args.tta, args.cam_class)
-        if getattr(backend, "calibration_problem", None):
-            log.warning("%s: %s", getattr(backend, "checkpoint_path", None) or getattr(backend, "onnx_path", "model"),
-                        backend.calibration_problem)
+        if backend.calibration_problem:
+            log.warning("%s: %s", backend.model_file, backend.calibration_problem)
         items = gather_inputs(args.data_dir, args.images, backend.class_names, args.num_samples, args.seed,
                               exclude=args.save_dir)
-        cam = None
-        if gradcam:
-            dev = cam_device() if callable(cam_device) else cam_device
-            # the PyTorch backend's checkpoint is already in memory; the ONNX one needs --checkpoint
-            cam = GradCamExplainer(backend.ck if isinstance(backend, TorchBackend) else cam_checkpoint, dev)
-            src = getattr(backend, "meta", {}).get("source_checkpoint", {}).get("sha256")
-            if src and Path(cam_checkpoint).is_file() and sha256_file(cam_checkpoint) != src:
-                log.warning("Grad-CAM uses %s, which is not the checkpoint this ONNX model was exported from "
-                            "(SHA-256 differs): maps may not explain these predictions", cam_checkpoint)
+        cam = backend.explainer(cam_checkpoint) if gradcam else None
         summary = run_pipeline(backend, items, args.save_dir, batch_size=args.batch_size, tta=args.tta, cam=cam,
                                cam_class=args.cam_class, save_cams=args.save_cams, save_masks=args.save_masks,
                                report=not args.no_report, workers=args.workers, progress=not args.quiet,
-                               overwrite=getattr(args, "overwrite", False),
+                               overwrite=args.overwrite,
                                extra_summary={"inputs": {"data_dir": args.data_dir, "images": args.images,
                                                          "num_samples": args.num_samples, "seed": args.seed}})
     except Exception as e:  # noqa: BLE001 - user errors become one line, anything else a traceback

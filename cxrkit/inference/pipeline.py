@@ -9,14 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from ..config import LUNG_THRESHOLD
 from ..errors import InferenceError
 from ..io_utils import write_json_atomic
 from .. import quality
 from ..outdir import claim_save_dir
-from ..preprocess import (ImageReadError, read_gray_info, read_mask, resize_gray, resize_mask, to_model_input_np)
+from ..preprocess import (ImageReadError, lung_mask, read_gray_info, read_mask, resize_gray, resize_mask,
+                          to_model_input_np)
 from ..tta import MAX_TTA, tta_predict
 from .gradcam import GradCamExplainer
 from .inputs import InputItem, assign_output_stems
@@ -115,7 +116,7 @@ class _Tally:
     def add(self, d, seg, probs, save_masks, cam_name, save_cams) -> dict:
         from ..metrics import binary_dice_iou
         names, pred = self.names, int(probs.argmax())
-        lung = seg > 0.5
+        lung = lung_mask(seg)
         tc = d.item.true_class
         row = {"image_path": str(d.item.path), "predicted_class": names[pred], "confidence": f"{probs[pred]:.6f}",
                **{f"prob_{c}": f"{probs[j]:.6f}" for j, c in enumerate(names)},
@@ -131,7 +132,7 @@ class _Tally:
             self.y_probs.append(probs)
         if d.gt_mask is not None:  # Dice at the mask's own resolution (and, labelled, at the model input)
             gh, gw = d.gt_mask.shape[:2]
-            lung_native = cv2.resize(seg.astype(np.float32), (gw, gh), interpolation=cv2.INTER_LINEAR) > 0.5
+            lung_native = lung_mask(seg, (gh, gw))
             dc, io_ = binary_dice_iou(lung_native, d.gt_mask)
             self.dices.append(dc)
             self.ious.append(io_)
@@ -149,8 +150,7 @@ class _Tally:
 def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally: _Tally, seconds, model_seconds, *,
              tta, batch_size, workers, cam, cam_class, save_masks, save_cams, calib_problem) -> dict:
     """summary.json: counts, skips, throughput, quality flags, and metrics where ground truth exists."""
-    from ..metrics import classification_metrics
-    from ..report import confidence_intervals
+    from ..metrics import classification_metrics, confidence_intervals
     names, size, temp, rows = tally.names, tally.size, float(backend.temperature), tally.rows
     summary = {
         "n_inputs": len(items), "n_processed": n_done, "n_skipped": len(skipped), "skipped": skipped,
@@ -167,10 +167,10 @@ def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally:
         "predicted_counts": {c: int(sum(r["predicted_class"] == c for r in rows)) for c in names},
         "csv_notes": {"prob_<class>": "calibrated class probabilities, model class order",
                       "confidence": "probability of predicted_class",
-                      "lung_area_fraction": "fraction of model-input pixels with lung probability > 0.5",
+                      "lung_area_fraction": f"fraction of model-input pixels with lung probability > {LUNG_THRESHOLD}",
                       "true_class/correct": "from the folder name when it is a model class (correct: 1/0), "
                                             "else empty",
-                      "dice/iou": "vs the ground-truth mask (masks/ folder) at 0.5, at the mask's own "
+                      "dice/iou": f"vs the ground-truth mask (masks/ folder) at {LUNG_THRESHOLD}, at the mask's own "
                                   "resolution, when there is one",
                       "quality_flags": "empty when all is well, else ';'-joined codes (see quality)"},
         "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": tally.flag_counts,
@@ -199,7 +199,7 @@ def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally:
         summary["classification"] = m
     if tally.dices:
         summary["segmentation"] = {"mean_dice": float(np.mean(tally.dices)), "mean_iou": float(np.mean(tally.ious)),
-                                   "n_masks": len(tally.dices), "threshold": 0.5,
+                                   "n_masks": len(tally.dices), "threshold": LUNG_THRESHOLD,
                                    "resolution": "each ground-truth mask's own size (lung probabilities resized "
                                                  "bilinearly to it, then thresholded)",
                                    "mean_dice_model_input": float(np.mean(tally.dices_model)),
@@ -234,8 +234,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
     if not items[0].out_stem:
         assign_output_stems(items)
     claim.plan(["predictions.csv", "summary.json", *planned_outputs(items, save_masks, save_cams)])
-    area_rng = quality.resolve_lung_area_range(getattr(backend, "lung_area_range", None))
-    calib_problem = getattr(backend, "calibration_problem", None)
+    area_rng = quality.resolve_lung_area_range(backend.lung_area_range)
+    calib_problem = backend.calibration_problem
     workers = int(workers or min(4, os.cpu_count() or 1))
     notes = ([f"probabilities calibrated (T={temp:.3g})"] if calib_problem is None
              else [f"probabilities NOT calibrated (T={temp:.3g})"]) + ([f"TTA: {tta} views"] if tta > 1 else [])
@@ -243,14 +243,12 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
     def write_job(job):
         d, seg, probs, cam_map, cam_name = job
         stem = d.item.out_stem
-        area = f"predicted lung area: {(seg > 0.5).mean() * 100:.1f}% of image"
+        area = f"predicted lung area: {lung_mask(seg).mean() * 100:.1f}% of image"
         img = render_annotation(d.display, seg, names, probs, d.item.true_class, cam=cam_map, cam_label=cam_name,
                                 title=d.item.rel, notes=[area] + notes, flags=d.flags)
         write_png(ann_dir / f"{stem}.png", img)
         if save_masks:
-            full = cv2.resize(seg.astype(np.float32), (d.orig_shape[1], d.orig_shape[0]),
-                              interpolation=cv2.INTER_LINEAR)
-            write_png(mask_dir / f"{stem}_mask.png", ((full > 0.5) * 255).astype(np.uint8))
+            write_png(mask_dir / f"{stem}_mask.png", (lung_mask(seg, d.orig_shape) * 255).astype(np.uint8))
         if save_cams and cam_map is not None:
             write_npy(cam_dir / f"{stem}_cam.npy", cam_map.astype(np.float32))
         if report:

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import InferenceError
 from ..io_utils import write_bytes_atomic
+from ..preprocess import lung_mask
 
 
 log = logging.getLogger("cxrkit")
@@ -63,7 +64,7 @@ def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, pr
     h, w = display.shape[:2]
     cap = 30
     base = cv2.cvtColor(display, cv2.COLOR_GRAY2BGR)
-    lung = cv2.resize(seg_prob.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
+    lung = lung_mask(seg_prob, (h, w))
     xray = base.copy()
     tint = np.array([60, 200, 60], np.float32)
     xray[lung] = (0.65 * xray[lung] + 0.35 * tint).astype(np.uint8)
