@@ -117,7 +117,7 @@ def _bootstrap(stat, n: int, seed: int = CI_SEED, resamples: int = CI_RESAMPLES)
 
 def pooled_figures(labels, probs, classes, dice=None, lungs_only_probs=None) -> dict:
     """Accuracy (Wilson), macro-F1, per-class recall, Dice and lungs-only accuracy (bootstrap), 95%."""
-    from .report import wilson_interval
+    from .metrics import wilson_interval
     labels = np.asarray(labels)
     n, c = len(labels), len(classes)
     pred = probs.argmax(1)

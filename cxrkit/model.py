@@ -219,12 +219,16 @@ class EnsembleNet(nn.Module):
         """Grad-CAM reads the first member's deepest block (gradients of the ensemble's score)."""
         return self.members[0].bottleneck
 
+    @property
+    def output_stride(self) -> int:
+        return output_stride(self.cfg)
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         outs = [m(x) for m in self.members]
         n = float(len(outs))
         lung = torch.stack([torch.sigmoid(o.segmentation.float()) for o in outs]).mean(0).clamp(1e-6, 1 - 1e-6)
         logp = torch.logsumexp(torch.stack([torch.log_softmax(o.classification.float(), 1) for o in outs]), 0)
-        return ModelOutput(torch.logit(lung), logp - torch.log(torch.tensor(n)))
+        return ModelOutput(torch.logit(lung), logp - math.log(n))
 
 
 def predict(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
