@@ -50,7 +50,8 @@ def main(argv=None) -> int:
         import torch
         return "cuda" if args.use_cuda and torch.cuda.is_available() else "cpu"
 
-    return run_cli(args, make_backend, cam_checkpoint=args.checkpoint, cam_device=cam_device)
+    return run_cli(args, make_backend, cam_checkpoint=args.checkpoint, cam_device=cam_device,
+                   cam_mismatch_ok=args.cam_checkpoint_mismatch_ok)
 
 
 if __name__ == "__main__":

@@ -443,9 +443,15 @@ def _gallery(summary: dict, rows: list[dict], cap: int, base_dir: Path | None) -
 
 
 def _problems(summary: dict) -> str:
-    """Skipped inputs (always listed, possibly 'none') and unreadable ground-truth masks (when any)."""
+    """A Grad-CAM checkpoint mismatch (when allowed), skipped inputs (always listed, possibly 'none') and
+    ground-truth masks that were not scored (unreadable or empty; when any)."""
     out = []
-    for key, title in (("skipped", "Skipped files"), ("mask_problems", "Unreadable ground-truth masks")):
+    mismatch = (summary.get("gradcam") or {}).get("checkpoint_mismatch")
+    if mismatch:
+        out.append('<section id="gradcam-mismatch" class="panel" style="margin-top:12px"><h2>Grad-CAM warning</h2>'
+                   f'<p class="note">{_e(mismatch)}: the Grad-CAM maps need not explain these predictions.</p>'
+                   "</section>")
+    for key, title in (("skipped", "Skipped files"), ("mask_problems", "Ground-truth masks not scored")):
         lst = summary.get(key) or []
         if not lst and key != "skipped":
             continue
@@ -504,8 +510,6 @@ def write_split_report(checkpoint, data, indices, save_dir, device=None, *, spli
     save_dir, exactly as the inference CLIs write them. `data`: a cxrkit.data.CachedData; returns
     the summary, or None (with a warning) when the split is empty or its files are not reachable
     (a prebuilt cache folder given as --data_dir holds no image files)."""
-    import inspect
-
     from .inference import InputItem, TorchBackend, assign_output_stems, run_pipeline
     from .preprocess import mask_for_image
     idx = [int(i) for i in np.asarray(indices).ravel()]
@@ -525,9 +529,9 @@ def write_split_report(checkpoint, data, indices, save_dir, device=None, *, spli
     assign_output_stems(items)
     backend = TorchBackend(checkpoint, None if device is None else str(device))
     # the folder belongs to this evaluation (like test_results/): a re-run replaces the last one's files
-    kw = {"overwrite": True} if "overwrite" in inspect.signature(run_pipeline).parameters else {}
     summary = run_pipeline(backend, items, save_dir, batch_size=batch_size, workers=workers, progress=progress,
                            extra_summary={"inputs": {"split": split_name, "data_dir": str(root),
-                                                     "n_images": len(items), **(extra_inputs or {})}}, **kw)
+                                                     "n_images": len(items), **(extra_inputs or {})}},
+                           overwrite=True)
     print(f"{split_name} report: {Path(save_dir) / REPORT_NAME}", flush=True)
     return summary

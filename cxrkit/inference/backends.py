@@ -55,7 +55,7 @@ class TorchBackend:
 
     def __init__(self, checkpoint, device=None):
         # torch / MONAI come in here, when a PyTorch backend is made (the package is torch-free on import)
-        from ..checkpoint import model_from_checkpoint
+        from ..checkpoint import checkpoint_temperature, model_from_checkpoint
         from ..device import pick_device
         self.checkpoint_path = Path(checkpoint)
         model, ck = model_from_checkpoint(checkpoint)  # FileNotFoundError / CheckpointError
@@ -64,7 +64,7 @@ class TorchBackend:
         self.ck = ck
         self.class_names = list(ck["class_names"])
         self.img_size = int(ck["img_size"])
-        self.temperature = float(ck.get("temperature", 1.0))
+        self.temperature = checkpoint_temperature(ck, str(checkpoint))
         self.lung_area_range = ck.get("lung_area_range")  # None: older checkpoint, quality's default applies
         self.calibration_problem = quality.calibration_problem(ck)
 

@@ -69,8 +69,34 @@ def add_gradcam_args(p, onnx: bool):
     if onnx:
         g.add_argument("--checkpoint", default=None,
                        help="PyTorch checkpoint used ONLY for Grad-CAM (an ONNX Runtime session gives no gradients); "
-                            "use the checkpoint this ONNX model was exported from")
+                            "it must be the checkpoint this ONNX model was exported from (the meta file records "
+                            "its SHA-256)")
+        g.add_argument("--cam_checkpoint_mismatch_ok", action="store_true",
+                       help="explain with a --checkpoint other than the one the model was exported from anyway "
+                            "(the maps then need not explain these predictions; summary.json and report.html say so)")
     return g
+
+
+def cam_checkpoint_mismatch(backend, cam_checkpoint, allow: bool) -> str | None:
+    """None when Grad-CAM's checkpoint is the one the ONNX model was exported from (meta: source_checkpoint
+    sha256); else the reason, which refuses the run unless `allow` (--cam_checkpoint_mismatch_ok)."""
+    if isinstance(backend, TorchBackend):
+        return None  # the maps come from the very checkpoint that predicts
+    src = (backend.meta.get("source_checkpoint") or {}).get("sha256")
+    if not src:
+        why = (f"{backend.meta_path} records no source checkpoint, so {cam_checkpoint} cannot be checked against "
+               f"the model")
+        log.warning("Grad-CAM: %s: the maps may not explain these predictions", why)
+        return why
+    if sha256_file(cam_checkpoint) == src:
+        return None
+    why = (f"--checkpoint {cam_checkpoint} is not the checkpoint {backend.onnx_path} was exported from (SHA-256 "
+           f"differs from {backend.meta_path}'s source_checkpoint)")
+    if not allow:
+        raise InferenceError(f"{why}: its Grad-CAM maps would not explain these predictions; pass the exported "
+                             f"checkpoint, or --cam_checkpoint_mismatch_ok to draw them anyway")
+    log.warning("Grad-CAM: %s: drawn anyway (--cam_checkpoint_mismatch_ok)", why)
+    return why
 
 
 def user_errors() -> tuple:
@@ -78,8 +104,9 @@ def user_errors() -> tuple:
     return (CxrkitError, FileNotFoundError)
 
 
-def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
-    """Shared body of the two inference scripts; returns the exit code (2 = user error)."""
+def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None, cam_mismatch_ok: bool = False) -> int:
+    """Shared body of the two inference scripts; returns the exit code (2 = user error).
+    cam_mismatch_ok: the ONNX CLI's --cam_checkpoint_mismatch_ok (see cam_checkpoint_mismatch)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     gradcam = bool(args.gradcam or args.cam_class or args.save_cams)
     try:
@@ -89,7 +116,7 @@ def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
             raise InferenceError("--gradcam with the ONNX backend needs --checkpoint (the PyTorch checkpoint the "
                                  "model was exported from): ONNX Runtime gives no gradients")
         backend = make_backend()
-        check_options(backend.class_names, args.batch_size, args.tta, args.cam_class)
+        check_options(backend.class_names, args.batch_size, args.tta, args.cam_class, args.workers)
         if getattr(backend, "calibration_problem", None):
             log.warning("%s: %s", getattr(backend, "checkpoint_path", None) or getattr(backend, "onnx_path", "model"),
                         backend.calibration_problem)
@@ -100,10 +127,7 @@ def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
             dev = cam_device() if callable(cam_device) else cam_device
             # the PyTorch backend's checkpoint is already in memory; the ONNX one needs --checkpoint
             cam = GradCamExplainer(backend.ck if isinstance(backend, TorchBackend) else cam_checkpoint, dev)
-            src = getattr(backend, "meta", {}).get("source_checkpoint", {}).get("sha256")
-            if src and Path(cam_checkpoint).is_file() and sha256_file(cam_checkpoint) != src:
-                log.warning("Grad-CAM uses %s, which is not the checkpoint this ONNX model was exported from "
-                            "(SHA-256 differs): maps may not explain these predictions", cam_checkpoint)
+            cam.mismatch = cam_checkpoint_mismatch(backend, cam_checkpoint, cam_mismatch_ok)
         summary = run_pipeline(backend, items, args.save_dir, batch_size=args.batch_size, tta=args.tta, cam=cam,
                                cam_class=args.cam_class, save_cams=args.save_cams, save_masks=args.save_masks,
                                report=not args.no_report, workers=args.workers, progress=not args.quiet,
