@@ -34,8 +34,9 @@ from torch import nn
 # path imports them without torch); re-exported here for existing `from cxrkit.export import ...` callers
 from .device import pick_device
 from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
+from .errors import UsageError, os_error
 from .io_utils import graph_binding, tmp_name
-from .model import predict
+from .model import input_size_factor, predict
 
 log = logging.getLogger("cxrkit")
 
@@ -118,25 +119,33 @@ def _parity(onnx_file, wrapper_cpu, img_size, batches, temperature) -> dict:
 
 
 def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, dynamic_batch: bool = True,
-                   device=None, exporter: str = "auto") -> dict:
+                   device=None, exporter: str = "auto", overwrite: bool = False) -> dict:
     """Export a checkpoint to ONNX, validate it, write `<onnx_path>.meta.json`; returns the meta dict.
 
     img_size None = the checkpoint's training size. exporter: "auto" (TorchScript first, then
-    dynamo), "torchscript" or "dynamo". Raises FileNotFoundError (missing checkpoint), ValueError
+    dynamo), "torchscript" or "dynamo". An existing onnx_path or meta file is refused (UsageError)
+    unless overwrite. Raises FileNotFoundError (missing checkpoint), ValueError
     (bad size / options) or RuntimeError (exporter failure or parity outside tolerance); in those
     cases nothing is left at onnx_path or its meta path.
     """
     import onnx
 
-    from .checkpoint import load_checkpoint, model_from_checkpoint  # imports MONAI: kept out of module import
+    from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint  # imports MONAI: kept out
+    onnx_path = Path(onnx_path)
+    meta_p = meta_path_for(onnx_path)
+    if not overwrite and (onnx_path.is_file() or meta_p.is_file()):
+        which = " and ".join(str(q) for q in (onnx_path, meta_p) if q.is_file())
+        raise UsageError(f"{which} already exist(s): pass --overwrite to replace the model and its meta file, or "
+                         f"choose another --onnx_path")
     checkpoint_path = Path(checkpoint_path)
     ck = load_checkpoint(checkpoint_path)  # FileNotFoundError / CheckpointError, one line, names the path
     model, ck = model_from_checkpoint(ck)
     trained_size = int(ck["img_size"])
     size = trained_size if img_size in (None, 0) else int(img_size)
-    factor = int(np.prod(model.cfg.strides))
+    factor = input_size_factor(model.cfg)
     if size <= 0 or size % factor:
-        raise ValueError(f"--img_size {size}: must be a positive multiple of {factor} (the UNet's total stride)")
+        raise ValueError(f"--img_size {size}: must be a positive multiple of {factor} (the network's total "
+                         f"down-sampling)")
     if Path(onnx_path).is_dir():
         raise ValueError(f"--onnx_path {onnx_path} is a folder: give a file name, e.g. {Path(onnx_path) / 'model.onnx'}")
     if not 13 <= int(opset) <= 21:
@@ -145,7 +154,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         raise ValueError(f"exporter must be auto, torchscript or dynamo, got {exporter!r}")
     if size != trained_size:
         log.warning("exporting at %dpx although the model was trained at %dpx: accuracy may drop", size, trained_size)
-    temperature = float(ck.get("temperature", 1.0))
+    temperature = checkpoint_temperature(ck, str(checkpoint_path))  # inference would refuse the model otherwise
     class_names = list(ck["class_names"])
     binding = {"meta_id": uuid.uuid4().hex, "class_names": class_names, "img_size": size, "temperature": temperature,
                "lung_area_range": ck.get("lung_area_range")}
@@ -154,9 +163,10 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
     wrapper = ExportWrapper(model).eval().to(dev)
     dummy = torch.rand(2 if dynamic_batch else 1, 3, size, size, device=dev)
 
-    onnx_path = Path(onnx_path)
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    meta_p = meta_path_for(onnx_path)
+    try:
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, onnx_path.parent, "create the folder") from None
     tmp = tmp_name(onnx_path)  # replaced onto onnx_path only after the parity check passes
     order = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"], "dynamo": ["dynamo"]}[exporter]
     used, real_opset, errors = None, None, []
@@ -200,6 +210,8 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
                                f"(tolerance {CLASS_PROB_TOL}), max segmentation diff {worst_seg:.3g} "
                                f"(tolerance {SEG_PROB_TOL}); the model was not written")
         os.replace(tmp, onnx_path)
+    except OSError as e:  # disk full, no permission, read-only: one line naming the file
+        raise os_error(e, onnx_path) from None
     finally:
         if tmp.exists():
             tmp.unlink()

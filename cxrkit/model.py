@@ -11,6 +11,7 @@ ModelOutput(segmentation=(B, 1, H, W) logits, classification=(B, C) logits).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -189,6 +190,12 @@ def build_model(cfg: ModelConfig, load_pretrained: bool = False) -> nn.Module:
     if cfg.backbone != "monai_unet":
         raise ValueError(f"unknown backbone {cfg.backbone!r}")
     return CXRMultiTaskNet(cfg)
+
+
+def input_size_factor(cfg: ModelConfig) -> int:
+    """The network's input size must be a multiple of this (its total down-sampling): the lite0 encoder
+    halves the size 5 times, the MONAI UNet once per stride."""
+    return 32 if cfg.backbone == "lite0" else math.prod(int(s) for s in cfg.strides)
 
 
 def count_parameters(model: nn.Module) -> int:
