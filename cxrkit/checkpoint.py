@@ -69,10 +69,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ck
 
 
-def model_from_checkpoint(ck_or_path, map_location="cpu") -> tuple[CXRMultiTaskNet, dict]:
-    """Rebuild the network from a checkpoint alone; returns (model in eval mode, checkpoint dict)."""
+def model_from_checkpoint(ck_or_path, map_location="cpu", where: str | None = None) -> tuple[CXRMultiTaskNet, dict]:
+    """Rebuild the network from a checkpoint alone; returns (model in eval mode, checkpoint dict).
+    where: the name errors give a checkpoint passed as a dict (default: its path, or "checkpoint")."""
     ck = load_checkpoint(ck_or_path, map_location) if not isinstance(ck_or_path, dict) else ck_or_path
-    where = "checkpoint" if isinstance(ck_or_path, dict) else str(ck_or_path)
+    where = where or ("checkpoint" if isinstance(ck_or_path, dict) else str(ck_or_path))
     try:
         cfg = ModelConfig.from_dict(ck["model_config"])
     except (KeyError, TypeError, ValueError) as e:

@@ -139,7 +139,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
                          f"choose another --onnx_path")
     checkpoint_path = Path(checkpoint_path)
     ck = load_checkpoint(checkpoint_path)  # FileNotFoundError / CheckpointError, one line, names the path
-    model, ck = model_from_checkpoint(ck)
+    model, ck = model_from_checkpoint(ck, where=str(checkpoint_path))
     trained_size = int(ck["img_size"])
     size = trained_size if img_size in (None, 0) else int(img_size)
     factor = input_size_factor(model.cfg)
