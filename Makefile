@@ -14,7 +14,7 @@ demo: install
 	$(PY) model_arch.py --data_dir demo_data --output_dir demo_out --img_size 64 \
 	    --num_epochs 12 --batch_size 16 --workers 2 --overwrite
 	$(PY) export_to_onnx.py --checkpoint demo_out/model_checkpoints/best_covid_model.pth \
-	    --onnx_path demo_out/models/covid_multitask.onnx
+	    --onnx_path demo_out/models/covid_multitask.onnx --overwrite
 	$(PY) run_onnx_inference.py --data_dir demo_data --onnx_path demo_out/models/covid_multitask.onnx \
 	    --save_dir demo_out/predictions_onnx --num_samples 12 --overwrite
 	$(PY) run_model_pth_inference.py --data_dir demo_data \

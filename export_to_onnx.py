@@ -34,6 +34,8 @@ def parse_args(argv=None):
     g.add_argument("--exporter", default=E.exporter, choices=["auto", "torchscript", "dynamo"],
                    help="auto = TorchScript exporter (dynamo=False) first, torch.export-based one if that fails")
     g.add_argument("--device", default=E.device, help="device the model is traced on (cpu, cuda, cuda:N)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --onnx_path and its meta file (without it they are refused)")
     return p.parse_args(argv)
 
 
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
     from cxrkit.export import export_to_onnx, meta_path_for
     try:
         meta = export_to_onnx(args.checkpoint, args.onnx_path, img_size=args.img_size, opset=args.opset,
-                              dynamic_batch=args.dynamic_batch, device=args.device, exporter=args.exporter)
+                              dynamic_batch=args.dynamic_batch, device=args.device, exporter=args.exporter,
+                              overwrite=args.overwrite)
     except (FileNotFoundError, CxrkitError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from cxrkit.config import OUTSIDE_LUNG_FILLS, PRESETS, TrainConfig
+from cxrkit.config import OUTSIDE_LUNG_FILLS, PRESETS, TrainConfig, make_config
 from cxrkit.io_utils import HelpFormatter
 
 D = TrainConfig()
@@ -106,11 +106,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """Flag values that would fail later with a traceback, or do nothing at all, refused up front (UsageError)."""
+    from cxrkit.errors import UsageError
+    from cxrkit.io_utils import MAX_BATCH_SIZE
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise UsageError(f"--batch_size must be between 1 and {MAX_BATCH_SIZE}, got {args.batch_size}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0 (0 = decode and load in the main process), got {args.workers}")
+    if args.evaluate:
+        return
+    if args.num_epochs < 1:
+        raise UsageError(f"--num_epochs {args.num_epochs}: nothing would be trained or written; give 1 or more")
+    from cxrkit.model import check_img_size
+    check_img_size(make_config(args.arch), args.img_size)  # the one size rule (also export's)
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from cxrkit.errors import CxrkitError
     try:
+        check_args(args)
         if args.evaluate:
             from cxrkit.evaluate import evaluate_from_args
             evaluate_from_args(args)

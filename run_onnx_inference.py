@@ -42,7 +42,8 @@ def main(argv=None) -> int:
                            intra_op_threads=args.threads or None)
 
     # Grad-CAM: gradients from --checkpoint, on CUDA with --use_cuda (OnnxBackend.explainer)
-    return run_cli(args, make_backend, cam_checkpoint=args.checkpoint)
+    return run_cli(args, make_backend, cam_checkpoint=args.checkpoint,
+                   cam_mismatch_ok=args.cam_checkpoint_mismatch_ok)
 
 
 if __name__ == "__main__":

@@ -69,15 +69,17 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ck
 
 
-def model_from_checkpoint(ck_or_path, map_location="cpu") -> tuple[CXRMultiTaskNet, dict]:
-    """Rebuild the network from a checkpoint alone; returns (model in eval mode, checkpoint dict)."""
+def model_from_checkpoint(ck_or_path, map_location="cpu", where: str | None = None) -> tuple[CXRMultiTaskNet, dict]:
+    """Rebuild the network from a checkpoint alone; returns (model in eval mode, checkpoint dict).
+    where: the name errors give a checkpoint passed as a dict (default: its path, or "checkpoint")."""
     ck = load_checkpoint(ck_or_path, map_location) if not isinstance(ck_or_path, dict) else ck_or_path
-    where = "checkpoint" if isinstance(ck_or_path, dict) else str(ck_or_path)
+    where = where or ("checkpoint" if isinstance(ck_or_path, dict) else str(ck_or_path))
     try:
         cfg = ModelConfig.from_dict(ck["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: its model_config cannot be used ({type(e).__name__}: {e})") from None
     check_class_names(ck, cfg.num_classes, where)
+    check_finite_weights(ck, where)
     model = build_model(cfg)
     try:
         model.load_state_dict(ck["state_dict"], strict=True)
@@ -99,6 +101,31 @@ def check_class_names(ck: dict, n_outputs: int, where: str = "checkpoint") -> No
                               f"model_arch.py wrote")
     if len(set(names)) != len(names):
         raise CheckpointError(f"{where}: class_names {list(names)} has duplicates")
+
+
+def check_finite_weights(ck: dict, where: str = "checkpoint") -> None:
+    """Every floating-point tensor of the state dict must be finite: a NaN / inf weight (a diverged
+    run, a damaged file) makes every prediction NaN, which fails far from its cause."""
+    for k, v in ck["state_dict"].items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            bad = int(v.numel() - torch.isfinite(v).sum())
+            if bad:
+                raise CheckpointError(f"{where}: weight {k} has {bad} non-finite value(s) (NaN or inf): the training "
+                                      f"diverged or the file is damaged; use another checkpoint or retrain")
+
+
+def checkpoint_temperature(ck: dict, where: str = "checkpoint") -> float:
+    """The calibration temperature, which must be a finite number > 0 (probabilities are
+    softmax(logits / T)); the ONNX meta loader refuses the same values."""
+    t = ck.get("temperature", 1.0)
+    try:
+        t = float(t)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not (t > 0 and t < float("inf")):
+        raise CheckpointError(f"{where}: temperature must be a finite number > 0, got {ck.get('temperature')!r}; "
+                              f"refit it with model_arch.py --evaluate CHECKPOINT --calibrate")
+    return t
 
 
 def strip_for_release(ck: dict) -> dict:

@@ -68,6 +68,10 @@ def discover(data_dir) -> tuple[list[str], list[Sample]]:
                                   str(m.relative_to(root)) if m is not None else None))
     if n_nomask:
         log.warning("%d images have no mask in their class's masks/ folder: classification only", n_nomask)
+    no_masks = [c.name for c in class_dirs if c.name in classes and not (c / "masks").is_dir()]
+    if no_masks:
+        log.warning("class(es) %s have no masks/ folder: their images train the classifier only (no lung "
+                    "segmentation loss, no Dice)", ", ".join(map(repr, no_masks)))
     return classes, samples
 
 
@@ -320,6 +324,14 @@ def load_or_make_split(data: CachedData, split_path, val_frac=0.15, test_frac=0.
     js.update({k: [data.paths[i] for i in v] for k, v in split.items()})
     write_json_atomic(split_path, js, indent=1)
     log.info("split written to %s (%d near-duplicate groups kept on one side)", split_path, n_groups)
+    for side, want in (("val", val_frac), ("test", test_frac)):
+        absent = [c for c, n in js["counts"][side].items() if n == 0]
+        if want > 0 and absent:  # its metrics there would silently leave the class out
+            log.warning("class(es) %s have no image in the %s split (%s image(s) in all): their %s figures are "
+                        "missing; add images to them", ", ".join(map(repr, absent)),
+                        "validation" if side == "val" else "test",
+                        ", ".join(str(int((data.labels == data.classes.index(c)).sum())) for c in absent),
+                        "validation" if side == "val" else "test")
     return split
 
 

@@ -33,3 +33,26 @@ class ImageReadError(CxrkitError):
     def __init__(self, path, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
+
+
+class OutputWriteError(CxrkitError):
+    """A file or folder the run writes (or removes) could not be: disk full, no permission, read-only."""
+
+
+_OS_HINTS = {"ENOSPC": "the disk is full: free space or write to another folder",
+             "EDQUOT": "the disk quota is used up: free space or write to another folder",
+             "EACCES": "no permission: fix the folder's permissions or write to another folder",
+             "EPERM": "not permitted: fix the folder's permissions or write to another folder",
+             "EROFS": "the file system is read-only: write to another folder",
+             "EISDIR": "a folder is in the way: move it or choose another path",
+             "ENOTDIR": "a file is in the way where a folder is needed: move it or choose another path"}
+
+
+def os_error(e: OSError, path, doing: str = "write") -> OutputWriteError:
+    """THE conversion of an OS error on an output path into one line naming the path and the fix
+    (every writer uses it: cxrkit.io_utils.atomic_path, cxrkit.outdir)."""
+    import errno as _errno
+    code = _errno.errorcode.get(e.errno or 0, "")
+    reason = e.strerror or str(e) or type(e).__name__
+    hint = _OS_HINTS.get(code, "check the path and the disk")
+    return OutputWriteError(f"cannot {doing} {path}: {reason}{f' ({code})' if code else ''}; {hint}")

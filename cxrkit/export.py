@@ -34,6 +34,7 @@ from torch import nn
 from .config import LUNG_THRESHOLD
 from .device import pick_device
 from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
+from .errors import UsageError
 from .io_utils import atomic_path, graph_binding
 from .model import check_img_size, predict
 
@@ -118,20 +119,27 @@ def _parity(onnx_file, wrapper_cpu, img_size, batches, temperature) -> dict:
 
 
 def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, dynamic_batch: bool = True,
-                   device=None, exporter: str = "auto") -> dict:
+                   device=None, exporter: str = "auto", overwrite: bool = False) -> dict:
     """Export a checkpoint to ONNX, validate it, write `<onnx_path>.meta.json`; returns the meta dict.
 
     img_size None = the checkpoint's training size. exporter: "auto" (TorchScript first, then
-    dynamo), "torchscript" or "dynamo". Raises FileNotFoundError (missing checkpoint), ValueError
+    dynamo), "torchscript" or "dynamo". An existing onnx_path or meta file is refused (UsageError)
+    unless overwrite. Raises FileNotFoundError (missing checkpoint), ValueError
     (bad size / options) or RuntimeError (exporter failure or parity outside tolerance); in those
     cases nothing is left at onnx_path or its meta path.
     """
     import onnx
 
-    from .checkpoint import load_checkpoint, model_from_checkpoint  # imports MONAI: kept out of module import
+    from .checkpoint import checkpoint_temperature, load_checkpoint, model_from_checkpoint  # imports MONAI: kept out
+    onnx_path = Path(onnx_path)
+    meta_p = meta_path_for(onnx_path)
+    if not overwrite and (onnx_path.is_file() or meta_p.is_file()):
+        which = " and ".join(str(q) for q in (onnx_path, meta_p) if q.is_file())
+        raise UsageError(f"{which} already exist(s): pass --overwrite to replace the model and its meta file, or "
+                         f"choose another --onnx_path")
     checkpoint_path = Path(checkpoint_path)
     ck = load_checkpoint(checkpoint_path)  # FileNotFoundError / CheckpointError, one line, names the path
-    model, ck = model_from_checkpoint(ck)
+    model, ck = model_from_checkpoint(ck, where=str(checkpoint_path))
     trained_size = int(ck["img_size"])
     size = trained_size if img_size in (None, 0) else int(img_size)
     check_img_size(model.cfg, size)  # a multiple of model.output_stride (UsageError, a ValueError)
@@ -143,7 +151,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         raise ValueError(f"exporter must be auto, torchscript or dynamo, got {exporter!r}")
     if size != trained_size:
         log.warning("exporting at %dpx although the model was trained at %dpx: accuracy may drop", size, trained_size)
-    temperature = float(ck.get("temperature", 1.0))
+    temperature = checkpoint_temperature(ck, str(checkpoint_path))  # inference would refuse the model otherwise
     class_names = list(ck["class_names"])
     binding = {"meta_id": uuid.uuid4().hex, "class_names": class_names, "img_size": size, "temperature": temperature,
                "lung_area_range": ck.get("lung_area_range")}
@@ -152,8 +160,6 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
     wrapper = ExportWrapper(model).eval().to(dev)
     dummy = torch.rand(2 if dynamic_batch else 1, 3, size, size, device=dev)
 
-    onnx_path = Path(onnx_path)
-    meta_p = meta_path_for(onnx_path)
     order = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"], "dynamo": ["dynamo"]}[exporter]
     used, real_opset, errors = None, None, []
     # atomic: the temp file replaces onnx_path only when the parity check passes, else it is removed

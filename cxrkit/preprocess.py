@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from .config import LUNG_THRESHOLD
-from .errors import ImageReadError
+from .errors import DataError, ImageReadError
 
 if TYPE_CHECKING:  # annotations only
     import torch
@@ -204,8 +204,9 @@ def read_gray_info(path) -> tuple[np.ndarray, list[str]]:
     decoding) and for non-finite pixel values."""
     path = Path(path)
     notes: list[str] = []
-    if not path.is_file():
-        raise ImageReadError(path, "file not found")
+    if not path.is_file():  # before any read: opening a FIFO would block, a device never end
+        raise ImageReadError(path, "file not found" if not path.exists() else
+                             "not a regular file (a FIFO, device or folder with an image name): not read")
     if path.suffix.lower() == ".dcm":
         return _read_dicom(path, notes), notes
     try:
@@ -351,10 +352,18 @@ def mask_for_image(image) -> Path | None:
 def list_images(root, skip_dir=None) -> list[Path]:
     """Every supported image under root, recursively, sorted (hidden files skipped). Symlinked
     sub-folders are followed; a folder reached twice (a symlink loop, or two links to one folder) is
-    searched once. skip_dir(Path) -> True prunes a folder (and what is below it)."""
+    searched once. skip_dir(Path) -> True prunes a folder (and what is below it). A folder that cannot
+    be read raises DataError (its images would otherwise be left out without a word)."""
     root = Path(root)
     out, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(e: OSError):
+        if isinstance(e, FileNotFoundError):  # gone (or never there): nothing in it to leave out
+            return
+        raise DataError(f"cannot read folder {e.filename or root} ({e.strerror or e}): its images would be left "
+                        f"out; fix its permissions or move it out of the data folder") from None
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         try:
             st = os.stat(dirpath)
         except OSError:

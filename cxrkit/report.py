@@ -318,9 +318,15 @@ def _gallery(summary: dict, rows: list[dict], cap: int, base_dir: Path | None) -
 
 
 def _problems(summary: dict) -> str:
-    """Skipped inputs (always listed, possibly 'none') and unreadable ground-truth masks (when any)."""
+    """A Grad-CAM checkpoint mismatch (when allowed), skipped inputs (always listed, possibly 'none') and
+    ground-truth masks that were not scored (unreadable or empty; when any)."""
     out = []
-    for key, title in (("skipped", "Skipped files"), ("mask_problems", "Unreadable ground-truth masks")):
+    mismatch = (summary.get("gradcam") or {}).get("checkpoint_mismatch")
+    if mismatch:
+        out.append('<section id="gradcam-mismatch" class="panel" style="margin-top:12px"><h2>Grad-CAM warning</h2>'
+                   f'<p class="note">{_e(mismatch)}: the Grad-CAM maps need not explain these predictions.</p>'
+                   "</section>")
+    for key, title in (("skipped", "Skipped files"), ("mask_problems", "Ground-truth masks not scored")):
         lst = summary.get(key) or []
         if not lst and key != "skipped":
             continue

@@ -26,6 +26,7 @@ from .io_utils import UsageError, write_json_atomic
 from .losses import MultiTaskLoss, inverse_frequency_weights, validation_loss
 from .metrics import classification_metrics
 from .model import build_model, check_img_size, count_gflops, count_parameters
+from .outdir import holds_output_dir
 from .preprocess import to_model_input
 
 log = logging.getLogger("cxrkit")
@@ -143,6 +144,11 @@ def validate(eval_model, data, va_idx, classes, class_w, device, batch_size, amp
             "val_dice_native": (r.get("seg_native") or {}).get("dice")}
 
 
+@holds_output_dir([f"model_checkpoints/{n}" for n in (BEST, LAST, "training_curves.png", "training_summary.json")]
+                  + [f"test_results/{n}" for n in ("classification_report.json", "confusion_matrix_test.png",
+                                                   "roc_curves_test.png", "reliability_test.png",
+                                                   "oof_predictions.npz")],
+                  if_absent=["split.json"])  # lock + manifest of --output_dir (cxrkit.outdir)
 def train(args) -> dict:
     """args: the argparse Namespace of model_arch.py (plain attributes, never pickled)."""
     rank, world, local = setup_distributed()

@@ -9,6 +9,18 @@
       the bad-input table runs against BOTH inference CLIs
   F7  training with a class whose every image is undecodable -> exit 2 naming the class and count
   F8  symlinked folders, uncalibrated checkpoints, mask aspect ratio, multi-page TIFFs
+
+Issue 15, "Reliability, round 3" (R1..R8 below; MISUSE is the one-line-error table run against both
+inference CLIs, training, --evaluate and export):
+  R1  training owns --output_dir (lock naming the pid, manifest, --overwrite removes only its files)
+  R2  --overwrite never removes a file no manifest lists, nor one changed since
+  R3  a damaged manifest (truncated, checksum mismatch) marks an unknown folder: refused, never cleaned
+  R4  a killed run's thumbnails (and report.html) are in its manifest
+  R5  a sub-folder that cannot be read is an error, not silently left out
+  R6  Grad-CAM from another checkpoint than the ONNX model's is refused unless --cam_checkpoint_mismatch_ok
+  R7  disk full / undeletable old output / bad flags / NaN weights / bad temperature: one line, exit 2
+  R8  --num_epochs 0, export over an existing model, --batch_size 100000, FIFOs, no masks/ folder,
+      a class missing from validation/test, an all-zero ground-truth mask
 """
 from __future__ import annotations
 
@@ -333,6 +345,7 @@ BAD_INPUTS = {
     "mono1.dcm": ("ok", None),
     "name with, comma and\nnewline.png": ("ok", None),
     "good.png": ("ok", None),
+    "fifo.png": ("skip", "not a regular file (a FIFO"),  # issue 15: was "file not found"
 }
 
 
@@ -373,6 +386,7 @@ def bad_input_runs(tiny_model, cxr_eval_dir, tmp_path_factory):
     _make_dicom(d / "mono1.dcm", (4095 - u8.astype(np.uint16) * 16).astype(np.uint16), "MONOCHROME1")
     shutil.copy2(src, d / "name with, comma and\nnewline.png")
     shutil.copy2(src, d / "good.png")
+    os.mkfifo(d / "fifo.png")  # never opened: reading it would block
     assert sorted(p.name for p in d.iterdir()) == sorted(BAD_INPUTS)
     runs = {}
     for backend in BACKENDS:
@@ -560,3 +574,381 @@ def test_f8_multi_page_tiff_is_noted(tmp_path):
     Image.fromarray(u8).save(tmp_path / "m.tiff", save_all=True, append_images=[Image.fromarray(255 - u8)])
     arr, notes = read_gray_info(tmp_path / "m.tiff")
     assert np.array_equal(arr, u8) and notes == ["multi-page TIFF (2 pages): only the first page was used"]
+
+
+# ======================================================================= issue 15: reliability, round 3
+def _train_tiny(data, out, *extra):
+    return model_arch.main(["--data_dir", str(data), "--output_dir", str(out), "--arch", "tiny", "--img_size", "32",
+                            "--num_epochs", "1", "--batch_size", "8", "--workers", "0", "--quiet", "--device", "cpu",
+                            *extra])
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / ".cxrkit_outputs.json").read_text())
+
+
+# ----------------------------------------------------------------- R1: training owns its output folder
+def test_r1_training_into_a_folder_in_use_is_refused_naming_the_pid(mdt_subset, tmp_path, capsys):
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], cwd=str(REPO), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _train_tiny(mdt_subset, out) == 2
+        line = error_line(capsys)
+        assert "being written by another running process" in line and f"pid {holder.pid}" in line
+        assert not (out / "model_checkpoints" / "best_covid_model.pth").exists()
+    finally:
+        holder.kill()
+        holder.wait(30)
+
+
+def test_r1_training_overwrite_removes_only_what_the_earlier_run_listed(mdt_subset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train_tiny(mdt_subset, out) == 0
+    m = _manifest(out)
+    assert m["status"] == "complete" and m["tool"] == "cxrkit training"
+    best = "model_checkpoints/best_covid_model.pth"
+    assert {best, "split.json", "test_results/classification_report.json"} <= set(m["files"])
+    assert m["files"][best]["size"] == (out / best).stat().st_size and len(m["files"][best]["sha256"]) == 64
+    (out / "model_checkpoints" / "my_notes.txt").write_text("mine")
+    (out / "test_results" / "my_plot.png").write_bytes(b"mine")
+    capsys.readouterr()
+    assert _train_tiny(mdt_subset, out, "--seed", "5") == 2                     # no flag: refused
+    assert "--overwrite" in error_line(capsys)
+    assert _train_tiny(mdt_subset, out, "--seed", "5", "--overwrite") == 0
+    assert (out / "model_checkpoints" / "my_notes.txt").read_text() == "mine"
+    assert (out / "test_results" / "my_plot.png").read_bytes() == b"mine"
+    assert json.loads((out / "split.json").read_text())["seed"] == 5            # the old split was removed
+    assert _manifest(out)["status"] == "complete"
+
+
+def test_r1_training_refuses_to_replace_a_checkpoint_no_run_recorded(mdt_subset, tmp_path, capsys):
+    out = tmp_path / "legacy"
+    (out / "model_checkpoints").mkdir(parents=True)
+    best = out / "model_checkpoints" / "best_covid_model.pth"
+    best.write_bytes(b"somebody's model")
+    assert _train_tiny(mdt_subset, out, "--overwrite") == 2
+    line = error_line(capsys)
+    assert "model_checkpoints/best_covid_model.pth" in line and "no cxrkit run recorded" in line
+    assert best.read_bytes() == b"somebody's model"
+
+
+# ------------------------------------------------------- R2: --overwrite never removes a user's file
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_r2_overwrite_never_removes_files_no_manifest_lists(backend, tiny_model, cxr_eval_dir, tmp_path, capsys):
+    out = tmp_path / "users_folder"
+    (out / "annotated").mkdir(parents=True)
+    (out / "masks").mkdir()
+    (out / "summary.json").write_text('{"mine": true}')
+    (out / "annotated" / "holiday.png").write_bytes(b"mine")
+    (out / "masks" / "x_mask.png").write_bytes(b"mine")
+    img = str(real_images(cxr_eval_dir, 1)[0])
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert run_cli(backend, tiny_model, ["--images", img, "--save_dir", str(out), *extra]) == 2
+        line = error_line(capsys)
+        assert "summary.json" in line and "no cxrkit run recorded" in line and "nothing was removed" in line
+    assert (out / "summary.json").read_text() == '{"mine": true}'
+    assert (out / "annotated" / "holiday.png").read_bytes() == b"mine"
+    assert (out / "masks" / "x_mask.png").read_bytes() == b"mine"
+
+
+def test_r2_overwrite_keeps_an_output_changed_since_the_run(tiny_model, cxr_eval_dir, tmp_path):
+    imgs = real_images(cxr_eval_dir, 3)
+    out = tmp_path / "out"
+    assert run_cli("onnx", tiny_model, ["--images", *map(str, imgs[:2]), "--save_dir", str(out)]) == 0
+    edited = out / "annotated" / f"{imgs[0].stem}.png"
+    edited.write_bytes(b"my edited copy")
+    assert run_cli("onnx", tiny_model, ["--images", str(imgs[2]), "--save_dir", str(out), "--overwrite"]) == 0
+    assert edited.read_bytes() == b"my edited copy"                           # changed: kept
+    assert not (out / "annotated" / f"{imgs[1].stem}.png").exists()           # unchanged: removed
+
+
+# ------------------------------------------------------------------- R3: damaged manifest = unknown
+@pytest.mark.parametrize("damage", ["truncated", "edited"])
+def test_r3_damaged_manifest_is_an_unknown_folder_refused_and_never_cleaned(damage, tiny_model, cxr_eval_dir,
+                                                                           tmp_path, capsys):
+    imgs = real_images(cxr_eval_dir, 2)
+    out = tmp_path / "out"
+    assert run_cli("onnx", tiny_model, ["--images", *map(str, imgs), "--save_dir", str(out)]) == 0
+    mp = out / ".cxrkit_outputs.json"
+    if damage == "truncated":
+        mp.write_bytes(mp.read_bytes()[:40])
+    else:  # valid JSON, but not what the run wrote
+        m = json.loads(mp.read_text())
+        m["files"]["../../elsewhere.txt"] = {}
+        mp.write_text(json.dumps(m))
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert run_cli("onnx", tiny_model, ["--images", str(imgs[0]), "--save_dir", str(out), *extra]) == 2
+        line = error_line(capsys)
+        assert "unknown folder" in line and ("checksum" in line if damage == "edited" else "cannot be read" in line)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert len(read_csv(out / "predictions.csv")) == 2
+
+
+# ---------------------------------------------------------------- R4: a killed run's thumbnails
+def test_r4_killed_runs_thumbnails_are_removed_by_overwrite(tiny_model, cxr_eval_dir, tmp_path, monkeypatch):
+    import cxrkit.report
+    imgs = real_images(cxr_eval_dir, 3)
+    out = tmp_path / "out"
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt  # the run dies after the per-image files, before report.html
+    monkeypatch.setattr(cxrkit.report, "write_report", killed)
+    assert run_cli("onnx", tiny_model, ["--images", *map(str, imgs[:2]), "--save_dir", str(out)]) == 130
+    assert len(list((out / "thumbs").iterdir())) == 2
+    m = _manifest(out)
+    assert m["status"] == "running" and "report.html" in m["files"]
+    assert {f"thumbs/{p.stem}.jpg" for p in imgs[:2]} <= set(m["files"])
+    monkeypatch.undo()
+    assert run_cli("onnx", tiny_model, ["--images", str(imgs[2]), "--save_dir", str(out), "--overwrite"]) == 0
+    assert [p.name for p in (out / "thumbs").iterdir()] == [f"{imgs[2].stem}.jpg"]
+
+
+# ------------------------------------------------------------ R5: an unreadable sub-folder is an error
+def _unreadable(monkeypatch, part: str):
+    real = os.scandir
+
+    def scandir(path="."):
+        if part in str(path).replace("\\", "/"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)  # os.walk lists folders through it (root ignores chmod)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_r5_unreadable_class_folder_is_an_error_not_a_missing_class(backend, tiny_model, cxr_eval_dir, tmp_path,
+                                                                   capsys, monkeypatch):
+    _unreadable(monkeypatch, "Lung_Opacity/images")
+    assert run_cli(backend, tiny_model, ["--data_dir", str(cxr_eval_dir), "--num_samples", "0",
+                                         "--save_dir", str(tmp_path / "o")]) == 2
+    line = error_line(capsys)
+    assert "cannot read folder" in line and "Lung_Opacity" in line and "Permission denied" in line
+    assert not (tmp_path / "o" / "predictions.csv").exists()
+
+
+def test_r5_training_with_an_unreadable_class_folder(mdt_subset, tmp_path, capsys, monkeypatch):
+    _unreadable(monkeypatch, "Normal/images")
+    assert _train_tiny(mdt_subset, tmp_path / "t") == 2
+    assert "cannot read folder" in error_line(capsys)
+
+
+# ------------------------------------------------------------ R6: Grad-CAM from another checkpoint
+def test_r6_gradcam_with_another_checkpoint_is_refused_unless_allowed(tiny_model, cxr_eval_dir, tmp_path, capsys):
+    from cxrkit.checkpoint import atomic_torch_save, load_checkpoint
+    ck = load_checkpoint(tiny_model.checkpoint)
+    ck["temperature"] = 1.7  # same network and classes, another file
+    other = tmp_path / "other.pth"
+    atomic_torch_save(ck, other)
+    img = str(real_images(cxr_eval_dir, 1)[0])
+
+    def common(ck):
+        return ["--onnx_path", str(tiny_model.onnx), "--quiet", "--gradcam", "--checkpoint", str(ck), "--images", img]
+    assert onnx_cli.main(common(other) + ["--save_dir", str(tmp_path / "refused")]) == 2
+    line = error_line(capsys)
+    assert "other.pth" in line and "not the checkpoint" in line and "--cam_checkpoint_mismatch_ok" in line
+    assert not (tmp_path / "refused" / "predictions.csv").exists()
+    out = tmp_path / "allowed"
+    assert onnx_cli.main(common(other) + ["--save_dir", str(out), "--cam_checkpoint_mismatch_ok"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert "not the checkpoint" in s["gradcam"]["checkpoint_mismatch"]
+    assert "Grad-CAM warning" in (out / "report.html").read_text()
+    same = tmp_path / "same"  # the exported checkpoint itself: no note
+    assert onnx_cli.main(common(tiny_model.checkpoint) + ["--save_dir", str(same)]) == 0
+    assert json.loads((same / "summary.json").read_text())["gradcam"]["checkpoint_mismatch"] is None
+
+
+# ---------------------------------------------- R7: failures while writing are one line, exit 2
+@pytest.mark.parametrize("target", ["predictions.csv", "summary.json", "report.html"])
+def test_r7_disk_full_while_writing_is_one_line_naming_the_file(target, tiny_model, cxr_eval_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    import errno
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == target:
+            raise OSError(errno.ENOSPC, "No space left on device", str(src))
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "out"
+    assert run_cli("onnx", tiny_model, ["--images", str(real_images(cxr_eval_dir, 1)[0]),
+                                        "--save_dir", str(out)]) == 2
+    line = error_line(capsys)
+    assert str(out / target) in line and "ENOSPC" in line and "disk is full" in line
+    assert not list(out.glob(f".{target}.*.tmp"))  # no temporary file left behind
+
+
+def test_r7_disk_full_while_training_names_the_checkpoint(mdt_subset, tmp_path, capsys, monkeypatch):
+    import errno
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "last_checkpoint.pth":
+            raise OSError(errno.ENOSPC, "No space left on device", str(src))
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    assert _train_tiny(mdt_subset, tmp_path / "t") == 2
+    line = error_line(capsys)
+    assert str(tmp_path / "t" / "model_checkpoints" / "last_checkpoint.pth") in line and "ENOSPC" in line
+
+
+def test_r7_overwrite_when_an_old_output_cannot_be_removed(tiny_model, cxr_eval_dir, tmp_path, capsys, monkeypatch):
+    import pathlib
+    imgs = real_images(cxr_eval_dir, 2)
+    out = tmp_path / "out"
+    assert run_cli("onnx", tiny_model, ["--images", str(imgs[0]), "--save_dir", str(out)]) == 0
+    real = pathlib.Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.parent.name == "annotated":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, missing_ok)
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    capsys.readouterr()
+    assert run_cli("onnx", tiny_model, ["--images", str(imgs[1]), "--save_dir", str(out), "--overwrite"]) == 2
+    line = error_line(capsys)
+    assert "cannot remove the earlier output" in line and f"{imgs[0].stem}.png" in line and "EACCES" in line
+
+
+# ------------------------------------- the misuse table: one line, exit 2, in every CLI it concerns
+@pytest.fixture(scope="module")
+def misuse_files(tiny_model, tmp_path_factory):
+    import torch
+
+    from cxrkit.checkpoint import atomic_torch_save, load_checkpoint
+    d = tmp_path_factory.mktemp("misuse")
+    ck = load_checkpoint(tiny_model.checkpoint)
+    nan = {**ck, "state_dict": dict(ck["state_dict"])}
+    k = next(k for k, v in nan["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+    nan["state_dict"][k] = nan["state_dict"][k].clone()
+    nan["state_dict"][k].view(-1)[0] = float("nan")
+    atomic_torch_save(nan, d / "nan_weight.pth")
+    for name, t in (("temperature_0", 0.0), ("temperature_nan", float("nan"))):
+        atomic_torch_save({**ck, "temperature": t}, d / f"{name}.pth")
+    (d / "existing.onnx").write_bytes(b"somebody's model")
+    assert torch.isnan(load_checkpoint(d / "nan_weight.pth")["state_dict"][k]).any()
+    return d
+
+
+# case -> (tools it runs against, extra arguments, what the one line must say)
+MISUSE = {
+    "workers -1": (("pth", "onnx", "train"), ["--workers", "-1"], "--workers must be >= 0"),
+    "batch_size 0": (("pth", "onnx", "train"), ["--batch_size", "0"], "--batch_size must be between 1 and 1024"),
+    "batch_size 100000": (("pth", "onnx", "train"), ["--batch_size", "100000"],
+                          "--batch_size must be between 1 and 1024"),
+    "tiny at 100 px": (("train",), ["--img_size", "100"], "--arch tiny needs a multiple of 16"),
+    "num_epochs 0": (("train",), ["--num_epochs", "0"], "--num_epochs 0: nothing would be trained"),
+    "NaN weight": (("pth", "evaluate", "export"), ["@nan_weight.pth"], "non-finite value(s) (NaN or inf)"),
+    "temperature 0": (("pth", "export"), ["@temperature_0.pth"], "temperature must be a finite number > 0"),
+    "temperature NaN": (("pth", "export"), ["@temperature_nan.pth"], "temperature must be a finite number > 0"),
+    "export over an existing model": (("export",), ["@@existing.onnx"], "--overwrite"),
+}
+MISUSE_RUNS = [(case, tool) for case, (tools, _, _) in MISUSE.items() for tool in tools]
+
+
+@pytest.mark.parametrize("case, tool", MISUSE_RUNS, ids=[f"{c}-{t}" for c, t in MISUSE_RUNS])
+def test_r7_r8_misuse_table(case, tool, tiny_model, misuse_files, mdt_subset, cxr_eval_dir, tmp_path, capsys):
+    _, extra, needle = MISUSE[case]
+    ck, onnx_out, flags = tiny_model.checkpoint, tmp_path / "x.onnx", []
+    for a in extra:
+        if a.startswith("@@"):
+            onnx_out = misuse_files / a[2:]
+        elif a.startswith("@"):
+            ck = misuse_files / a[1:]
+        else:
+            flags.append(a)
+    img = str(real_images(cxr_eval_dir, 1)[0])
+    out = tmp_path / "out"
+    if tool == "pth":
+        rc = pth_cli.main(["--checkpoint", str(ck), "--device", "cpu", "--quiet", "--images", img,
+                           "--save_dir", str(out), *flags])
+    elif tool == "onnx":
+        rc = onnx_cli.main(["--onnx_path", str(tiny_model.onnx), "--quiet", "--images", img, "--save_dir", str(out),
+                            *flags])
+    elif tool == "train":
+        rc = model_arch.main(["--data_dir", str(mdt_subset), "--output_dir", str(out), "--arch", "tiny",
+                              "--img_size", "32", "--num_epochs", "1", "--workers", "0", "--quiet", "--device", "cpu",
+                              *flags])
+    elif tool == "evaluate":
+        rc = model_arch.main(["--data_dir", str(mdt_subset), "--output_dir", str(out), "--quiet", "--device", "cpu",
+                              "--evaluate", str(ck)])
+    else:
+        before = onnx_out.read_bytes() if onnx_out.exists() else None
+        rc = export_cli.main(["--checkpoint", str(ck), "--onnx_path", str(onnx_out)])
+        assert (onnx_out.read_bytes() if onnx_out.exists() else None) == before
+    assert rc == 2
+    line = error_line(capsys)
+    assert needle in line, line
+    if extra[0].startswith("@"):
+        assert (onnx_out.name if extra[0].startswith("@@") else ck.name) in line
+    assert not (out / "predictions.csv").exists() and not (out / "model_checkpoints" / "best_covid_model.pth").exists()
+
+
+def test_r8_export_overwrite_replaces_model_and_meta(tiny_model, tmp_path):
+    target = tmp_path / "m.onnx"
+    assert export_cli.main(["--checkpoint", str(tiny_model.checkpoint), "--onnx_path", str(target)]) == 0
+    first = json.loads((tmp_path / "m.onnx.meta.json").read_text())["meta_id"]
+    assert export_cli.main(["--checkpoint", str(tiny_model.checkpoint), "--onnx_path", str(target)]) == 2
+    assert export_cli.main(["--checkpoint", str(tiny_model.checkpoint), "--onnx_path", str(target),
+                            "--overwrite"]) == 0
+    assert json.loads((tmp_path / "m.onnx.meta.json").read_text())["meta_id"] != first
+
+
+# ------------------------------------------------------------------------- R8: notes that were missing
+def _tiny_folder(root: Path, counts: dict, masks: set) -> Path:
+    rng = np.random.default_rng(0)
+    for c, n in counts.items():
+        (root / c / "images").mkdir(parents=True, exist_ok=True)
+        if c in masks:
+            (root / c / "masks").mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            img = rng.integers(0, 255, (40, 40), dtype=np.uint8)
+            cv2.imwrite(str(root / c / "images" / f"{k}.png"), img)
+            if c in masks:
+                cv2.imwrite(str(root / c / "masks" / f"{k}.png"), (img > 128).astype(np.uint8) * 255)
+    return root
+
+
+def test_r8_class_without_masks_folder_is_noted(tmp_path, caplog):
+    from cxrkit.data import discover
+    _tiny_folder(tmp_path / "d", {"A": 3, "B": 3}, masks={"A"})
+    with caplog.at_level(logging.WARNING, logger="cxrkit"):
+        discover(tmp_path / "d")
+    assert any("'B' have no masks/ folder" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_r8_class_missing_from_validation_and_test_is_noted(tmp_path, caplog):
+    from cxrkit.data import build_cache, load_or_make_split
+    data = build_cache(_tiny_folder(tmp_path / "d", {"A": 10, "B": 1}, masks=set()), 32, tmp_path / "c", workers=0,
+                       progress=False)
+    with caplog.at_level(logging.WARNING, logger="cxrkit"):
+        split = load_or_make_split(data, tmp_path / "split.json", 0.15, 0.15, 0)
+    assert 1 not in data.labels[split["val"]] and 1 not in data.labels[split["test"]]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("'B'" in m and "validation split" in m for m in msgs), msgs
+    assert any("'B'" in m and "test split" in m for m in msgs), msgs
+
+
+def test_r8_all_zero_ground_truth_mask_is_not_scored_and_noted(tiny_model, cxr_eval_dir, tmp_path):
+    src = real_images(cxr_eval_dir, 2)
+    data = tmp_path / "data" / "Normal"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for p in src:
+        shutil.copy2(p, data / "images" / p.name)
+    shutil.copy2(src[0].parent.parent / "masks" / src[0].name, data / "masks" / src[0].name)
+    cv2.imwrite(str(data / "masks" / src[1].name), np.zeros((64, 64), np.uint8))
+    for backend in BACKENDS:
+        out = tmp_path / backend
+        assert run_cli(backend, tiny_model, ["--data_dir", str(tmp_path / "data"), "--num_samples", "0",
+                                             "--save_dir", str(out)]) == 0
+        s = json.loads((out / "summary.json").read_text())
+        assert s["segmentation"]["n_masks"] == 1
+        assert [Path(m["path"]).name for m in s["mask_problems"]] == [src[1].name]
+        assert "empty mask" in s["mask_problems"][0]["reason"]
+        rows = {Path(r["image_path"]).name: r for r in read_csv(out / "predictions.csv")}
+        assert rows[src[1].name]["dice"] == "" and rows[src[0].name]["dice"] != ""
+        assert "Ground-truth masks not scored" in (out / "report.html").read_text()

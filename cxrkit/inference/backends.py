@@ -45,9 +45,10 @@ class Backend(Protocol):
     def describe(self) -> dict:
         """Runtime details for summary.json "backend_info" (device or providers, versions)."""
 
-    def explainer(self, checkpoint=None) -> GradCamExplainer:
+    def explainer(self, checkpoint=None, mismatch_ok: bool = False) -> GradCamExplainer:
         """Grad-CAM for this model's predictions; `checkpoint`: the PyTorch checkpoint to take the
-        gradients from where the backend has none of its own (ONNX: --checkpoint)."""
+        gradients from where the backend has none of its own (ONNX: --checkpoint). A checkpoint that is
+        not the model's own is refused unless mismatch_ok; the explainer's .mismatch says why (or None)."""
 
 
 # ------------------------------------------------------------------------------------- backends
@@ -88,7 +89,7 @@ class TorchBackend:
 
     def __init__(self, checkpoint, device=None):
         # torch / MONAI come in here, when a PyTorch backend is made (the package is torch-free on import)
-        from ..checkpoint import model_from_checkpoint
+        from ..checkpoint import checkpoint_temperature, model_from_checkpoint
         from ..device import pick_device
         self.checkpoint_path = self.model_file = Path(checkpoint)
         model, ck = model_from_checkpoint(checkpoint)  # FileNotFoundError / CheckpointError
@@ -98,7 +99,7 @@ class TorchBackend:
         self.preset = (ck.get("model_config") or {}).get("preset")
         self.class_names = list(ck["class_names"])
         self.img_size = int(ck["img_size"])
-        self.temperature = float(ck.get("temperature", 1.0))
+        self.temperature = checkpoint_temperature(ck, str(checkpoint))
         self.lung_area_range = ck.get("lung_area_range")  # None: older checkpoint, quality's default applies
         self.calibration_problem = quality.calibration_problem(ck)
 
@@ -121,9 +122,11 @@ class TorchBackend:
             d["gpu"] = torch.cuda.get_device_name(self.device)
         return d
 
-    def explainer(self, checkpoint=None) -> GradCamExplainer:
+    def explainer(self, checkpoint=None, mismatch_ok: bool = False) -> GradCamExplainer:
         """Grad-CAM from this backend's own checkpoint (already in memory), on its device."""
-        return GradCamExplainer(self.ck, self.device)
+        cam = GradCamExplainer(self.ck, self.device)
+        cam.mismatch = None  # the maps come from the very checkpoint that predicts
+        return cam
 
 
 _PROVIDER_ALIASES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider",
@@ -293,15 +296,31 @@ class OnnxBackend:
                 "graph_optimization": "ORT_ENABLE_ALL", "onnxruntime": ort.__version__,
                 "opset": self.meta.get("opset"), "dynamic_batch": self.static_batch is None}
 
-    def explainer(self, checkpoint=None) -> GradCamExplainer:
+    def explainer(self, checkpoint=None, mismatch_ok: bool = False) -> GradCamExplainer:
         """Grad-CAM from `checkpoint` (ONNX Runtime gives no gradients), on CUDA with --use_cuda when
-        torch sees a GPU, else the CPU; warns when it is not the checkpoint this model was exported from."""
+        torch sees a GPU, else the CPU. It must be the checkpoint this model was exported from (the meta
+        records its SHA-256): another one is refused unless mismatch_ok (--cam_checkpoint_mismatch_ok),
+        and the reason is kept in .mismatch (summary.json and report.html show it)."""
         import torch
         if checkpoint is None:
             raise InferenceError(CAM_NEEDS_CHECKPOINT)
+        mismatch = self._cam_mismatch(checkpoint, mismatch_ok)
         cam = GradCamExplainer(checkpoint, "cuda" if self.use_cuda and torch.cuda.is_available() else "cpu")
-        src = (self.meta.get("source_checkpoint") or {}).get("sha256")
-        if src and Path(checkpoint).is_file() and sha256_file(checkpoint) != src:
-            log.warning("Grad-CAM uses %s, which is not the checkpoint this ONNX model was exported from "
-                        "(SHA-256 differs): maps may not explain these predictions", checkpoint)
+        cam.mismatch = mismatch
         return cam
+
+    def _cam_mismatch(self, checkpoint, allow: bool) -> str | None:
+        src = (self.meta.get("source_checkpoint") or {}).get("sha256")
+        if not src:
+            why = f"{self.meta_path} records no source checkpoint, so {checkpoint} cannot be checked against the model"
+            log.warning("Grad-CAM: %s: the maps may not explain these predictions", why)
+            return why
+        if not Path(checkpoint).is_file() or sha256_file(checkpoint) == src:
+            return None  # a missing file is reported by the checkpoint loader, one line
+        why = (f"--checkpoint {checkpoint} is not the checkpoint {self.onnx_path} was exported from (SHA-256 "
+               f"differs from {self.meta_path}'s source_checkpoint)")
+        if not allow:
+            raise InferenceError(f"{why}: its Grad-CAM maps would not explain these predictions; pass the exported "
+                                 f"checkpoint, or --cam_checkpoint_mismatch_ok to draw them anyway")
+        log.warning("Grad-CAM: %s: drawn anyway (--cam_checkpoint_mismatch_ok)", why)
+        return why

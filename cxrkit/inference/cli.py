@@ -69,7 +69,11 @@ def add_gradcam_args(p, onnx: bool):
     if onnx:
         g.add_argument("--checkpoint", default=None,
                        help="PyTorch checkpoint used ONLY for Grad-CAM (an ONNX Runtime session gives no gradients); "
-                            "use the checkpoint this ONNX model was exported from")
+                            "it must be the checkpoint this ONNX model was exported from (the meta file records "
+                            "its SHA-256)")
+        g.add_argument("--cam_checkpoint_mismatch_ok", action="store_true",
+                       help="explain with a --checkpoint other than the one the model was exported from anyway "
+                            "(the maps then need not explain these predictions; summary.json and report.html say so)")
     return g
 
 
@@ -91,9 +95,10 @@ def user_errors() -> tuple:
     return (CxrkitError, FileNotFoundError)
 
 
-def run_cli(args, make_backend: Callable[[], Backend], cam_checkpoint=None) -> int:
+def run_cli(args, make_backend: Callable[[], Backend], cam_checkpoint=None, cam_mismatch_ok: bool = False) -> int:
     """Shared body of the two inference scripts; returns the exit code (2 = user error).
-    cam_checkpoint: the PyTorch checkpoint Grad-CAM takes its gradients from (ONNX: --checkpoint)."""
+    cam_checkpoint: the PyTorch checkpoint Grad-CAM takes its gradients from (ONNX: --checkpoint);
+    cam_mismatch_ok: the ONNX CLI's --cam_checkpoint_mismatch_ok (Backend.explainer)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     gradcam = bool(args.gradcam or args.cam_class or args.save_cams)
     try:
@@ -102,12 +107,14 @@ def run_cli(args, make_backend: Callable[[], Backend], cam_checkpoint=None) -> i
         if gradcam and cam_checkpoint is None:
             raise InferenceError(CAM_NEEDS_CHECKPOINT)
         backend = make_backend()
-        check_options(backend.class_names, args.batch_size, args.tta, args.cam_class)
+        check_options(backend.class_names, args.batch_size, args.tta, args.cam_class, args.workers)
         if backend.calibration_problem:
             log.warning("%s: %s", backend.model_file, backend.calibration_problem)
         items = gather_inputs(args.data_dir, args.images, backend.class_names, args.num_samples, args.seed,
                               exclude=args.save_dir)
-        cam = backend.explainer(cam_checkpoint) if gradcam else None
+        cam = None
+        if gradcam:
+            cam = backend.explainer(cam_checkpoint, cam_mismatch_ok)
         summary = run_pipeline(backend, items, args.save_dir, batch_size=args.batch_size, tta=args.tta, cam=cam,
                                cam_class=args.cam_class, save_cams=args.save_cams, save_masks=args.save_masks,
                                report=not args.no_report, workers=args.workers, progress=not args.quiet,

@@ -59,6 +59,7 @@ class GradCamExplainer:
         self.class_names = list(ck["class_names"])
         self.img_size = int(ck["img_size"])
         self.ck = ck
+        self.mismatch: str | None = None  # set when the run explains with another checkpoint than the model's
         self.net = _class_logits_module(model.to(self.device)).eval()
         # dotted name of the bottleneck inside the wrapper, e.g.
         # net.unet.model.1.submodule.1.submodule.1.submodule.1.submodule

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import LUNG_THRESHOLD
-from ..errors import InferenceError
-from ..io_utils import write_json_atomic
+from ..errors import InferenceError, os_error
+from ..io_utils import MAX_BATCH_SIZE, write_json_atomic
 from .. import quality
 from ..outdir import claim_save_dir
 from ..preprocess import (ImageReadError, lung_mask, read_gray_info, read_mask, resize_gray, resize_mask,
@@ -55,18 +55,23 @@ def _decode(item: InputItem, size: int, display_h: int) -> _Decoded:
             d.gt_mask = read_mask(item.mask_path)  # native resolution: Dice is scored at the mask's own size
         except ImageReadError as e:
             d.mask_error = e.reason
+        if d.gt_mask is not None and not d.gt_mask.any():  # Dice would be 0 whatever the model does
+            d.gt_mask, d.mask_error = None, "empty mask (no lung pixels): Dice / IoU not scored for this image"
     return d
 
 
-def planned_outputs(items, save_masks=False, save_cams=False) -> list[str]:
-    """The per-image files a run will write (relative to save_dir), for the manifest (cxrkit.outdir)."""
-    out = []
+def planned_outputs(items, save_masks=False, save_cams=False, report=False) -> list[str]:
+    """Every file a run will write (relative to save_dir), for the manifest (cxrkit.outdir)."""
+    from ..report import REPORT_NAME, thumb_relpath
+    out = ["predictions.csv", "summary.json"] + ([REPORT_NAME] if report else [])
     for it in items:
         out.append(f"annotated/{it.out_stem}.png")
         if save_masks:
             out.append(f"masks/{it.out_stem}_mask.png")
         if save_cams:
             out.append(f"cams/{it.out_stem}_cam.npy")
+        if report:
+            out.append(thumb_relpath(it.out_stem))
     return out
 
 
@@ -80,20 +85,24 @@ def csv_columns(class_names, save_masks=False, gradcam=False) -> list[str]:
     return cols
 
 
-def check_options(names, batch_size, tta, cam_class) -> int | None:
+def check_options(names, batch_size, tta, cam_class, workers: int | None = None) -> int | None:
     """The run options, checked once (run_cli calls it before scanning the inputs, run_pipeline for
     library callers); returns the Grad-CAM class index (None: the predicted class)."""
-    if batch_size < 1:
-        raise InferenceError(f"--batch_size must be >= 1, got {batch_size}")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise InferenceError(f"--batch_size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size} (larger "
+                             f"batches only cost memory: images are decoded ahead of the model)")
     if not 1 <= tta <= MAX_TTA:
         raise InferenceError(f"--tta must be between 1 and {MAX_TTA}, got {tta}")
     if cam_class is not None and cam_class not in names:
         raise InferenceError(f"--cam_class {cam_class!r} is not a model class; choose one of {names}")
+    if workers is not None and workers < 0:
+        raise InferenceError(f"--workers must be >= 0 (image-decoding threads; 0 = one per core, at most 4), "
+                             f"got {workers}")
     return None if cam_class is None else names.index(cam_class)
 
 
-def _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cams) -> int | None:
-    cam_idx = check_options(names, batch_size, tta, cam_class)
+def _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cams, workers) -> int | None:
+    cam_idx = check_options(names, batch_size, tta, cam_class, workers)
     if cam is not None and (cam.class_names != names or cam.img_size != size):
         raise InferenceError(f"the Grad-CAM checkpoint (classes {cam.class_names}, {cam.img_size}px) does not "
                              f"match the model (classes {names}, {size}px)")
@@ -181,6 +190,7 @@ def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally:
         "classification": None, "segmentation": None,
         "gradcam": None if cam is None else {
             "target": cam_class or "predicted class", "layer": cam.layer, "method": "monai.visualize.GradCAM",
+            "checkpoint_mismatch": cam.mismatch,
             "maps_saved": bool(save_cams), "input": "the un-augmented image (also with --tta)",
             "map_format": "float32 .npy (S x S, model input size), raw ReLU'd Grad-CAM (not normalised); the "
                           "annotated PNG shows it min-max normalised per image"},
@@ -220,20 +230,21 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
     from ..report import THUMB_DIR, model_info, thumb_relpath, write_report, write_thumbnail
 
     names, size, temp = list(backend.class_names), int(backend.img_size), float(backend.temperature)
-    cam_idx = _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cams)
+    cam_idx = _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cams, workers)
     save_dir = Path(save_dir)
     ann_dir, mask_dir, cam_dir = save_dir / "annotated", save_dir / "masks", save_dir / "cams"
-    claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name})").acquire()  # lock
-    try:
-        for d in ([ann_dir] + ([mask_dir] if save_masks else []) + ([cam_dir] if save_cams else [])
-                  + ([save_dir / THUMB_DIR] if report else [])):
-            d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        claim.release()
-        raise InferenceError(f"--save_dir {save_dir}: cannot create it ({e})") from None
     if not items[0].out_stem:
         assign_output_stems(items)
-    claim.plan(["predictions.csv", "summary.json", *planned_outputs(items, save_masks, save_cams)])
+    claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name})")
+    claim.plan(planned_outputs(items, save_masks, save_cams, report))
+    claim.acquire()  # lock; earlier outputs refused or (overwrite) removed; manifest "running"
+    for d in ([ann_dir] + ([mask_dir] if save_masks else []) + ([cam_dir] if save_cams else [])
+              + ([save_dir / THUMB_DIR] if report else [])):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            claim.release()
+            raise os_error(e, d, "create the folder") from None
     area_rng = quality.resolve_lung_area_range(backend.lung_area_range)
     calib_problem = backend.calibration_problem
     workers = int(workers or min(4, os.cpu_count() or 1))
@@ -318,18 +329,21 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
             writer.q.put(None)
         if not ok:
             claim.release()  # the manifest stays "running": the next run needs --overwrite
-    cols = csv_columns(names, save_masks, cam is not None)
-    write_csv_atomic(save_dir / "predictions.csv", cols, tally.rows)
-    seconds = time.perf_counter() - t0
-    summary = _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally, seconds, model_seconds,
-                       tta=tta, batch_size=batch_size, workers=workers, cam=cam, cam_class=cam_class,
-                       save_masks=save_masks, save_cams=save_cams, calib_problem=calib_problem)
-    if extra_summary:
-        summary.update(extra_summary)
-    summary["outputs"]["report"] = "report.html (thumbnails in thumbs/)" if report else None
-    write_json_atomic(save_dir / "summary.json", summary)
-    if report:
-        write_report(save_dir, summary, tally.rows, model=model_info(backend))
-    claim.finish()  # manifest: every file this run wrote, status complete
-    claim.release()
+    try:
+        cols = csv_columns(names, save_masks, cam is not None)
+        write_csv_atomic(save_dir / "predictions.csv", cols, tally.rows)
+        seconds = time.perf_counter() - t0
+        summary = _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally, seconds,
+                           model_seconds, tta=tta, batch_size=batch_size, workers=workers, cam=cam,
+                           cam_class=cam_class, save_masks=save_masks, save_cams=save_cams,
+                           calib_problem=calib_problem)
+        if extra_summary:
+            summary.update(extra_summary)
+        summary["outputs"]["report"] = "report.html (thumbnails in thumbs/)" if report else None
+        write_json_atomic(save_dir / "summary.json", summary)
+        if report:
+            write_report(save_dir, summary, tally.rows, model=model_info(backend))
+        claim.finish()  # manifest: every file this run wrote, with size and SHA-256, status complete
+    finally:
+        claim.release()
     return summary
