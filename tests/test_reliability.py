@@ -839,7 +839,7 @@ MISUSE = {
     "batch_size 0": (("pth", "onnx", "train"), ["--batch_size", "0"], "--batch_size must be between 1 and 1024"),
     "batch_size 100000": (("pth", "onnx", "train"), ["--batch_size", "100000"],
                           "--batch_size must be between 1 and 1024"),
-    "tiny at 100 px": (("train",), ["--img_size", "100"], "--arch tiny needs a multiple of 16"),
+    "tiny at 100 px": (("train",), ["--img_size", "100"], "--img_size 100: preset tiny needs a positive multiple of 16"),
     "num_epochs 0": (("train",), ["--num_epochs", "0"], "--num_epochs 0: nothing would be trained"),
     "NaN weight": (("pth", "evaluate", "export"), ["@nan_weight.pth"], "non-finite value(s) (NaN or inf)"),
     "temperature 0": (("pth", "export"), ["@temperature_0.pth"], "temperature must be a finite number > 0"),
