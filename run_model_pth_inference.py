@@ -15,6 +15,7 @@ import sys
 from cxrkit.config import CHECKPOINT_PATH
 from cxrkit.inference import add_gradcam_args, add_input_args, add_output_args, add_run_args, run_cli
 from cxrkit.io_utils import HelpFormatter
+from cxrkit.shipped import resolve_default
 
 
 def parse_args(argv=None):
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     holder = {}
 
     def make_backend():
-        holder["b"] = TorchBackend(args.checkpoint, args.device)
+        holder["b"] = TorchBackend(resolve_default(args.checkpoint, CHECKPOINT_PATH, "--checkpoint"), args.device)
         return holder["b"]
 
     return run_cli(args, make_backend, cam_checkpoint=args.checkpoint,

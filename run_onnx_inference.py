@@ -18,12 +18,13 @@ import sys
 from cxrkit.config import ONNX_PATH
 from cxrkit.inference import add_gradcam_args, add_input_args, add_output_args, add_run_args, run_cli
 from cxrkit.io_utils import HelpFormatter
+from cxrkit.shipped import resolve_default
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--onnx_path", default=ONNX_PATH, help="exported model")
+    g.add_argument("--onnx_path", default=ONNX_PATH, help="exported model (the default is also found in the installed package)")
     g.add_argument("--meta_path", default=None, help="meta file; None = <onnx_path>.meta.json")
     g.add_argument("--use_cuda", action="store_true",
                    help="CUDAExecutionProvider first, CPU as fallback (warns and uses CPU when CUDA is unavailable)")
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
     from cxrkit.inference import OnnxBackend
 
     def make_backend():
-        return OnnxBackend(args.onnx_path, args.meta_path, providers=args.providers, use_cuda=args.use_cuda,
+        onnx_path = resolve_default(args.onnx_path, ONNX_PATH, "--onnx_path")  # the installed copy too
+        return OnnxBackend(onnx_path, args.meta_path, providers=args.providers, use_cuda=args.use_cuda,
                            intra_op_threads=args.threads or None)
 
     def cam_device():

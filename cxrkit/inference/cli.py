@@ -10,11 +10,13 @@ from pathlib import Path
 from ..config import InferConfig
 from ..errors import CxrkitError, InferenceError
 from ..io_utils import sha256_file
+from ..report import model_info
+from ..shard import parse_shard, select_shard, write_empty_shard
 from ..tta import MAX_TTA
 from .backends import TorchBackend
 from .gradcam import GradCamExplainer
 from .inputs import gather_inputs
-from .pipeline import check_options, run_pipeline
+from .pipeline import check_options, csv_columns, run_pipeline
 
 log = logging.getLogger("cxrkit")
 D = InferConfig()
@@ -31,6 +33,10 @@ def add_input_args(p):
                      help="explicit image files (or folders); a file's folder name gives its true class")
     g.add_argument("--num_samples", type=int, default=D.num_samples, help="pick this many inputs at random (0 = all)")
     g.add_argument("--seed", type=int, default=D.seed, help="random seed for --num_samples")
+    g.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only shard K of N (0 <= K < N): the inputs whose relative path hashes to K, the same "
+                        "files whatever the machine or listing order; `cxrkit-merge` combines the N folders "
+                        "(cxrkit.shard)")
     return g
 
 
@@ -48,6 +54,10 @@ def add_output_args(p, default_dir):
     g = p.add_argument_group("outputs")
     g.add_argument("--save_dir", default=default_dir,
                    help="annotated/ PNGs, predictions.csv, summary.json (and masks/, cams/)")
+    g.add_argument("--outputs", default="annotated,report", metavar="LIST",
+                   help="what to write besides predictions.csv and summary.json: a comma list of annotated, "
+                        "masks, report; `csv` alone = CSV and summary only (bulk mode: no drawing at all; with "
+                        "report, thumbnails only for the images the report shows)")
     g.add_argument("--save_masks", action="store_true", help="also write each predicted lung mask (PNG)")
     g.add_argument("--overwrite", action="store_true",
                    help="--save_dir holds an earlier run's outputs: remove exactly the files that run wrote (its "
@@ -73,6 +83,20 @@ def add_gradcam_args(p, onnx: bool):
     return g
 
 
+OUTPUT_KINDS = ("annotated", "masks", "report")
+
+
+def parse_outputs(spec: str, save_masks=False, no_report=False) -> dict:
+    """--outputs (plus --save_masks / --no_report) -> {"annotate", "save_masks", "report"}."""
+    parts = {p.strip().lower() for p in str(spec).split(",") if p.strip()}
+    bad = parts - set(OUTPUT_KINDS) - {"csv"}
+    if bad or not parts:
+        raise InferenceError(f"--outputs {spec!r}: use a comma list of {', '.join(OUTPUT_KINDS)}, or csv (CSV and "
+                             f"summary only)")
+    return {"annotate": "annotated" in parts, "save_masks": "masks" in parts or bool(save_masks),
+            "report": "report" in parts and not no_report}
+
+
 def user_errors() -> tuple:
     """Exception types that mean 'fix your command' (exit 2, one line)."""
     return (CxrkitError, FileNotFoundError)
@@ -88,6 +112,8 @@ def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
         if gradcam and cam_checkpoint is None:
             raise InferenceError("--gradcam with the ONNX backend needs --checkpoint (the PyTorch checkpoint the "
                                  "model was exported from): ONNX Runtime gives no gradients")
+        outs = parse_outputs(getattr(args, "outputs", "annotated,report"), args.save_masks, args.no_report)
+        shard = parse_shard(args.shard) if getattr(args, "shard", None) else None
         backend = make_backend()
         check_options(backend.class_names, args.batch_size, args.tta, args.cam_class)
         if getattr(backend, "calibration_problem", None):
@@ -95,6 +121,16 @@ def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
                         backend.calibration_problem)
         items = gather_inputs(args.data_dir, args.images, backend.class_names, args.num_samples, args.seed,
                               exclude=args.save_dir)
+        extra = {"inputs": {"data_dir": args.data_dir, "images": args.images, "num_samples": args.num_samples,
+                            "seed": args.seed}}
+        if shard is not None:  # this run's share, and what cxrkit.shard.merge needs to rebuild the single run
+            items, extra["shard"] = select_shard(items, *shard, model=model_info(backend))
+            if not items:
+                write_empty_shard(args.save_dir, backend, csv_columns(backend.class_names, outs["save_masks"], gradcam),
+                                  dict(extra, tta=args.tta), getattr(args, "overwrite", False))
+                print(f"shard {args.shard}: no inputs ({extra['shard']['n_inputs_all']} in the whole run); wrote an "
+                      f"empty predictions.csv for the merge | outputs in {args.save_dir}")
+                return 0
         cam = None
         if gradcam:
             dev = cam_device() if callable(cam_device) else cam_device
@@ -105,11 +141,10 @@ def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
                 log.warning("Grad-CAM uses %s, which is not the checkpoint this ONNX model was exported from "
                             "(SHA-256 differs): maps may not explain these predictions", cam_checkpoint)
         summary = run_pipeline(backend, items, args.save_dir, batch_size=args.batch_size, tta=args.tta, cam=cam,
-                               cam_class=args.cam_class, save_cams=args.save_cams, save_masks=args.save_masks,
-                               report=not args.no_report, workers=args.workers, progress=not args.quiet,
-                               overwrite=getattr(args, "overwrite", False),
-                               extra_summary={"inputs": {"data_dir": args.data_dir, "images": args.images,
-                                                         "num_samples": args.num_samples, "seed": args.seed}})
+                               cam_class=args.cam_class, save_cams=args.save_cams, save_masks=outs["save_masks"],
+                               report=outs["report"], annotate=outs["annotate"], workers=args.workers,
+                               progress=not args.quiet, overwrite=getattr(args, "overwrite", False),
+                               extra_summary=extra)
     except Exception as e:  # noqa: BLE001 - user errors become one line, anything else a traceback
         if not isinstance(e, user_errors()):
             raise
