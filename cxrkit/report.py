@@ -97,8 +97,8 @@ def write_gallery_thumbnails(save_dir, rows: list[dict], cap: int = GALLERY_CAP,
         rel = thumb_relpath(stem or f"g{rank:05d}")
         dst = save_dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        src = next((Path(d) / thumb_relpath(stem) for d in thumb_dirs if stem and (Path(d) / thumb_relpath(stem)).is_file()),
-                   None)
+        src = next((Path(d) / thumb_relpath(stem) for d in thumb_dirs
+                    if stem and (Path(d) / thumb_relpath(stem)).is_file()), None)
         try:
             if src is not None:
                 shutil.copyfile(src, dst)

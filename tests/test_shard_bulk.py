@@ -78,7 +78,8 @@ def test_bulk_csv_only_matches_default_rows(syn, tmp_path):
     assert len(rows_csv) == len(rows_def) == 20 and s_csv["n_skipped"] == 1
     for a, b in zip(rows_def, rows_csv):
         assert b["annotated_png"] == "" and a["annotated_png"].startswith("annotated/")
-        assert {k: v for k, v in a.items() if k != "annotated_png"} == {k: v for k, v in b.items() if k != "annotated_png"}
+        assert ({k: v for k, v in a.items() if k != "annotated_png"}
+                == {k: v for k, v in b.items() if k != "annotated_png"})
     assert _close(s_def["classification"], s_csv["classification"]) is None
     assert s_csv["outputs"]["annotated"] is None and s_csv["outputs"]["report"] is None
     # the report from the CSV alone: thumbnails only for the images the gallery shows
@@ -114,7 +115,8 @@ def test_four_shard_processes_merge_to_the_single_run(syn, tmp_path):
     shards = [tmp_path / f"s{k}" for k in (2, 0, 3, 1)]  # any order
     merged = merge(shards, tmp_path / "merged")
     # the same rows, byte for byte, in the single run's order
-    assert (tmp_path / "merged" / "predictions.csv").read_bytes() == (tmp_path / "single" / "predictions.csv").read_bytes()
+    assert ((tmp_path / "merged" / "predictions.csv").read_bytes()
+            == (tmp_path / "single" / "predictions.csv").read_bytes())
     on_disk = json.loads((tmp_path / "merged" / "summary.json").read_text())
     assert on_disk["skipped"] == single["skipped"] and len(single["skipped"]) == 1
     for key in ("n_inputs", "n_processed", "n_skipped", "predicted_counts", "quality", "classification",

@@ -229,7 +229,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
     The run owns save_dir (cxrkit.outdir): refused while another process writes there, or when it
     holds an earlier run's outputs unless overwrite (which removes exactly those files first)."""
     from tqdm import tqdm
-    from ..report import THUMB_DIR, model_info, thumb_relpath, write_gallery_thumbnails, write_report, write_thumbnail
+    from ..report import (THUMB_DIR, model_info, thumb_relpath, write_gallery_thumbnails, write_report,
+                          write_thumbnail)
 
     names, size, temp = list(backend.class_names), int(backend.img_size), float(backend.temperature)
     cam_idx = _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cams)
@@ -237,8 +238,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
     ann_dir, mask_dir, cam_dir = save_dir / "annotated", save_dir / "masks", save_dir / "cams"
     claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name})").acquire()  # lock
     try:
-        for d in (([ann_dir] if annotate else []) + ([mask_dir] if save_masks else []) + ([cam_dir] if save_cams else [])
-                  + ([save_dir / THUMB_DIR] if report else [])):
+        for d in (([ann_dir] if annotate else []) + ([mask_dir] if save_masks else [])
+                  + ([cam_dir] if save_cams else []) + ([save_dir / THUMB_DIR] if report else [])):
             d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         claim.release()
