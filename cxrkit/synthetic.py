@@ -1,8 +1,8 @@
 """SYNTHETIC chest-X-ray-like images with lung masks, in the COVID-19 Radiography Database layout.
 
 Not real radiographs: a body silhouette, two lung fields, ribs and a spine, plus a class-specific
-pattern inside the lungs (COVID: bilateral peripheral lower-zone hazy patches; Lung_Opacity: one
-dense consolidation in one lung; Normal: none; Viral Pneumonia: a diffuse haze over both lungs with
+pattern inside the lungs (COVID: many small peripheral lower-zone patches in both lungs; Lung_Opacity:
+one large dense consolidation in one lung; Normal: none; Viral Pneumonia: a diffuse haze over both lungs with
 streaks), strong enough that `make demo`'s short training run tells the classes apart. They exist so that a fresh clone can run the whole
 flow (train, evaluate, export, infer) in minutes with no data download, and so tests can make
 fixtures. The files reproduce the real database's quirks on purpose: 299x299 images with 256x256
@@ -59,18 +59,18 @@ def make_one(label: str, rng: np.random.Generator, size: int = IMG) -> tuple[np.
     patt = np.zeros_like(img)
     # The class patterns lie inside the lungs only (the outside-lung augmentation of training cannot
     # remove them) and are strong enough to survive 64 px: what `make demo`'s short run learns.
-    if label == "COVID":  # bilateral peripheral, lower-zone hazy patches (both lungs, outer edge)
+    if label == "COVID":  # many small peripheral, lower-zone hazy patches in BOTH lungs
         for (c, ax, _) in lungs:
-            for _ in range(3):
-                px = c[0] + np.sign(c[0] - size / 2) * ax[0] * rng.uniform(0.35, 0.7)
-                py = c[1] + ax[1] * rng.uniform(0.15, 0.65)
-                r = rng.uniform(12, 18) * s
-                patt += 0.32 * np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * r * r))
-    elif label == "Lung_Opacity":  # one dense lobar consolidation, one lung only
+            for _ in range(5):
+                px = c[0] + np.sign(c[0] - size / 2) * ax[0] * rng.uniform(0.3, 0.75)
+                py = c[1] + ax[1] * rng.uniform(-0.1, 0.7)
+                r = rng.uniform(7, 11) * s
+                patt += 0.35 * np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * r * r))
+    elif label == "Lung_Opacity":  # one large dense lobar consolidation, in ONE lung only
         c, ax, _ = lungs[rng.integers(2)]
-        px, py = c[0] + rng.uniform(-0.2, 0.2) * ax[0], c[1] + rng.uniform(-0.35, 0.35) * ax[1]
-        r = rng.uniform(20, 26) * s
-        patt += 0.55 * np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * r * r))
+        px, py = c[0] + rng.uniform(-0.15, 0.15) * ax[0], c[1] + rng.uniform(-0.3, 0.3) * ax[1]
+        r = rng.uniform(26, 32) * s
+        patt += 0.6 * np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * r * r))
     elif label == "Viral Pneumonia":  # diffuse interstitial haze over both whole lungs, with streaks
         patt += 0.2
         for _ in range(14):
