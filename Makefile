@@ -14,7 +14,7 @@ demo: install
 	$(PY) -m cxrkit.synthetic --out demo_data --per_class 40
 	$(PY) -m cxrkit.synthetic --out demo_heldout --per_class 10 --seed 1
 	$(PY) model_arch.py --data_dir demo_data --output_dir demo_out --img_size 64 \
-	    --num_epochs 14 --batch_size 8 --workers 0 --overwrite --quiet
+	    --num_epochs 18 --batch_size 8 --workers 0 --overwrite --quiet
 	$(PY) export_to_onnx.py --checkpoint demo_out/model_checkpoints/best_covid_model.pth \
 	    --onnx_path demo_out/models/covid_multitask.onnx
 	$(PY) run_model_pth_inference.py --data_dir demo_data \
