@@ -134,3 +134,18 @@ def test_four_shard_processes_merge_to_the_single_run(syn, tmp_path):
         merge(shards + [tmp_path / "s0"], tmp_path / "m3")
     with pytest.raises(InferenceError, match="no \"shard\" block"):
         merge([tmp_path / "single"], tmp_path / "m4")
+
+
+def test_empty_shard_writes_a_folder_the_merge_accepts(syn, tmp_path):
+    items = gather_inputs(syn, class_names=CLASSES)
+    n = 64
+    empty = next(k for k in range(n) if not select_shard(items, k, n)[0])
+    out = tmp_path / "empty"
+    assert run_onnx_inference.main(["--data_dir", str(syn), "--onnx_path", str(REPO / ONNX_PATH), "--num_samples", "0",
+                                    "--quiet", "--shard", f"{empty}/{n}", "--save_dir", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["empty_shard"] and s["n_inputs"] == 0 and s["shard"]["n_inputs_all"] == 21
+    header = (out / "predictions.csv").read_text().splitlines()
+    assert len(header) == 1 and header[0].startswith("image_path,predicted_class")
+    with pytest.raises(InferenceError, match="missing shard"):  # the other 63 are not there
+        merge([out], tmp_path / "m")
