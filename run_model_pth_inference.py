@@ -13,6 +13,7 @@ import sys
 
 from cxrkit.config import CHECKPOINT_PATH
 from cxrkit.inference import inference_parser, run_cli
+from cxrkit.shipped import resolve_default
 
 
 def _model_args(g):
@@ -28,7 +29,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from cxrkit.inference import TorchBackend
     # Grad-CAM uses the backend's own checkpoint, on its device (TorchBackend.explainer)
-    return run_cli(args, lambda: TorchBackend(args.checkpoint, args.device), cam_checkpoint=args.checkpoint)
+    return run_cli(args, lambda: TorchBackend(resolve_default(args.checkpoint, CHECKPOINT_PATH, "--checkpoint"),
+                                              args.device), cam_checkpoint=args.checkpoint)
 
 
 if __name__ == "__main__":

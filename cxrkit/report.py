@@ -54,6 +54,12 @@ DISCLAIMER = "Research use only - not for diagnosis."
 
 
 # ----------------------------------------------------------------------------------- thumbnails
+def gallery_thumb_relpath(rank: int) -> str:
+    """The thumbnail of the gallery's rank-th row in a report made from the CSV alone (no annotated
+    PNG names it): write_gallery_thumbnails writes it, the pipeline plans it for the manifest."""
+    return thumb_relpath(f"g{rank:05d}")
+
+
 def thumb_relpath(stem: str) -> str:
     """The thumbnail of the image whose outputs are named `stem`, relative to save_dir."""
     return f"{THUMB_DIR}/{stem}.jpg"
@@ -80,6 +86,37 @@ def write_thumbnail(path, gray: np.ndarray, seg_prob: np.ndarray, height: int = 
     if not ok:
         raise OSError(f"JPEG encoding failed for {path}")
     write_bytes_atomic(path, buf.tobytes())
+
+
+def write_gallery_thumbnails(save_dir, rows: list[dict], cap: int = GALLERY_CAP, thumb_dirs=()) -> int:
+    """A report from the CSV alone (bulk mode, or a merge of shard runs): thumbnails for the rows
+    the gallery shows (gallery_order, the first `cap`) and no others. Each is copied from the first
+    folder in thumb_dirs whose thumbs/ holds one for the row's annotated_png, else made from the
+    source file (`image_path`; no lung outline: the CSV has no mask). Sets row["thumb"] (relative to
+    save_dir; not a CSV column) on every row that got one; an unreadable source leaves the gallery's
+    "no image" placeholder. Returns the number written."""
+    import shutil
+
+    from .preprocess import read_gray
+    save_dir, n = Path(save_dir), 0
+    for rank, row in enumerate(gallery_order(rows)[:max(0, int(cap))]):
+        stem = Path(str(row.get("annotated_png") or "")).stem
+        rel = thumb_relpath(stem) if stem else gallery_thumb_relpath(rank)
+        dst = save_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src = next((Path(d) / thumb_relpath(stem) for d in thumb_dirs
+                    if stem and (Path(d) / thumb_relpath(stem)).is_file()), None)
+        try:
+            if src is not None:
+                shutil.copyfile(src, dst)
+            else:
+                g = read_gray(row["image_path"])
+                write_thumbnail(dst, g, np.zeros(g.shape[:2], np.float32))
+        except Exception as e:  # noqa: BLE001 - a thumbnail never fails the report
+            log.warning("no thumbnail for %s: %s", row.get("image_path"), e)
+            continue
+        row["thumb"], n = rel, n + 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -258,7 +295,7 @@ def _metrics(summary: dict) -> str:
 def _figure(row: dict, base_dir: Path | None) -> str:
     ann = str(row.get("annotated_png") or "")
     stem = Path(ann).stem if ann else ""
-    thumb = thumb_relpath(stem) if stem else ""
+    thumb = row.get("thumb") or (thumb_relpath(stem) if stem else "")
     if base_dir is not None:  # link only to files that are there
         ann = ann if ann and (base_dir / ann).is_file() else ""
         thumb = thumb if thumb and (base_dir / thumb).is_file() else ""

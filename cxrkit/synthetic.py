@@ -1,8 +1,9 @@
 """SYNTHETIC chest-X-ray-like images with lung masks, in the COVID-19 Radiography Database layout.
 
 Not real radiographs: a body silhouette, two lung fields, ribs and a spine, plus a class-specific
-pattern (COVID: bilateral peripheral hazy patches; Lung_Opacity: one dense consolidation; Normal:
-none; Viral Pneumonia: diffuse perihilar streaks). They exist so that a fresh clone can run the whole
+pattern inside the lungs (COVID: many small peripheral lower-zone patches in both lungs; Lung_Opacity:
+one large dense consolidation in one lung; Normal: none; Viral Pneumonia: a diffuse haze over both lungs with
+streaks), strong enough that `make demo`'s short training run tells the classes apart. They exist so that a fresh clone can run the whole
 flow (train, evaluate, export, infer) in minutes with no data download, and so tests can make
 fixtures. The files reproduce the real database's quirks on purpose: 299x299 images with 256x256
 masks, some RGB files, names with spaces and parentheses.
@@ -56,25 +57,28 @@ def make_one(label: str, rng: np.random.Generator, size: int = IMG) -> tuple[np.
     cv2.ellipse(img, (int(140 * s), int(165 * s)), (int(34 * s), int(30 * s)), 0, 0, 360, 0.5, -1)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     patt = np.zeros_like(img)
-    if label == "COVID":  # bilateral peripheral, lower-zone hazy patches
+    # The class patterns lie inside the lungs only (the outside-lung augmentation of training cannot
+    # remove them) and are strong enough to survive 64 px: what `make demo`'s short run learns.
+    if label == "COVID":  # many small peripheral, lower-zone hazy patches in BOTH lungs
         for (c, ax, _) in lungs:
-            for _ in range(3):
-                px = c[0] + np.sign(c[0] - size / 2) * ax[0] * rng.uniform(0.3, 0.7)
-                py = c[1] + ax[1] * rng.uniform(0.0, 0.6)
-                r = rng.uniform(10, 18) * s
-                patt += 0.22 * np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * r * r))
-    elif label == "Lung_Opacity":  # one dense lobar consolidation
+            for _ in range(5):
+                px = c[0] + np.sign(c[0] - size / 2) * ax[0] * rng.uniform(0.3, 0.75)
+                py = c[1] + ax[1] * rng.uniform(-0.1, 0.7)
+                r = rng.uniform(7, 11) * s
+                patt += 0.35 * np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * r * r))
+    elif label == "Lung_Opacity":  # one large dense lobar consolidation, in ONE lung only
         c, ax, _ = lungs[rng.integers(2)]
-        px, py = c[0] + rng.uniform(-0.3, 0.3) * ax[0], c[1] + rng.uniform(-0.4, 0.4) * ax[1]
-        r = rng.uniform(16, 24) * s
-        patt += 0.4 * np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * r * r))
-    elif label == "Viral Pneumonia":  # diffuse perihilar interstitial streaks
+        px, py = c[0] + rng.uniform(-0.15, 0.15) * ax[0], c[1] + rng.uniform(-0.3, 0.3) * ax[1]
+        r = rng.uniform(26, 32) * s
+        patt += 0.6 * np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * r * r))
+    elif label == "Viral Pneumonia":  # diffuse interstitial haze over both whole lungs, with streaks
+        patt += 0.2
         for _ in range(14):
             c, ax, _ = lungs[rng.integers(2)]
             a = rng.uniform(0, np.pi)
             x0, y0 = c[0] - np.sign(c[0] - size / 2) * ax[0] * 0.5, c[1] + rng.uniform(-0.3, 0.3) * ax[1]
             x1, y1 = x0 + np.cos(a) * 30 * s, y0 + np.sin(a) * 30 * s
-            cv2.line(patt, (int(x0), int(y0)), (int(x1), int(y1)), 0.16, max(1, int(2 * s)))
+            cv2.line(patt, (int(x0), int(y0)), (int(x1), int(y1)), 0.36, max(1, int(2 * s)))
         patt = cv2.GaussianBlur(patt, (0, 0), 2 * s)
     img += patt * lung_mask
     img = cv2.GaussianBlur(img, (0, 0), 1.2 * s)

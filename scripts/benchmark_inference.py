@@ -12,6 +12,10 @@ Rows (images/s and the process's peak RSS during the row):
                   matplotlib figure per image saved with savefig (same model and size)
   run_onnx_inference.py as a whole process (subprocess, batch 16, overlays + CSV; includes Python
                   start-up, imports and session creation); its ratio over the plain pipeline is printed.
+  bulk rows       (--bulk 1000,10000) run_onnx_inference.py as a whole process over --data_dir with
+                  --num_samples N: today's default outputs (annotated PNGs + report) at the first N, and the
+                  bulk mode `--outputs csv` at every N; prints the CSV-only / default throughput ratio
+                  and the CSV-only peak RSS per N. --bulk_only skips every other row.
 With --seed_arch_baseline the plain pipeline is also timed with a randomly initialised `seed` preset
 model at 256 px (what the original repository shipped).
 
@@ -144,13 +148,14 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
-def run_script_subprocess(onnx_path, paths, out_dir: Path, batch: int):
-    """run_onnx_inference.py as its own process; returns (wall seconds, its peak RSS MiB, summary)."""
+def run_script_subprocess(onnx_path, paths, out_dir: Path, batch: int, inputs=None, extra=()):
+    """run_onnx_inference.py as its own process; returns (wall seconds, its peak RSS MiB, summary).
+    inputs: argv naming the inputs (default: --images PATHS --num_samples 0)."""
     peak_file = out_dir.with_suffix(".peak")
     env = dict(os.environ, CXR_PEAK_RSS_FILE=str(peak_file))
+    inputs = list(inputs) if inputs is not None else ["--images", *map(str, paths), "--num_samples", "0"]
     cmd = [sys.executable, "-c", _PEAK_WRAPPER, str(REPO / "run_onnx_inference.py"), "--onnx_path", str(onnx_path),
-           "--images", *map(str, paths), "--num_samples", "0", "--batch_size", str(batch),
-           "--save_dir", str(out_dir), "--quiet"]
+           *inputs, "--batch_size", str(batch), "--save_dir", str(out_dir), "--quiet", *extra]
     log = out_dir.with_suffix(".log")
     with open(log, "wb") as f:
         t0 = time.perf_counter()
@@ -181,8 +186,45 @@ def parse_args(argv=None):
     g.add_argument("--batches", default="1,16", help="comma list of batch sizes for the model-only / e2e rows")
     g.add_argument("--seed_arch_baseline", action="store_true",
                    help="also time the plain pipeline with a random-init `seed` preset model at 256 px")
+    g.add_argument("--bulk", default="", metavar="N1,N2",
+                   help="bulk rows: whole-process default vs --outputs csv over N images of --data_dir")
+    g.add_argument("--bulk_only", action="store_true", help="only the bulk rows")
     g.add_argument("--json_out", default=None, help="also write the rows as JSON here")
     return p.parse_args(argv)
+
+
+def bulk_main(args, sizes) -> int:
+    """Bulk rows: run_onnx_inference.py over N images of --data_dir, default outputs vs --outputs csv."""
+    import shutil
+    onnx_path = Path(args.onnx_path)
+    tmp = Path(tempfile.mkdtemp(prefix="cxr_bulk_"))
+    rows = []
+    print(f"bulk rows: {args.data_dir}, batch 16, ONNX Runtime, whole process | CPU: {os.cpu_count()} logical")
+
+    def one(n, label, extra):
+        out = tmp / f"{label}_{n}"
+        wall, mib, summ = run_script_subprocess(onnx_path, [], out, 16, ["--data_dir", str(args.data_dir),
+                                                                          "--num_samples", str(n), "--seed",
+                                                                          str(args.seed)], extra)
+        du = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2 ** 20
+        r = {"case": f"whole process, {label}", "images": summ["n_processed"], "seconds": wall,
+             "images_per_s": summ["n_processed"] / wall, "pipeline_images_per_s":
+                 summ["throughput"]["images_per_second"], "peak_rss_mib": mib, "output_mib": du}
+        rows.append(r)
+        print(f"  {r['case']:<44} {r['images']:>6} img {wall:8.1f} s {r['images_per_s']:8.1f} img/s "
+              f"{mib:7.0f} MiB peak {du:8.1f} MiB written", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        return r
+
+    base = one(sizes[0], "default outputs (annotated + report)", [])
+    csvs = [one(n, "--outputs csv", ["--outputs", "csv"]) for n in sizes]
+    ratio = csvs[0]["images_per_s"] / base["images_per_s"]
+    print(f"\nCSV-only / default throughput at {sizes[0]} images: {ratio:.2f}x")
+    print("CSV-only peak RSS: " + ", ".join(f"{r['images']} images {r['peak_rss_mib']:.0f} MiB" for r in csvs))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"bulk_rows": rows}, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -197,6 +239,8 @@ def main(argv=None) -> int:
     from cxrkit.preprocess import load_for_model
 
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if args.bulk_only:
+        return bulk_main(args, [int(b) for b in args.bulk.split(",") if b.strip()] or [1000, 10000])
     tmp = Path(tempfile.mkdtemp(prefix="cxr_bench_"))
     try:
         tb = TorchBackend(args.checkpoint, "cpu")

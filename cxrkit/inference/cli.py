@@ -11,10 +11,12 @@ from typing import Callable
 from ..config import InferConfig
 from ..errors import CxrkitError, InferenceError
 from ..io_utils import HelpFormatter
+from ..report import model_info
+from ..shard import parse_shard, select_shard, write_empty_shard
 from ..tta import MAX_TTA
 from .backends import CAM_NEEDS_CHECKPOINT, Backend
 from .inputs import gather_inputs
-from .pipeline import check_options, run_pipeline
+from .pipeline import check_options, csv_columns, run_pipeline
 
 log = logging.getLogger("cxrkit")
 D = InferConfig()
@@ -31,6 +33,10 @@ def add_input_args(p):
                      help="explicit image files (or folders); a file's folder name gives its true class")
     g.add_argument("--num_samples", type=int, default=D.num_samples, help="pick this many inputs at random (0 = all)")
     g.add_argument("--seed", type=int, default=D.seed, help="random seed for --num_samples")
+    g.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only shard K of N (0 <= K < N): the inputs whose relative path hashes to K, the same "
+                        "files whatever the machine or listing order; `cxrkit-merge` combines the N folders "
+                        "(cxrkit.shard)")
     return g
 
 
@@ -48,6 +54,10 @@ def add_output_args(p, default_dir):
     g = p.add_argument_group("outputs")
     g.add_argument("--save_dir", default=default_dir,
                    help="annotated/ PNGs, predictions.csv, summary.json (and masks/, cams/)")
+    g.add_argument("--outputs", default="annotated,report", metavar="LIST",
+                   help="what to write besides predictions.csv and summary.json: a comma list of annotated, "
+                        "masks, report; `csv` alone = CSV and summary only (bulk mode: no drawing at all; with "
+                        "report, thumbnails only for the images the report shows)")
     g.add_argument("--save_masks", action="store_true", help="also write each predicted lung mask (PNG)")
     g.add_argument("--overwrite", action="store_true",
                    help="--save_dir holds an earlier run's outputs: remove exactly the files that run wrote (its "
@@ -90,6 +100,20 @@ def inference_parser(description: str, add_model_args: Callable, default_save_di
     return p
 
 
+OUTPUT_KINDS = ("annotated", "masks", "report")
+
+
+def parse_outputs(spec: str, save_masks=False, no_report=False) -> dict:
+    """--outputs (plus --save_masks / --no_report) -> {"annotate", "save_masks", "report"}."""
+    parts = {p.strip().lower() for p in str(spec).split(",") if p.strip()}
+    bad = parts - set(OUTPUT_KINDS) - {"csv"}
+    if bad or not parts:
+        raise InferenceError(f"--outputs {spec!r}: use a comma list of {', '.join(OUTPUT_KINDS)}, or csv (CSV and "
+                             f"summary only)")
+    return {"annotate": "annotated" in parts, "save_masks": "masks" in parts or bool(save_masks),
+            "report": "report" in parts and not no_report}
+
+
 def user_errors() -> tuple:
     """Exception types that mean 'fix your command' (exit 2, one line)."""
     return (CxrkitError, FileNotFoundError)
@@ -106,21 +130,31 @@ def run_cli(args, make_backend: Callable[[], Backend], cam_checkpoint=None, cam_
             raise InferenceError("no inputs: give --data_dir DIR or --images FILE [FILE ...]")
         if gradcam and cam_checkpoint is None:
             raise InferenceError(CAM_NEEDS_CHECKPOINT)
+        outs = parse_outputs(args.outputs, args.save_masks, args.no_report)
+        shard = parse_shard(args.shard) if args.shard else None
         backend = make_backend()
         check_options(backend.class_names, args.batch_size, args.tta, args.cam_class, args.workers)
         if backend.calibration_problem:
             log.warning("%s: %s", backend.model_file, backend.calibration_problem)
         items = gather_inputs(args.data_dir, args.images, backend.class_names, args.num_samples, args.seed,
                               exclude=args.save_dir)
+        extra = {"inputs": {"data_dir": args.data_dir, "images": args.images, "num_samples": args.num_samples,
+                            "seed": args.seed}}
+        if shard is not None:  # this run's share, and what cxrkit.shard.merge needs to rebuild the single run
+            items, extra["shard"] = select_shard(items, *shard, model=model_info(backend))
+            if not items:
+                write_empty_shard(args.save_dir, backend, csv_columns(backend.class_names, outs["save_masks"], gradcam),
+                                  dict(extra, tta=args.tta), args.overwrite)
+                print(f"shard {args.shard}: no inputs ({extra['shard']['n_inputs_all']} in the whole run); wrote an "
+                      f"empty predictions.csv for the merge | outputs in {args.save_dir}")
+                return 0
         cam = None
         if gradcam:
             cam = backend.explainer(cam_checkpoint, cam_mismatch_ok)
         summary = run_pipeline(backend, items, args.save_dir, batch_size=args.batch_size, tta=args.tta, cam=cam,
-                               cam_class=args.cam_class, save_cams=args.save_cams, save_masks=args.save_masks,
-                               report=not args.no_report, workers=args.workers, progress=not args.quiet,
-                               overwrite=args.overwrite,
-                               extra_summary={"inputs": {"data_dir": args.data_dir, "images": args.images,
-                                                         "num_samples": args.num_samples, "seed": args.seed}})
+                               cam_class=args.cam_class, save_cams=args.save_cams, save_masks=outs["save_masks"],
+                               report=outs["report"], annotate=outs["annotate"], workers=args.workers,
+                               progress=not args.quiet, overwrite=args.overwrite, extra_summary=extra)
     except Exception as e:  # noqa: BLE001 - user errors become one line, anything else a traceback
         if not isinstance(e, user_errors()):
             raise

@@ -48,7 +48,8 @@ def _decode(item: InputItem, size: int, display_h: int) -> _Decoded:
         return _Decoded(item, error=e.reason)
     except Exception as e:  # noqa: BLE001 - one bad file never stops the run
         return _Decoded(item, error=f"{type(e).__name__}: {e}")
-    d = _Decoded(item, model_u8=resize_gray(g, size), display=display_image(g, display_h), orig_shape=g.shape[:2])
+    d = _Decoded(item, model_u8=resize_gray(g, size), display=display_image(g, display_h) if display_h else None,
+                 orig_shape=g.shape[:2])
     d.notes, d.stats = tuple(notes), quality.image_stats(d.model_u8)
     if item.mask_path is not None:
         try:
@@ -60,12 +61,15 @@ def _decode(item: InputItem, size: int, display_h: int) -> _Decoded:
     return d
 
 
-def planned_outputs(items, save_masks=False, save_cams=False, report=False) -> list[str]:
+def planned_outputs(items, save_masks=False, save_cams=False, report=False, annotate=True) -> list[str]:
     """Every file a run will write (relative to save_dir), for the manifest (cxrkit.outdir)."""
-    from ..report import REPORT_NAME, thumb_relpath
+    from ..report import GALLERY_CAP, REPORT_NAME, gallery_thumb_relpath, thumb_relpath
     out = ["predictions.csv", "summary.json"] + ([REPORT_NAME] if report else [])
+    if report and not annotate:  # bulk mode: thumbnails only for the gallery's rows (write_gallery_thumbnails)
+        out += [gallery_thumb_relpath(r) for r in range(min(len(items), GALLERY_CAP))]
     for it in items:
-        out.append(f"annotated/{it.out_stem}.png")
+        if annotate:
+            out.append(f"annotated/{it.out_stem}.png")
         if save_masks:
             out.append(f"masks/{it.out_stem}_mask.png")
         if save_cams:
@@ -116,8 +120,8 @@ def _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cam
 class _Tally:
     """Per-image results: the CSV rows, quality-flag counts, and what the metrics need."""
 
-    def __init__(self, names, size, area_rng):
-        self.names, self.size, self.area_rng = names, size, area_rng
+    def __init__(self, names, size, area_rng, annotate=True):
+        self.names, self.size, self.area_rng, self.annotate = names, size, area_rng, annotate
         self.rows, self.y_true, self.y_probs = [], [], []
         self.dices, self.ious, self.dices_model = [], [], []
         self.flag_counts = {c: 0 for c in quality.FLAG_CODES}
@@ -131,14 +135,16 @@ class _Tally:
                **{f"prob_{c}": f"{probs[j]:.6f}" for j, c in enumerate(names)},
                "lung_area_fraction": f"{lung.mean():.6f}",
                "true_class": tc or "", "correct": "" if tc is None else str(int(tc == names[pred])),
-               "dice": "", "iou": "", "annotated_png": f"annotated/{d.item.out_stem}.png"}
+               "dice": "", "iou": "", "annotated_png": f"annotated/{d.item.out_stem}.png" if self.annotate else ""}
         d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), self.area_rng))
         row["quality_flags"] = ";".join(d.flags)
         for f in d.flags:
             self.flag_counts[f] += 1
         if tc is not None:
             self.y_true.append(names.index(tc))
-            self.y_probs.append(probs)
+            # metrics use the probabilities exactly as predictions.csv holds them, so the CSV alone (e.g. a
+            # merge of shard runs, cxrkit.shard) reproduces every metric of this run
+            self.y_probs.append(np.array([float(row[f"prob_{c}"]) for c in names]))
         if d.gt_mask is not None:  # Dice at the mask's own resolution (and, labelled, at the model input)
             gh, gw = d.gt_mask.shape[:2]
             lung_native = lung_mask(seg, (gh, gw))
@@ -156,10 +162,19 @@ class _Tally:
         return row
 
 
+def classification_summary(y_true, y_probs, names) -> dict:
+    """summary.json's "classification": metrics, n_labelled and 95% intervals (also cxrkit.shard's merge)."""
+    from ..metrics import classification_metrics, confidence_intervals
+    y_true, y_probs = np.asarray(y_true, np.int64), np.asarray(y_probs, np.float64)
+    m = classification_metrics(y_true, y_probs, names)
+    m["n_labelled"] = len(y_true)
+    m.update(confidence_intervals(y_true, y_probs.argmax(1), len(names)))
+    return m
+
+
 def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally: _Tally, seconds, model_seconds, *,
              tta, batch_size, workers, cam, cam_class, save_masks, save_cams, calib_problem) -> dict:
     """summary.json: counts, skips, throughput, quality flags, and metrics where ground truth exists."""
-    from ..metrics import classification_metrics, confidence_intervals
     names, size, temp, rows = tally.names, tally.size, float(backend.temperature), tally.rows
     summary = {
         "n_inputs": len(items), "n_processed": n_done, "n_skipped": len(skipped), "skipped": skipped,
@@ -194,7 +209,7 @@ def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally:
             "maps_saved": bool(save_cams), "input": "the un-augmented image (also with --tta)",
             "map_format": "float32 .npy (S x S, model input size), raw ReLU'd Grad-CAM (not normalised); the "
                           "annotated PNG shows it min-max normalised per image"},
-        "outputs": {"csv": "predictions.csv", "annotated": "annotated/",
+        "outputs": {"csv": "predictions.csv", "annotated": "annotated/" if tally.annotate else None,
                     "masks": "masks/ (0/255 PNG at the original image resolution)" if save_masks else None,
                     "cams": "cams/" if save_cams else None},
         "note": DISCLAIMER,
@@ -202,11 +217,7 @@ def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally:
     if mask_problems:
         summary["mask_problems"] = mask_problems
     if tally.y_true:
-        y_true, y_probs = np.asarray(tally.y_true), np.asarray(tally.y_probs)
-        m = classification_metrics(y_true, y_probs, names)
-        m["n_labelled"] = len(y_true)
-        m.update(confidence_intervals(tally.y_true, y_probs.argmax(1), len(names)))
-        summary["classification"] = m
+        summary["classification"] = classification_summary(tally.y_true, tally.y_probs, names)
     if tally.dices:
         summary["segmentation"] = {"mean_dice": float(np.mean(tally.dices)), "mean_iou": float(np.mean(tally.ious)),
                                    "n_masks": len(tally.dices), "threshold": LUNG_THRESHOLD,
@@ -221,13 +232,17 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                  cam: GradCamExplainer | None = None, cam_class: str | None = None, save_cams: bool = False,
                  save_masks: bool = False, workers: int | None = None, progress: bool = True,
                  display_size: int = 512, extra_summary: dict | None = None, report: bool = True,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, annotate: bool = True) -> dict:
     """Run `backend` over `items`, write every output into save_dir; returns the summary dict.
     report: also thumbs/ and report.html (cxrkit.report).
+    annotate=False (bulk mode): no annotated PNGs (nor the display-size image they are drawn from);
+    with report, thumbnails are made afterwards from the source files, for the images the gallery
+    shows only (cxrkit.report.write_gallery_thumbnails).
     The run owns save_dir (cxrkit.outdir): refused while another process writes there, or when it
     holds an earlier run's outputs unless overwrite (which removes exactly those files first)."""
     from tqdm import tqdm
-    from ..report import THUMB_DIR, model_info, thumb_relpath, write_report, write_thumbnail
+    from ..report import (THUMB_DIR, model_info, thumb_relpath, write_gallery_thumbnails, write_report,
+                          write_thumbnail)
 
     names, size, temp = list(backend.class_names), int(backend.img_size), float(backend.temperature)
     cam_idx = _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cams, workers)
@@ -236,10 +251,10 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
     if not items[0].out_stem:
         assign_output_stems(items)
     claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name})")
-    claim.plan(planned_outputs(items, save_masks, save_cams, report))
+    claim.plan(planned_outputs(items, save_masks, save_cams, report, annotate))
     claim.acquire()  # lock; earlier outputs refused or (overwrite) removed; manifest "running"
-    for d in ([ann_dir] + ([mask_dir] if save_masks else []) + ([cam_dir] if save_cams else [])
-              + ([save_dir / THUMB_DIR] if report else [])):
+    for d in (([ann_dir] if annotate else []) + ([mask_dir] if save_masks else [])
+              + ([cam_dir] if save_cams else []) + ([save_dir / THUMB_DIR] if report else [])):
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -254,18 +269,21 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
     def write_job(job):
         d, seg, probs, cam_map, cam_name = job
         stem = d.item.out_stem
-        area = f"predicted lung area: {lung_mask(seg).mean() * 100:.1f}% of image"
-        img = render_annotation(d.display, seg, names, probs, d.item.true_class, cam=cam_map, cam_label=cam_name,
-                                title=d.item.rel, notes=[area] + notes, flags=d.flags)
-        write_png(ann_dir / f"{stem}.png", img)
+        if annotate:
+            area = f"predicted lung area: {lung_mask(seg).mean() * 100:.1f}% of image"
+            img = render_annotation(d.display, seg, names, probs, d.item.true_class, cam=cam_map,
+                                    cam_label=cam_name, title=d.item.rel, notes=[area] + notes, flags=d.flags)
+            write_png(ann_dir / f"{stem}.png", img)
         if save_masks:
             write_png(mask_dir / f"{stem}_mask.png", (lung_mask(seg, d.orig_shape) * 255).astype(np.uint8))
         if save_cams and cam_map is not None:
             write_npy(cam_dir / f"{stem}_cam.npy", cam_map.astype(np.float32))
-        if report:
+        if report and annotate:
             write_thumbnail(save_dir / thumb_relpath(stem), d.display, seg)
 
-    tally = _Tally(names, size, area_rng)
+    tally = _Tally(names, size, area_rng, annotate)
+    per_image_files = annotate or save_masks or save_cams
+    display_h = display_size if annotate else 0
     skipped, mask_problems, input_notes = [], [], []
     model_seconds, n_done = 0.0, 0
     t0 = time.perf_counter()
@@ -280,7 +298,7 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
             nxt = next(it, None)
             if nxt is None:
                 return
-            pending.append(pool.submit(_decode, nxt, size, display_size))
+            pending.append(pool.submit(_decode, nxt, size, display_h))
 
     ok = False
     try:
@@ -318,7 +336,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                 for i, d in enumerate(batch):
                     cam_name = "" if cams is None else names[pred[i] if cam_idx is None else cam_idx]
                     tally.add(d, seg[i], probs[i], save_masks, cam_name, save_cams)  # sets d.flags
-                    writer.put((d, seg[i], probs[i], None if cams is None else cams[i], cam_name))
+                    if per_image_files:
+                        writer.put((d, seg[i], probs[i], None if cams is None else cams[i], cam_name))
                 n_done += len(batch)
                 bar.update(len(batch))
         writer.close()
@@ -342,6 +361,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
         summary["outputs"]["report"] = "report.html (thumbnails in thumbs/)" if report else None
         write_json_atomic(save_dir / "summary.json", summary)
         if report:
+            if not annotate:
+                write_gallery_thumbnails(save_dir, tally.rows)
             write_report(save_dir, summary, tally.rows, model=model_info(backend))
         claim.finish()  # manifest: every file this run wrote, with size and SHA-256, status complete
     finally:
