@@ -41,6 +41,9 @@ def add_run_args(p):
                    help=f"test-time augmentation views (1 = plain inference, at most {MAX_TTA})")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding threads")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--ood_threshold", type=float, default=None, metavar="SCORE",
+                   help="out-of-distribution threshold: ood_score above it is flagged not_chest_xray (default: the "
+                        "one stored with the model, 1.2 x the 99th percentile of its validation scores)")
     return g
 
 
@@ -108,6 +111,7 @@ def run_cli(args, make_backend, cam_checkpoint=None, cam_device=None) -> int:
                                cam_class=args.cam_class, save_cams=args.save_cams, save_masks=args.save_masks,
                                report=not args.no_report, workers=args.workers, progress=not args.quiet,
                                overwrite=getattr(args, "overwrite", False),
+                               ood_threshold=getattr(args, "ood_threshold", None),
                                extra_summary={"inputs": {"data_dir": args.data_dir, "images": args.images,
                                                          "num_samples": args.num_samples, "seed": args.seed}})
     except Exception as e:  # noqa: BLE001 - user errors become one line, anything else a traceback

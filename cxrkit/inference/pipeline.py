@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InferenceError
 from ..io_utils import write_json_atomic
-from .. import quality
+from .. import ood, quality
 from ..outdir import claim_save_dir
 from ..preprocess import (ImageReadError, read_gray_info, read_mask, resize_gray, resize_mask, to_model_input_np)
 from ..tta import MAX_TTA, tta_predict
@@ -71,7 +71,8 @@ def planned_outputs(items, save_masks=False, save_cams=False) -> list[str]:
 
 def csv_columns(class_names, save_masks=False, gradcam=False) -> list[str]:
     cols = ["image_path", "predicted_class", "confidence", *[f"prob_{c}" for c in class_names],
-            "lung_area_fraction", "true_class", "correct", "quality_flags", "dice", "iou", "annotated_png"]
+            "lung_area_fraction", "true_class", "correct", "quality_flags", "ood_score", "dice", "iou",
+            "annotated_png"]
     if save_masks:
         cols.append("mask_png")
     if gradcam:
@@ -106,13 +107,13 @@ def _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cam
 class _Tally:
     """Per-image results: the CSV rows, quality-flag counts, and what the metrics need."""
 
-    def __init__(self, names, size, area_rng):
-        self.names, self.size, self.area_rng = names, size, area_rng
-        self.rows, self.y_true, self.y_probs = [], [], []
+    def __init__(self, names, size, area_rng, gate=None):
+        self.names, self.size, self.area_rng, self.gate = names, size, area_rng, gate
+        self.rows, self.y_true, self.y_probs, self.y_flagged = [], [], [], []
         self.dices, self.ious, self.dices_model = [], [], []
-        self.flag_counts = {c: 0 for c in quality.FLAG_CODES}
+        self.flag_counts = {c: 0 for c in quality.FLAG_CODES + ood.OOD_FLAG_CODES}
 
-    def add(self, d, seg, probs, save_masks, cam_name, save_cams) -> dict:
+    def add(self, d, seg, probs, save_masks, cam_name, save_cams, ood_score=None, view_scores=None) -> dict:
         from ..metrics import binary_dice_iou
         names, pred = self.names, int(probs.argmax())
         lung = seg > 0.5
@@ -122,13 +123,18 @@ class _Tally:
                "lung_area_fraction": f"{lung.mean():.6f}",
                "true_class": tc or "", "correct": "" if tc is None else str(int(tc == names[pred])),
                "dice": "", "iou": "", "annotated_png": f"annotated/{d.item.out_stem}.png"}
-        d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), self.area_rng))
+        gate_flags = ([] if self.gate is None or ood_score is None
+                      else ood.decide(float(ood_score), self.gate["threshold"], view_scores or {}))
+        d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), self.area_rng)
+                        + gate_flags + ood.aspect_flags(d.orig_shape))
         row["quality_flags"] = ";".join(d.flags)
+        row["ood_score"] = "" if ood_score is None else f"{float(ood_score):.6f}"
         for f in d.flags:
             self.flag_counts[f] += 1
         if tc is not None:
             self.y_true.append(names.index(tc))
             self.y_probs.append(probs)
+            self.y_flagged.append(bool(d.flags))
         if d.gt_mask is not None:  # Dice at the mask's own resolution (and, labelled, at the model input)
             gh, gw = d.gt_mask.shape[:2]
             lung_native = cv2.resize(seg.astype(np.float32), (gw, gh), interpolation=cv2.INTER_LINEAR) > 0.5
@@ -172,11 +178,22 @@ def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally:
                                             "else empty",
                       "dice/iou": "vs the ground-truth mask (masks/ folder) at 0.5, at the mask's own "
                                   "resolution, when there is one",
-                      "quality_flags": "empty when all is well, else ';'-joined codes (see quality)"},
+                      "quality_flags": "empty when all is well, else ';'-joined codes (see quality)",
+                      "ood_score": "out-of-distribution score (cxrkit.ood); above quality.ood.threshold the "
+                                   "image is not judged; empty when the model has no gate"},
         "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": tally.flag_counts,
-                    "meaning": quality.FLAG_MEANING, "thresholds": quality.thresholds(tally.area_rng),
+                    "n_not_judged": int(sum(any(f in ood.OOD_FLAG_CODES for f in r["quality_flags"].split(";"))
+                                            for r in rows)),
+                    "meaning": {**quality.FLAG_MEANING, **ood.OOD_FLAG_MEANING},
+                    "thresholds": {**quality.thresholds(tally.area_rng),
+                                   ood.FLAG_ASPECT: f"longer side > {ood.EXTREME_ASPECT:g} x shorter (decoded image)",
+                                   **({ood.FLAG_NOT_CXR: f"ood_score > {tally.gate['threshold']:.4g} "
+                                                         f"({tally.gate.get('source')})"} if tally.gate else {})},
                     "lung_area_range": tally.area_rng,
-                    "note": "flagged images got an answer the model cannot back: check them by eye"},
+                    "ood": tally.gate or {"note": "the model carries no out-of-distribution gate: not_chest_xray, "
+                                                  "inverted and rotated are not checked"},
+                    "note": "flagged images got an answer the model cannot back: check them by eye; not judged "
+                            "= not_chest_xray, inverted, rotated or extreme_aspect (probabilities kept in the CSV)"},
         "notes": input_notes,
         "classification": None, "segmentation": None,
         "gradcam": None if cam is None else {
@@ -196,6 +213,11 @@ def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally:
         m = classification_metrics(y_true, y_probs, names)
         m["n_labelled"] = len(y_true)
         m.update(confidence_intervals(tally.y_true, y_probs.argmax(1), len(names)))
+        keep = ~np.asarray(tally.y_flagged, bool)
+        m["unflagged"] = {"n": int(keep.sum()), "note": "the same figures over images with no quality flag"}
+        if keep.any():
+            mu = classification_metrics(y_true[keep], y_probs[keep], names)
+            m["unflagged"].update(accuracy=mu["accuracy"], macro_f1=mu["macro_f1"])
         summary["classification"] = m
     if tally.dices:
         summary["segmentation"] = {"mean_dice": float(np.mean(tally.dices)), "mean_iou": float(np.mean(tally.ious)),
@@ -211,7 +233,7 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                  cam: GradCamExplainer | None = None, cam_class: str | None = None, save_cams: bool = False,
                  save_masks: bool = False, workers: int | None = None, progress: bool = True,
                  display_size: int = 512, extra_summary: dict | None = None, report: bool = True,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, ood_threshold: float | None = None) -> dict:
     """Run `backend` over `items`, write every output into save_dir; returns the summary dict.
     report: also thumbs/ and report.html (cxrkit.report).
     The run owns save_dir (cxrkit.outdir): refused while another process writes there, or when it
@@ -235,6 +257,14 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
         assign_output_stems(items)
     claim.plan(["predictions.csv", "summary.json", *planned_outputs(items, save_masks, save_cams)])
     area_rng = quality.resolve_lung_area_range(getattr(backend, "lung_area_range", None))
+    try:
+        gate = ood.resolve(getattr(backend, "ood", None), ood_threshold)
+    except ValueError as e:
+        claim.release()
+        raise InferenceError(str(e)) from None
+    forward_ood = getattr(backend, "forward_ood", None)
+    if forward_ood is None:
+        gate = None
     calib_problem = getattr(backend, "calibration_problem", None)
     workers = int(workers or min(4, os.cpu_count() or 1))
     notes = ([f"probabilities calibrated (T={temp:.3g})"] if calib_problem is None
@@ -256,7 +286,7 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
         if report:
             write_thumbnail(save_dir / thumb_relpath(stem), d.display, seg)
 
-    tally = _Tally(names, size, area_rng)
+    tally = _Tally(names, size, area_rng, gate)
     skipped, mask_problems, input_notes = [], [], []
     model_seconds, n_done = 0.0, 0
     t0 = time.perf_counter()
@@ -298,7 +328,20 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                     continue
                 x = to_model_input_np(np.stack([d.model_u8 for d in batch]))
                 tm = time.perf_counter()
-                seg, probs = tta_predict(backend.forward, x, tta, temp)  # numpy in, numpy out
+                first_ood = []
+
+                def fwd(xx):  # the identity view (TTA's first) also gives the OOD score
+                    if forward_ood is None:
+                        return backend.forward(xx)
+                    sg, lg, sc = forward_ood(xx)
+                    if not first_ood:
+                        first_ood.append(sc)
+                    return sg, lg
+
+                seg, probs = tta_predict(fwd, x, tta, temp)  # numpy in, numpy out
+                scores = first_ood[0] if first_ood and first_ood[0] is not None and gate else None
+                views = ([{}] * len(batch) if scores is None else
+                         ood.score_views(lambda xv: forward_ood(xv)[2], x, scores, gate["threshold"]))
                 seg = seg[:, 0]
                 probs = probs.astype(np.float64)
                 model_seconds += time.perf_counter() - tm
@@ -308,7 +351,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                     cams = cam(x, pred if cam_idx is None else np.full(len(batch), cam_idx))
                 for i, d in enumerate(batch):
                     cam_name = "" if cams is None else names[pred[i] if cam_idx is None else cam_idx]
-                    tally.add(d, seg[i], probs[i], save_masks, cam_name, save_cams)  # sets d.flags
+                    tally.add(d, seg[i], probs[i], save_masks, cam_name, save_cams,  # sets d.flags
+                              None if scores is None else scores[i], views[i])
                     writer.put((d, seg[i], probs[i], None if cams is None else cams[i], cam_name))
                 n_done += len(batch)
                 bar.update(len(batch))

@@ -58,7 +58,11 @@ def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, pr
     """One BGR uint8 panel: X-ray with the predicted lungs tinted + outlined | optional Grad-CAM
     overlay | text panel with the predicted class, true class and one bar per class probability.
     flags (cxrkit.quality codes): a red frame around the whole panel and a red note naming them."""
-    flag_note = ("CHECK INPUT: " + "; ".join(flags)) if flags else None
+    from ..ood import OOD_REASON
+    reasons = [OOD_REASON[f] for f in flags if f in OOD_REASON]
+    others = [f for f in flags if f not in OOD_REASON]
+    flag_note = "; ".join(([f"NOT JUDGED: {', '.join(reasons)}"] if reasons else [])
+                          + ([f"CHECK INPUT: {'; '.join(others)}"] if others else [])) or None
     notes = [*notes, flag_note] if flag_note else list(notes)
     h, w = display.shape[:2]
     cap = 30
