@@ -85,6 +85,9 @@ def model_from_checkpoint(ck_or_path, map_location="cpu", where: str | None = No
         model.load_state_dict(ck["state_dict"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{where}: weights do not match its own config ({str(e).splitlines()[0]})") from None
+    if ck.get("ood"):  # the out-of-distribution gate's statistics (cxrkit.ood_head.fit_ood)
+        from .ood_head import attach_ood
+        attach_ood(model, ck["ood"])
     model.eval()
     return model, ck
 

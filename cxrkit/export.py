@@ -33,10 +33,11 @@ from torch import nn
 # path imports them without torch); re-exported here for existing `from cxrkit.export import ...` callers
 from .config import LUNG_THRESHOLD
 from .device import pick_device
-from .io_utils import INPUT_NAME, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
+from .io_utils import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, meta_path_for, sha256_file, write_json_atomic  # noqa: F401
 from .errors import UsageError
 from .io_utils import atomic_path, graph_binding
 from .model import check_img_size, predict
+from .ood import public as ood_public
 
 log = logging.getLogger("cxrkit")
 
@@ -46,23 +47,32 @@ CLASS_PROB_TOL = 1e-4   # max abs diff of class probabilities (raw and temperatu
 SEG_PROB_TOL = 1e-3     # max abs diff of lung probabilities
 
 
+OOD_SCORE_TOL = 1e-4    # max abs diff of the out-of-distribution score
+
+
 class ExportWrapper(nn.Module):
-    """image -> (sigmoid segmentation probabilities, classification logits)."""
+    """image -> (sigmoid segmentation probabilities, classification logits[, ood_score when the model
+    carries an OOD head])."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.with_ood = getattr(model, "ood_head", None) is not None
 
     def forward(self, image: torch.Tensor):
-        return predict(self.model, image)
+        return predict(self.model, image, with_ood=True) if self.with_ood else predict(self.model, image)
+
+
+def _output_names(wrapper) -> list[str]:
+    return list(OUTPUT_NAMES) + ([OOD_OUTPUT] if wrapper.with_ood else [])
 
 
 def _export_torchscript(wrapper, dummy, path, opset, dynamic_batch):
-    axes = {n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic_batch else None
+    axes = {n: {0: "batch"} for n in (INPUT_NAME, *_output_names(wrapper))} if dynamic_batch else None
     with warnings.catch_warnings():
         # the TorchScript exporter is deprecated in torch >= 2.9 (see the module docstring)
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(wrapper, (dummy,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+        torch.onnx.export(wrapper, (dummy,), str(path), input_names=[INPUT_NAME], output_names=_output_names(wrapper),
                           opset_version=opset, dynamic_axes=axes, do_constant_folding=True, dynamo=False)
     return opset
 
@@ -72,7 +82,7 @@ def _export_dynamo(wrapper, dummy, path, opset, dynamic_batch):
     shapes = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(wrapper, (dummy,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+        torch.onnx.export(wrapper, (dummy,), str(path), input_names=[INPUT_NAME], output_names=_output_names(wrapper),
                           opset_version=opset, dynamic_shapes=shapes, dynamo=True, external_data=False,
                           verbose=False)
     return opset
@@ -102,8 +112,8 @@ def _parity(onnx_file, wrapper_cpu, img_size, batches, temperature) -> dict:
     for b in batches:
         x = torch.rand(b, 3, img_size, img_size, generator=gen)
         with torch.no_grad():
-            seg_t, lg_t = wrapper_cpu(x)
-        seg_o, lg_o = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
+            seg_t, lg_t, *ood_t = wrapper_cpu(x)
+        seg_o, lg_o, *ood_o = sess.run(_output_names(wrapper_cpu), {INPUT_NAME: x.numpy()})
         lg_t = lg_t.numpy().astype(np.float64)
         lg_o = np.asarray(lg_o, np.float64)
         from .metrics import softmax
@@ -115,6 +125,9 @@ def _parity(onnx_file, wrapper_cpu, img_size, batches, temperature) -> dict:
                                                                - softmax(lg_t, temperature)).max()),
             "same_argmax": bool((lg_o.argmax(1) == lg_t.argmax(1)).all()),
         }
+        if ood_t:
+            res[str(b)]["max_abs_diff_ood_score"] = float(np.abs(np.asarray(ood_o[0], np.float64)
+                                                                 - ood_t[0].numpy().astype(np.float64)).max())
     return res
 
 
@@ -154,7 +167,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
     temperature = checkpoint_temperature(ck, str(checkpoint_path))  # inference would refuse the model otherwise
     class_names = list(ck["class_names"])
     binding = {"meta_id": uuid.uuid4().hex, "class_names": class_names, "img_size": size, "temperature": temperature,
-               "lung_area_range": ck.get("lung_area_range")}
+               "lung_area_range": ck.get("lung_area_range"), "ood": ood_public(ck.get("ood"))}
 
     dev = pick_device(device, auto="cpu")
     wrapper = ExportWrapper(model).eval().to(dev)
@@ -187,9 +200,9 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         real_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         in_shape = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
         out_names = [o.name for o in proto.graph.output]
-        if proto.graph.input[0].name != INPUT_NAME or out_names != list(OUTPUT_NAMES):
+        if proto.graph.input[0].name != INPUT_NAME or out_names != _output_names(wrapper):
             raise RuntimeError(f"exported graph has input {proto.graph.input[0].name} / outputs {out_names}, "
-                               f"expected {INPUT_NAME} / {list(OUTPUT_NAMES)}")
+                               f"expected {INPUT_NAME} / {_output_names(wrapper)}")
         del proto
 
         wrapper_cpu = wrapper.to("cpu")
@@ -197,11 +210,13 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         worst_cls = max(max(v["max_abs_diff_class_prob"], v["max_abs_diff_class_prob_calibrated"])
                         for v in parity.values())
         worst_seg = max(v["max_abs_diff_seg_prob"] for v in parity.values())
-        passed = worst_cls <= CLASS_PROB_TOL and worst_seg <= SEG_PROB_TOL
+        worst_ood = max(v.get("max_abs_diff_ood_score", 0.0) for v in parity.values())
+        passed = worst_cls <= CLASS_PROB_TOL and worst_seg <= SEG_PROB_TOL and worst_ood <= OOD_SCORE_TOL
         if not passed:
             raise RuntimeError(f"ONNX Runtime disagrees with PyTorch: max class-probability diff {worst_cls:.3g} "
                                f"(tolerance {CLASS_PROB_TOL}), max segmentation diff {worst_seg:.3g} "
-                               f"(tolerance {SEG_PROB_TOL}); the model was not written")
+                               f"(tolerance {SEG_PROB_TOL}), max ood_score diff {worst_ood:.3g} (tolerance "
+                               f"{OOD_SCORE_TOL}); the model was not written")
 
     import onnxruntime
     meta = {
@@ -221,6 +236,7 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
         "temperature": temperature,
         "prior_correction": ck.get("prior_correction"),
         "lung_area_range": ck.get("lung_area_range"),
+        "ood": ood_public(ck.get("ood")),
         "calibration": "class probabilities = softmax(classification / temperature) (temperature scaling "
                        "fitted on the validation split)",
         "input": {
@@ -238,6 +254,9 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
             "classification": {"shape": ["batch" if dynamic_batch else 1, len(class_names)], "dtype": "float32",
                                "meaning": "raw logits in class_names order; probabilities = "
                                           "softmax(logits / temperature)"},
+            **({OOD_OUTPUT: {"shape": ["batch" if dynamic_batch else 1], "dtype": "float32",
+                             "meaning": "out-of-distribution score (cxrkit.ood); over ood.threshold: not judged"}}
+               if wrapper.with_ood else {}),
         },
         "opset": real_opset,
         "opset_requested": int(opset),
@@ -249,7 +268,8 @@ def export_to_onnx(checkpoint_path, onnx_path, img_size=None, opset: int = 17, d
                               "epoch": int(ck.get("epoch", -1)) + 1, "metrics": ck.get("metrics")},
         "parity": {"reference": "PyTorch eval on CPU vs ONNX Runtime CPUExecutionProvider, uniform random inputs "
                                 "(torch seed 0)",
-                   "tolerances": {"class_prob_max_abs_diff": CLASS_PROB_TOL, "seg_prob_max_abs_diff": SEG_PROB_TOL},
+                   "tolerances": {"class_prob_max_abs_diff": CLASS_PROB_TOL, "seg_prob_max_abs_diff": SEG_PROB_TOL,
+                                  **({"ood_score_max_abs_diff": OOD_SCORE_TOL} if wrapper.with_ood else {})},
                    "batches": parity, "passed": True},
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "note": "research software; not for diagnosis",

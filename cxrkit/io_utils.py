@@ -23,6 +23,7 @@ from .errors import UsageError, os_error  # noqa: F401  (UsageError re-exported)
 # ONNX graph contract (see cxrkit.export): one input, two outputs
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("segmentation", "classification")
+OOD_OUTPUT = "ood_score"  # optional third output: (B,) out-of-distribution score (cxrkit.ood_head)
 
 
 # the largest --batch_size any CLI takes (inference and training): a batch of 100000 held 4.3 GB at 1,000
@@ -101,6 +102,8 @@ def graph_binding(meta: dict) -> dict[str, str]:
            "cxrkit_temperature": repr(float(meta["temperature"]))}
     if meta.get("lung_area_range") is not None:
         out["cxrkit_lung_area_range"] = json.dumps(meta["lung_area_range"], sort_keys=True)
+    if (meta.get("ood") or {}).get("threshold") is not None:
+        out["cxrkit_ood_threshold"] = repr(float(meta["ood"]["threshold"]))
     return out
 
 
@@ -112,7 +115,7 @@ def binding_mismatches(props: dict, meta: dict) -> list[str]:
             return json.loads(raw)
         if key == "cxrkit_img_size":
             return int(raw)
-        if key == "cxrkit_temperature":
+        if key in ("cxrkit_temperature", "cxrkit_ood_threshold"):
             return float(raw)
         return raw
 
@@ -123,7 +126,7 @@ def binding_mismatches(props: dict, meta: dict) -> list[str]:
         return ["its fields (unreadable class_names / img_size / temperature)"]
     labels = {"cxrkit_meta_id": "identity (meta_id)", "cxrkit_class_names": "class names or their order",
               "cxrkit_img_size": "image size", "cxrkit_temperature": "temperature",
-              "cxrkit_lung_area_range": "lung-area range"}
+              "cxrkit_lung_area_range": "lung-area range", "cxrkit_ood_threshold": "OOD threshold"}
     out = []
     for key in sorted(set(graph) | set(want)):
         if key not in labels:

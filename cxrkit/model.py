@@ -231,11 +231,19 @@ class EnsembleNet(nn.Module):
         return ModelOutput(torch.logit(lung), logp - math.log(n))
 
 
-def predict(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, x: torch.Tensor, with_ood: bool = False):
     """The one inference adapter (evaluation, the PyTorch backend, the ONNX graph): image ->
-    (lung probabilities (B, 1, H, W) = sigmoid of the segmentation logits, class logits (B, C)), float32."""
-    out = model(x)
-    return torch.sigmoid(out.segmentation.float()), out.classification.float()
+    (lung probabilities (B, 1, H, W) = sigmoid of the segmentation logits, class logits (B, C)), float32.
+    with_ood: also the out-of-distribution score (B,) of the model's attached OOD head
+    (cxrkit.ood_head), or None when it has none."""
+    head = getattr(model, "ood_head", None) if with_ood else None
+    if head is None:
+        out = model(x)
+        seg, cls = torch.sigmoid(out.segmentation.float()), out.classification.float()
+        return (seg, cls, None) if with_ood else (seg, cls)
+    with head.capturing():
+        out = model(x)
+    return torch.sigmoid(out.segmentation.float()), out.classification.float(), head.score_captured()
 
 
 def build_model(cfg: ModelConfig, load_pretrained: bool = False) -> nn.Module:

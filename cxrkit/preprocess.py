@@ -3,7 +3,8 @@ backends.
 
 Input contract of the network: (B, 3, S, S) float32 RGB in [0, 1], S = the checkpoint's img_size.
 How a file gets there:
-  1. decode (PNG/JPEG/BMP/TIFF through OpenCV, DICOM through pydicom) to an 8-bit grayscale array;
+  1. decode (PNG/JPEG/BMP/TIFF through OpenCV, DICOM through pydicom) to an 8-bit grayscale array,
+     turned as its EXIF orientation tag says (what a viewer shows);
      16-bit data is scaled by its inferred bit depth (12-bit data in a 16-bit PNG is not left dark),
      RGB/RGBA are converted to luminance (radiographs carry no colour; an RGB copy of a grayscale
      X-ray then gives exactly the prediction of the grayscale file),
@@ -150,6 +151,45 @@ def header_info(buf) -> tuple[int | None, int | None, int]:
     return None, None, 1
 
 
+def exif_orientation(buf) -> int:
+    """The EXIF orientation tag (1..8) of an encoded JPEG / PNG / TIFF / WebP, 1 when there is none.
+    Only the header is parsed (Pillow opens lazily); a file without EXIF costs a byte search."""
+    b = memoryview(np.ascontiguousarray(buf, dtype=np.uint8)).cast("B")
+    head = bytes(b[:65536])
+    if not (head[:2] in (b"II", b"MM") or b"Exif" in head or b"eXIf" in head):
+        return 1
+    try:
+        import io
+        from PIL import Image
+        with Image.open(io.BytesIO(b)) as im:
+            o = int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block never stops decoding
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def apply_exif_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn / mirror a decoded (H, W[, C]) array the way a viewer shows it for EXIF tag 1..8
+    (2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate 90
+    counter-clockwise)."""
+    o = int(orientation)
+    if o == 2:
+        arr = arr[:, ::-1]
+    elif o == 3:
+        arr = arr[::-1, ::-1]
+    elif o == 4:
+        arr = arr[::-1]
+    elif o == 5:
+        arr = arr.swapaxes(0, 1)
+    elif o == 6:
+        arr = np.rot90(arr, -1)
+    elif o == 7:
+        arr = np.rot90(arr, 2).swapaxes(0, 1)
+    elif o == 8:
+        arr = np.rot90(arr, 1)
+    return np.ascontiguousarray(arr)
+
+
 def _check_finite(path, a: np.ndarray) -> None:
     if a.dtype.kind in "fc":
         bad = int(a.size - np.count_nonzero(np.isfinite(a)))
@@ -223,9 +263,12 @@ def read_gray_info(path) -> tuple[np.ndarray, list[str]]:
     if pages > 1:
         notes.append(f"multi-page TIFF ({pages} pages): only the first page was used")
     try:
+        # IMREAD_UNCHANGED keeps 16-bit data but does not apply EXIF orientation: done below, so the
+        # model sees what a viewer shows (a phone photo of a film stored sideways with tag 6)
         arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error:  # OpenCV's own limits / asserts: its text is no reason a user can act on
         arr = None
+    orientation = exif_orientation(buf) if arr is not None else 1  # Pillow's fallback applies it below
     if arr is None:
         try:  # a few TIFF flavours OpenCV refuses; Pillow is the fallback
             from PIL import Image
@@ -233,7 +276,8 @@ def read_gray_info(path) -> tuple[np.ndarray, list[str]]:
                 too_large = _too_large_reason(*im.size)
                 if too_large:
                     raise ImageReadError(path, too_large)
-                arr = np.asarray(im)
+                from PIL import ImageOps
+                arr = np.asarray(ImageOps.exif_transpose(im))
         except ImageReadError:
             raise
         except Exception:
@@ -244,6 +288,8 @@ def read_gray_info(path) -> tuple[np.ndarray, list[str]]:
     if too_large:
         raise ImageReadError(path, too_large)
     _check_finite(path, arr)
+    if orientation != 1:
+        arr = apply_exif_orientation(arr, orientation)
     try:
         return _to_gray(_to_uint8(arr)), notes
     except ValueError as e:

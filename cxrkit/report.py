@@ -245,6 +245,14 @@ def _metrics(summary: dict) -> str:
             cards.append(f'<div class="card"><div class="lbl">{label}</div><div class="big">'
                          f'{_num("classification/" + key, c[key], _f3(c[key]))}</div><div class="ci">{ci_s}</div>'
                          f'<div class="n">{_num("classification/n_labelled", n, str(n))} labelled images</div></div>')
+        u = c.get("unflagged") or {}
+        if u.get("accuracy") is not None:
+            cards.append('<div class="card"><div class="lbl">Unflagged images only</div><div class="big">'
+                         + _num("classification/unflagged/accuracy", u["accuracy"], _f3(u["accuracy"]))
+                         + '</div><div class="ci">accuracy &middot; macro-F1 '
+                         + _num("classification/unflagged/macro_f1", u["macro_f1"], _f3(u["macro_f1"]))
+                         + f'</div><div class="n">{_num("classification/unflagged/n", u["n"], str(u["n"]))} '
+                           f'images without a quality flag</div></div>')
     if seg:
         dice, iou, nm = seg["mean_dice"], seg["mean_iou"], seg["n_masks"]
         cards.append('<div class="card"><div class="lbl">Lung segmentation</div><div class="big">Dice '
@@ -354,6 +362,24 @@ def _gallery(summary: dict, rows: list[dict], cap: int, base_dir: Path | None) -
             f"</section>")
 
 
+def _not_judged(rows: list[dict]) -> str:
+    """Images the out-of-distribution gate set aside (cxrkit.ood), with the reason in words."""
+    from .ood import OOD_REASON
+    lst = [(r, [OOD_REASON[f] for f in row_flags(r) if f in OOD_REASON]) for r in rows]
+    lst = [(r, why) for r, why in lst if why]
+    out = [f'<section id="not-judged" class="panel" style="margin-top:12px"><h2>Not judged ({len(lst)})</h2>']
+    if lst:
+        body = "".join(f'<tr><td>{_e(r.get("image_path", ""))}</td><td>{_e(", ".join(why))}</td>'
+                       f'<td>{_e(r.get("ood_score", ""))}</td><td>{_e(r.get("predicted_class", ""))} '
+                       f'(kept in predictions.csv, not to be read)</td></tr>' for r, why in lst)
+        out.append('<table class="sk"><tr><th>file</th><th>reason</th><th>ood_score</th><th>model output</th></tr>'
+                   f"{body}</table>")
+    else:
+        out.append('<p class="note">None: every image looked like a frontal chest X-ray.</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
 def _problems(summary: dict) -> str:
     """A Grad-CAM checkpoint mismatch (when allowed), skipped inputs (always listed, possibly 'none') and
     ground-truth masks that were not scored (unreadable or empty; when any)."""
@@ -397,7 +423,8 @@ def render_report(summary: dict, rows: list[dict], *, model: dict | None = None,
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             + _header(summary, model, generated) + "\n<main>\n" + _metrics(summary) + "\n"
-            + _gallery(summary, rows, cap, base) + "\n" + _problems(summary) + "\n</main>\n"
+            + _not_judged(rows) + "\n" + _gallery(summary, rows, cap, base) + "\n" + _problems(summary)
+            + "\n</main>\n"
             + f"<footer>Files: {files} &middot; annotated/ (full images) &middot; thumbs/. "
               f"{_e(summary.get('note', DISCLAIMER))}</footer>\n"
             + f"<script>{_JS}</script>\n</body>\n</html>\n")

@@ -194,7 +194,8 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
     labelled = [r for r in rows if r.get("true_class")]
     summary["classification"] = classification_summary(
         [names.index(r["true_class"]) for r in labelled],
-        [[float(r[f"prob_{c}"]) for c in names] for r in labelled], names) if labelled else None
+        [[float(r[f"prob_{c}"]) for c in names] for r in labelled], names,
+        [bool(r.get("quality_flags")) for r in labelled]) if labelled else None
     segs = [s["segmentation"] for s, _, _ in loaded if s.get("segmentation")]
     if segs:
         m = sum(g["n_masks"] for g in segs)

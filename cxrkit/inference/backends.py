@@ -12,7 +12,8 @@ import numpy as np
 
 from ..errors import InferenceError
 from .. import quality
-from ..io_utils import INPUT_NAME, OUTPUT_NAMES, binding_mismatches, meta_path_for, sha256_file
+from ..io_utils import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, binding_mismatches, meta_path_for, sha256_file
+from ..ood import public as ood_public
 from ..preprocess import check_input
 from .gradcam import GradCamExplainer
 
@@ -38,9 +39,13 @@ class Backend(Protocol):
     temperature: float                # calibration: probabilities = softmax(logits / temperature)
     calibration_problem: str | None   # why the temperature is not a fitted one (None: calibrated)
     lung_area_range: dict | None      # training lung-area percentiles (None: quality's default)
+    ood: dict | None                  # the out-of-distribution gate stored with the model (None: no gate)
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B,3,S,S) float32 -> (lung probabilities (B,1,S,S), class logits (B,C)), float32 numpy."""
+
+    def forward_ood(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """forward() plus the out-of-distribution score (B,) float32 (None when the model has no gate)."""
 
     def describe(self) -> dict:
         """Runtime details for summary.json "backend_info" (device or providers, versions)."""
@@ -102,17 +107,22 @@ class TorchBackend:
         self.temperature = checkpoint_temperature(ck, str(checkpoint))
         self.lung_area_range = ck.get("lung_area_range")  # None: older checkpoint, quality's default applies
         self.calibration_problem = quality.calibration_problem(ck)
+        self.ood = ood_public(ck.get("ood"))  # None: no out-of-distribution gate stored with the model
 
     def forward(self, x: np.ndarray):
         """(B,3,S,S) float32 numpy (a CPU tensor also works) -> (seg_prob (B,1,S,S), logits (B,C)) as
         float32 numpy; runs on self.device."""
+        return self.forward_ood(x)[:2]
+
+    def forward_ood(self, x: np.ndarray):
+        """forward, plus the (B,) out-of-distribution score (None when the model has no gate)."""
         import torch
         from ..model import predict
         check_input(x, self.img_size)
         with torch.no_grad():
             xt = torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True)
-            seg, logits = predict(self.model, xt)
-            return seg.cpu().numpy(), logits.cpu().numpy()
+            seg, logits, ood = predict(self.model, xt, with_ood=True)
+            return seg.cpu().numpy(), logits.cpu().numpy(), None if ood is None else ood.cpu().numpy()
 
     def describe(self) -> dict:
         import torch
@@ -206,6 +216,7 @@ class OnnxBackend:
             raise InferenceError(f"{self.meta_path}: temperature must be > 0, got {meta['temperature']}")
         self.lung_area_range = meta.get("lung_area_range")  # None: older export, quality's default applies
         self.calibration_problem = quality.calibration_problem(meta)
+        self.ood = meta.get("ood")  # None: exported without an out-of-distribution gate
         self.providers = resolve_providers(providers, use_cuda)
         so = ort.SessionOptions()
         # a small CPU: one op at a time, each using every physical core; full graph optimisation
@@ -247,6 +258,10 @@ class OnnxBackend:
                                  f"outputs {c[1] if len(c) == 2 else c} classes: the meta file belongs to another "
                                  f"export; re-export or pass the matching --meta_path")
         self.static_batch = shp[0] if isinstance(shp[0], int) else None
+        self.outputs = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if OOD_OUTPUT in outs else [])
+        if self.ood and OOD_OUTPUT not in outs:
+            raise InferenceError(f"{self.meta_path} describes an out-of-distribution gate but {self.onnx_path} has no "
+                                 f"'{OOD_OUTPUT}' output: the meta file belongs to another export; re-export")
         self._check_binding()
 
     def _check_binding(self):
@@ -275,22 +290,26 @@ class OnnxBackend:
 
     def forward(self, x: np.ndarray):
         """(B,3,S,S) float32 numpy -> (seg_prob (B,1,S,S), logits (B,C)) float32 numpy."""
+        return self.forward_ood(x)[:2]
+
+    def forward_ood(self, x: np.ndarray):
+        """forward, plus the (B,) out-of-distribution score (None when the graph has no gate)."""
         check_input(x, self.img_size)
         a = np.ascontiguousarray(x, dtype=np.float32)
-        sb = self.static_batch
+        sb, names = self.static_batch, self.outputs
         if sb is None:
-            seg, cls = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: a})
+            res = self.session.run(names, {INPUT_NAME: a})
         else:  # a fixed-batch export: run in chunks of that size (last one zero-padded)
-            segs, clss, n = [], [], a.shape[0]
+            parts, n = [], a.shape[0]
             for s in range(0, n, sb):
                 chunk = a[s:s + sb]
                 k = chunk.shape[0]
                 if k < sb:
                     chunk = np.concatenate([chunk, np.zeros((sb - k, *chunk.shape[1:]), np.float32)])
-                sg, cl = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk})
-                segs.append(sg[:k]); clss.append(cl[:k])
-            seg, cls = np.concatenate(segs), np.concatenate(clss)
-        return np.asarray(seg, np.float32), np.asarray(cls, np.float32)
+                parts.append([o[:k] for o in self.session.run(names, {INPUT_NAME: chunk})])
+            res = [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+        ood = np.asarray(res[2], np.float32) if len(res) > 2 else None
+        return np.asarray(res[0], np.float32), np.asarray(res[1], np.float32), ood
 
     def describe(self) -> dict:
         import onnxruntime as ort

@@ -47,6 +47,9 @@ def add_run_args(p):
                    help=f"test-time augmentation views (1 = plain inference, at most {MAX_TTA})")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding threads")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--ood_threshold", type=float, default=None, metavar="SCORE",
+                   help="out-of-distribution threshold: ood_score above it is flagged not_chest_xray (default: the "
+                        "one stored with the model, 1.2 x the 99th percentile of its validation scores)")
     return g
 
 
@@ -154,7 +157,8 @@ def run_cli(args, make_backend: Callable[[], Backend], cam_checkpoint=None, cam_
         summary = run_pipeline(backend, items, args.save_dir, batch_size=args.batch_size, tta=args.tta, cam=cam,
                                cam_class=args.cam_class, save_cams=args.save_cams, save_masks=outs["save_masks"],
                                report=outs["report"], annotate=outs["annotate"], workers=args.workers,
-                               progress=not args.quiet, overwrite=args.overwrite, extra_summary=extra)
+                               progress=not args.quiet, overwrite=args.overwrite, ood_threshold=args.ood_threshold,
+                               extra_summary=extra)
     except Exception as e:  # noqa: BLE001 - user errors become one line, anything else a traceback
         if not isinstance(e, user_errors()):
             raise

@@ -14,7 +14,7 @@ import numpy as np
 from ..config import LUNG_THRESHOLD
 from ..errors import InferenceError, os_error
 from ..io_utils import MAX_BATCH_SIZE, write_json_atomic
-from .. import quality
+from .. import ood, quality
 from ..outdir import claim_save_dir
 from ..preprocess import (ImageReadError, lung_mask, read_gray_info, read_mask, resize_gray, resize_mask,
                           to_model_input_np)
@@ -81,7 +81,8 @@ def planned_outputs(items, save_masks=False, save_cams=False, report=False, anno
 
 def csv_columns(class_names, save_masks=False, gradcam=False) -> list[str]:
     cols = ["image_path", "predicted_class", "confidence", *[f"prob_{c}" for c in class_names],
-            "lung_area_fraction", "true_class", "correct", "quality_flags", "dice", "iou", "annotated_png"]
+            "lung_area_fraction", "true_class", "correct", "quality_flags", "ood_score", "dice", "iou",
+            "annotated_png"]
     if save_masks:
         cols.append("mask_png")
     if gradcam:
@@ -120,13 +121,13 @@ def _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cam
 class _Tally:
     """Per-image results: the CSV rows, quality-flag counts, and what the metrics need."""
 
-    def __init__(self, names, size, area_rng, annotate=True):
-        self.names, self.size, self.area_rng, self.annotate = names, size, area_rng, annotate
-        self.rows, self.y_true, self.y_probs = [], [], []
+    def __init__(self, names, size, area_rng, annotate=True, gate=None):
+        self.names, self.size, self.area_rng, self.annotate, self.gate = names, size, area_rng, annotate, gate
+        self.rows, self.y_true, self.y_probs, self.y_flagged = [], [], [], []
         self.dices, self.ious, self.dices_model = [], [], []
-        self.flag_counts = {c: 0 for c in quality.FLAG_CODES}
+        self.flag_counts = {c: 0 for c in quality.FLAG_CODES + ood.OOD_FLAG_CODES}
 
-    def add(self, d, seg, probs, save_masks, cam_name, save_cams) -> dict:
+    def add(self, d, seg, probs, save_masks, cam_name, save_cams, ood_score=None, view_scores=None) -> dict:
         from ..metrics import binary_dice_iou
         names, pred = self.names, int(probs.argmax())
         lung = lung_mask(seg)
@@ -136,8 +137,12 @@ class _Tally:
                "lung_area_fraction": f"{lung.mean():.6f}",
                "true_class": tc or "", "correct": "" if tc is None else str(int(tc == names[pred])),
                "dice": "", "iou": "", "annotated_png": f"annotated/{d.item.out_stem}.png" if self.annotate else ""}
-        d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), self.area_rng))
+        gate_flags = ([] if self.gate is None or ood_score is None
+                      else ood.decide(float(ood_score), self.gate["threshold"], view_scores or {}))
+        d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), self.area_rng)
+                        + gate_flags + ood.aspect_flags(d.orig_shape))
         row["quality_flags"] = ";".join(d.flags)
+        row["ood_score"] = "" if ood_score is None else f"{float(ood_score):.6f}"
         for f in d.flags:
             self.flag_counts[f] += 1
         if tc is not None:
@@ -145,6 +150,7 @@ class _Tally:
             # metrics use the probabilities exactly as predictions.csv holds them, so the CSV alone (e.g. a
             # merge of shard runs, cxrkit.shard) reproduces every metric of this run
             self.y_probs.append(np.array([float(row[f"prob_{c}"]) for c in names]))
+            self.y_flagged.append(bool(d.flags))
         if d.gt_mask is not None:  # Dice at the mask's own resolution (and, labelled, at the model input)
             gh, gw = d.gt_mask.shape[:2]
             lung_native = lung_mask(seg, (gh, gw))
@@ -162,13 +168,20 @@ class _Tally:
         return row
 
 
-def classification_summary(y_true, y_probs, names) -> dict:
-    """summary.json's "classification": metrics, n_labelled and 95% intervals (also cxrkit.shard's merge)."""
+def classification_summary(y_true, y_probs, names, flagged=None) -> dict:
+    """summary.json's "classification": metrics, n_labelled and 95% intervals, and with `flagged` (a bool
+    per image: any quality flag) the same figures over the unflagged images (also cxrkit.shard's merge)."""
     from ..metrics import classification_metrics, confidence_intervals
     y_true, y_probs = np.asarray(y_true, np.int64), np.asarray(y_probs, np.float64)
     m = classification_metrics(y_true, y_probs, names)
     m["n_labelled"] = len(y_true)
     m.update(confidence_intervals(y_true, y_probs.argmax(1), len(names)))
+    if flagged is not None:
+        keep = ~np.asarray(flagged, bool)
+        m["unflagged"] = {"n": int(keep.sum()), "note": "the same figures over images with no quality flag"}
+        if keep.any():
+            mu = classification_metrics(y_true[keep], y_probs[keep], names)
+            m["unflagged"].update(accuracy=mu["accuracy"], macro_f1=mu["macro_f1"])
     return m
 
 
@@ -196,11 +209,22 @@ def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally:
                                             "else empty",
                       "dice/iou": f"vs the ground-truth mask (masks/ folder) at {LUNG_THRESHOLD}, at the mask's own "
                                   "resolution, when there is one",
-                      "quality_flags": "empty when all is well, else ';'-joined codes (see quality)"},
+                      "quality_flags": "empty when all is well, else ';'-joined codes (see quality)",
+                      "ood_score": "out-of-distribution score (cxrkit.ood); above quality.ood.threshold the "
+                                   "image is not judged; empty when the model has no gate"},
         "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": tally.flag_counts,
-                    "meaning": quality.FLAG_MEANING, "thresholds": quality.thresholds(tally.area_rng),
+                    "n_not_judged": int(sum(any(f in ood.OOD_FLAG_CODES for f in r["quality_flags"].split(";"))
+                                            for r in rows)),
+                    "meaning": {**quality.FLAG_MEANING, **ood.OOD_FLAG_MEANING},
+                    "thresholds": {**quality.thresholds(tally.area_rng),
+                                   ood.FLAG_ASPECT: f"longer side > {ood.EXTREME_ASPECT:g} x shorter (decoded image)",
+                                   **({ood.FLAG_NOT_CXR: f"ood_score > {tally.gate['threshold']:.4g} "
+                                                         f"({tally.gate.get('source')})"} if tally.gate else {})},
                     "lung_area_range": tally.area_rng,
-                    "note": "flagged images got an answer the model cannot back: check them by eye"},
+                    "ood": tally.gate or {"note": "the model carries no out-of-distribution gate: not_chest_xray, "
+                                                  "inverted and rotated are not checked"},
+                    "note": "flagged images got an answer the model cannot back: check them by eye; not judged "
+                            "= not_chest_xray, inverted, rotated or extreme_aspect (probabilities kept in the CSV)"},
         "notes": input_notes,
         "classification": None, "segmentation": None,
         "gradcam": None if cam is None else {
@@ -217,7 +241,7 @@ def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally:
     if mask_problems:
         summary["mask_problems"] = mask_problems
     if tally.y_true:
-        summary["classification"] = classification_summary(tally.y_true, tally.y_probs, names)
+        summary["classification"] = classification_summary(tally.y_true, tally.y_probs, names, tally.y_flagged)
     if tally.dices:
         summary["segmentation"] = {"mean_dice": float(np.mean(tally.dices)), "mean_iou": float(np.mean(tally.ious)),
                                    "n_masks": len(tally.dices), "threshold": LUNG_THRESHOLD,
@@ -232,7 +256,7 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                  cam: GradCamExplainer | None = None, cam_class: str | None = None, save_cams: bool = False,
                  save_masks: bool = False, workers: int | None = None, progress: bool = True,
                  display_size: int = 512, extra_summary: dict | None = None, report: bool = True,
-                 overwrite: bool = False, annotate: bool = True) -> dict:
+                 overwrite: bool = False, annotate: bool = True, ood_threshold: float | None = None) -> dict:
     """Run `backend` over `items`, write every output into save_dir; returns the summary dict.
     report: also thumbs/ and report.html (cxrkit.report).
     annotate=False (bulk mode): no annotated PNGs (nor the display-size image they are drawn from);
@@ -252,6 +276,10 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
         assign_output_stems(items)
     claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name})")
     claim.plan(planned_outputs(items, save_masks, save_cams, report, annotate))
+    try:
+        gate = ood.resolve(backend.ood, ood_threshold)  # None: the model carries no gate
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
     claim.acquire()  # lock; earlier outputs refused or (overwrite) removed; manifest "running"
     for d in (([ann_dir] if annotate else []) + ([mask_dir] if save_masks else [])
               + ([cam_dir] if save_cams else []) + ([save_dir / THUMB_DIR] if report else [])):
@@ -281,7 +309,7 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
         if report and annotate:
             write_thumbnail(save_dir / thumb_relpath(stem), d.display, seg)
 
-    tally = _Tally(names, size, area_rng, annotate)
+    tally = _Tally(names, size, area_rng, annotate, gate)
     per_image_files = annotate or save_masks or save_cams
     display_h = display_size if annotate else 0
     skipped, mask_problems, input_notes = [], [], []
@@ -325,7 +353,18 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                     continue
                 x = to_model_input_np(np.stack([d.model_u8 for d in batch]))
                 tm = time.perf_counter()
-                seg, probs = tta_predict(backend.forward, x, tta, temp)  # numpy in, numpy out
+                first_ood = []
+
+                def fwd(xx):  # the identity view (TTA's first) also gives the OOD score
+                    sg, lg, sc = backend.forward_ood(xx)
+                    if not first_ood:
+                        first_ood.append(sc)
+                    return sg, lg
+
+                seg, probs = tta_predict(fwd, x, tta, temp)  # numpy in, numpy out
+                scores = first_ood[0] if first_ood and first_ood[0] is not None and gate else None
+                views = ([{}] * len(batch) if scores is None else
+                         ood.score_views(lambda xv: backend.forward_ood(xv)[2], x, scores, gate["threshold"]))
                 seg = seg[:, 0]
                 probs = probs.astype(np.float64)
                 model_seconds += time.perf_counter() - tm
@@ -335,7 +374,8 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
                     cams = cam(x, pred if cam_idx is None else np.full(len(batch), cam_idx))
                 for i, d in enumerate(batch):
                     cam_name = "" if cams is None else names[pred[i] if cam_idx is None else cam_idx]
-                    tally.add(d, seg[i], probs[i], save_masks, cam_name, save_cams)  # sets d.flags
+                    tally.add(d, seg[i], probs[i], save_masks, cam_name, save_cams,  # sets d.flags
+                              None if scores is None else scores[i], views[i])
                     if per_image_files:
                         writer.put((d, seg[i], probs[i], None if cams is None else cams[i], cam_name))
                 n_done += len(batch)

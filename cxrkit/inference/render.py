@@ -59,7 +59,11 @@ def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, pr
     """One BGR uint8 panel: X-ray with the predicted lungs tinted + outlined | optional Grad-CAM
     overlay | text panel with the predicted class, true class and one bar per class probability.
     flags (cxrkit.quality codes): a red frame around the whole panel and a red note naming them."""
-    flag_note = ("CHECK INPUT: " + "; ".join(flags)) if flags else None
+    from ..ood import OOD_REASON
+    reasons = [OOD_REASON[f] for f in flags if f in OOD_REASON]
+    others = [f for f in flags if f not in OOD_REASON]
+    flag_note = "; ".join(([f"NOT JUDGED: {', '.join(reasons)}"] if reasons else [])
+                          + ([f"CHECK INPUT: {'; '.join(others)}"] if others else [])) or None
     notes = [*notes, flag_note] if flag_note else list(notes)
     h, w = display.shape[:2]
     cap = 30
@@ -86,9 +90,15 @@ def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, pr
     probs = np.asarray(probs, np.float64)
     pred = int(probs.argmax())
     y = 34
-    _text(panel, _fit(f"Predicted: {class_names[pred]}", pw - 20, 0.7), (12, y), 0.7, (255, 255, 255), 2)
-    y += 28
-    _text(panel, f"confidence {probs[pred] * 100:.1f}%", (12, y), 0.55)
+    if reasons:  # the gate set it aside: the headline says why, the model's output is shown as not to be read
+        _text(panel, _fit(f"NOT JUDGED: {', '.join(reasons)}", pw - 20, 0.6), (12, y), 0.6, FLAG_BGR, 2)
+        y += 28
+        _text(panel, _fit(f"(model output {class_names[pred]} {probs[pred] * 100:.1f}%, not to be read)",
+                          pw - 20, 0.5), (12, y), 0.5, (170, 170, 170))
+    else:
+        _text(panel, _fit(f"Predicted: {class_names[pred]}", pw - 20, 0.7), (12, y), 0.7, (255, 255, 255), 2)
+        y += 28
+        _text(panel, f"confidence {probs[pred] * 100:.1f}%", (12, y), 0.55)
     y += 28
     if true_class is None:
         _text(panel, "True: unknown", (12, y), 0.55, (170, 170, 170))
