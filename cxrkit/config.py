@@ -8,6 +8,7 @@ the README's variant table; `seed` is the original specification, kept selectabl
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 # Images are fed as RGB float32 in [0, 1]; normalisation with these statistics happens INSIDE the
@@ -151,6 +152,8 @@ class InferConfig:
     seed: int = 42                # for --num_samples
     batch_size: int = 16          # images per model call (ONNX Runtime is at its throughput plateau by 16)
     tta: int = 1                  # views; 4 bought 0.2 points for the shipped model (README)
+    workers: int = min(4, os.cpu_count() or 1)  # image-decoding threads
+    device: str = "auto"          # PyTorch backend: auto, cpu, cuda or cuda:N
 
 
 @dataclass
