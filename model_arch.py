@@ -14,20 +14,20 @@ import argparse
 import logging
 import sys
 
-from cxrkit.config import OUTSIDE_LUNG_FILLS, PRESETS, TrainConfig, make_config
+from cxrkit.config import OUTSIDE_LUNG_FILLS, PRESETS, RunOptions, TrainConfig, make_config
 from cxrkit.io_utils import HelpFormatter
 
-D = TrainConfig()
+D, R = TrainConfig(), RunOptions()  # every default; the flags carry their field names
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default="demo_data",
+    g.add_argument("--data_dir", default=R.data_dir,
                    help="database root: <Class>/images/* with <Class>/masks/*, or <Class>/*; a prebuilt cache "
                         "folder also works. The default is the synthetic set made by `make demo`")
-    g.add_argument("--output_dir", default=".", help="holds model_checkpoints/, test_results/, split.json, cache/")
-    g.add_argument("--cache_dir", default=None, help="decoded-image cache (default: <output_dir>/cache)")
+    g.add_argument("--output_dir", default=R.output_dir, help="holds model_checkpoints/, test_results/, split.json, cache/")
+    g.add_argument("--cache_dir", default=R.cache_dir, help="decoded-image cache (default: <output_dir>/cache)")
     g.add_argument("--img_size", type=int, default=D.img_size, help="square input size in pixels")
     g.add_argument("--val_frac", type=float, default=D.val_frac)
     g.add_argument("--test_frac", type=float, default=D.test_frac)
@@ -45,10 +45,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=D.arch, choices=sorted(PRESETS),
                    help="model preset (see cxrkit/config.py); lite0 is the shipped one")
-    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=D.pretrained,
                    help="lite0: start the encoder from ImageNet weights (the preset's default: yes); "
                         "--no-pretrained is the from-scratch ablation")
-    g.add_argument("--init_from", metavar="CHECKPOINT", default=None,
+    g.add_argument("--init_from", metavar="CHECKPOINT", default=D.init_from,
                    help="fine-tune: start from this checkpoint's weights (same --arch and classes; fresh optimizer)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--num_epochs", type=int, default=D.num_epochs)
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     g.add_argument("--seg_weight", type=float, default=D.seg_weight, help="weight of Dice + BCE")
     g.add_argument("--cls_weight", type=float, default=D.cls_weight, help="weight of class-weighted CE")
     g.add_argument("--grad_clip", type=float, default=D.grad_clip)
-    g.add_argument("--prior_correction", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--prior_correction", action=argparse.BooleanOptionalAction, default=D.prior_correction,
                    help="after training, offset the classifier bias by -log(class weight) so probabilities follow "
                         "the training prior again (undoes the loss's class weighting at inference)")
     g.add_argument("--ema_decay", type=float, default=D.ema_decay,
@@ -79,16 +79,16 @@ def parse_args(argv=None):
     g.add_argument("--outside_lung_margin", type=float, default=D.outside_lung_margin,
                    help="lung-mask dilation as a fraction of the image size")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", default=R.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=D.channels_last,
                    help="NHWC memory format (lite0 trains 1.6x faster on a 2-core Xeon; measure on other CPUs)")
-    g.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
+    g.add_argument("--amp", default=R.amp, choices=["auto", "on", "off"],
                    help="mixed precision; auto = on for CUDA (bf16 where supported), off on CPU")
     g.add_argument("--resume", action="store_true", help="continue from <output_dir>/model_checkpoints/last_checkpoint.pth")
     g.add_argument("--overwrite", action="store_true",
                    help="allow replacing an existing <output_dir>/model_checkpoints/best_covid_model.pth")
-    g.add_argument("--max_minutes", type=float, default=0, help="stop cleanly after this much training (0: no limit)")
-    g.add_argument("--stop_after_epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulated interrupt
+    g.add_argument("--max_minutes", type=float, default=R.max_minutes, help="stop cleanly after this much training (0: no limit)")
+    g.add_argument("--stop_after_epoch", type=int, default=R.stop_after_epoch, help=argparse.SUPPRESS)  # tests: simulated interrupt
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("evaluation only")
     g.add_argument("--evaluate", metavar="CHECKPOINT", default=None,
@@ -133,7 +133,7 @@ def main(argv=None):
             evaluate_from_args(args)
         else:
             from cxrkit.train import train
-            train(args)
+            train(TrainConfig.from_args(args), RunOptions.from_args(args))
     except (CxrkitError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

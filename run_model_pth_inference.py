@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import sys
 
-from cxrkit.config import CHECKPOINT_PATH
+from cxrkit.config import CHECKPOINT_PATH, InferConfig
 from cxrkit.inference import inference_parser, run_cli
 from cxrkit.shipped import resolve_default
 
 
 def _model_args(g):
     g.add_argument("--checkpoint", default=CHECKPOINT_PATH, help="trained cxrkit checkpoint")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", default=InferConfig.device, help="auto, cpu, cuda or cuda:N")
 
 
 def parse_args(argv=None):

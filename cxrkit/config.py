@@ -8,6 +8,7 @@ the README's variant table; `seed` is the original specification, kept selectabl
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 # Images are fed as RGB float32 in [0, 1]; normalisation with these statistics happens INSIDE the
@@ -137,6 +138,41 @@ class TrainConfig:
     folds: int = 0
     fold: str = ""
     fold_seed: int = 0
+    # start: ImageNet encoder weights (lite0; None = the preset's choice, resolved into the checkpoint's
+    # recipe), or every weight from a checkpoint of the same config and classes (fresh optimizer)
+    pretrained: bool | None = None
+    init_from: str | None = None
+    prior_correction: bool = True  # after training: classifier bias -= log(class weight) (cxrkit.calibration)
+
+    @classmethod
+    def from_args(cls, ns) -> "TrainConfig":
+        """The recipe from model_arch.py's parsed arguments (flags carry the field names)."""
+        return _from_namespace(cls, ns)
+
+
+@dataclass
+class RunOptions:
+    """Where and how one training run executes: not part of the recipe (never in the checkpoint)."""
+    data_dir: str = "demo_data"   # the synthetic set made by `make demo`
+    output_dir: str = "."
+    cache_dir: str | None = None  # None: <output_dir>/cache
+    device: str = "auto"          # auto, cpu, cuda or cuda:N
+    amp: str = "auto"             # auto: on for CUDA (bf16 where supported), off on CPU
+    resume: bool = False
+    overwrite: bool = False
+    max_minutes: float = 0        # 0: no limit
+    stop_after_epoch: int = 0     # tests: simulated interruption after this epoch
+    quiet: bool = False
+
+    @classmethod
+    def from_args(cls, ns) -> "RunOptions":
+        return _from_namespace(cls, ns)
+
+
+def _from_namespace(cls, ns):
+    """cls built from the namespace's attributes of its field names, and only those."""
+    given = vars(ns)
+    return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls)})
 
 
 # ------------------------------------------------------------------ shipped files, inference, export
@@ -151,6 +187,8 @@ class InferConfig:
     seed: int = 42                # for --num_samples
     batch_size: int = 16          # images per model call (ONNX Runtime is at its throughput plateau by 16)
     tta: int = 1                  # views; 4 bought 0.2 points for the shipped model (README)
+    workers: int = min(4, os.cpu_count() or 1)  # image-decoding threads
+    device: str = "auto"          # PyTorch backend: auto, cpu, cuda or cuda:N
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import OUTSIDE_LUNG_FILLS  # noqa: F401  (re-exported for callers)
+from .config import OUTSIDE_LUNG_FILLS, TrainConfig  # noqa: F401  (OUTSIDE_LUNG_FILLS: re-exported for callers)
 from .device import barrier
 from .errors import DataError
 from .io_utils import atomic_path, write_json_atomic
@@ -234,7 +234,7 @@ def load_cache(cdir, root="") -> CachedData:
 
 
 # ----------------------------------------------------------------------------------------- split
-def near_duplicate_groups(images: np.ndarray, threshold: float = 0.985, thumb: int = 32,
+def near_duplicate_groups(images: np.ndarray, threshold: float = TrainConfig.dup_threshold, thumb: int = 32,
                           block: int = 2048) -> np.ndarray:
     """Group id per image; images whose 32-px thumbnails correlate above `threshold` share a group."""
     import cv2
@@ -284,8 +284,9 @@ def make_split(labels: np.ndarray, groups: np.ndarray, val_frac: float, test_fra
     return {k: np.array(sorted(v), np.int64) for k, v in out.items()}
 
 
-def load_or_make_split(data: CachedData, split_path, val_frac=0.15, test_frac=0.15, seed=42,
-                       dup_threshold=0.985, folds: int = 0, fold=None, fold_seed: int = 0) -> dict[str, np.ndarray]:
+def load_or_make_split(data: CachedData, split_path, val_frac=TrainConfig.val_frac,
+                       test_frac=TrainConfig.test_frac, seed=TrainConfig.seed, dup_threshold=TrainConfig.dup_threshold,
+                       folds: int = 0, fold=None, fold_seed: int = 0) -> dict[str, np.ndarray]:
     """Reuse split_path when it exists (resume, evaluation), else make and write it atomically.
     folds > 0: fold `fold` (an int or "all") of a k-fold assignment (cxrkit/cv.py) instead of train/val/test."""
     split_path = Path(split_path)
@@ -415,9 +416,8 @@ def augment(x: torch.Tensor, m: torch.Tensor, cfg, gen: torch.Generator, has_mas
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     m = (F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
-    p_out = getattr(cfg, "outside_lung_aug", 0.0)
-    if p_out > 0 and has_mask is not None:
-        x = outside_lung_randomise(x, m, has_mask, p_out, cfg.outside_lung_fill, cfg.outside_lung_margin, gen)
+    if cfg.outside_lung_aug > 0 and has_mask is not None:
+        x = outside_lung_randomise(x, m, has_mask, cfg.outside_lung_aug, cfg.outside_lung_fill, cfg.outside_lung_margin, gen)
     bright = (u() * cfg.aug_brightness).to(dev).view(b, 1, 1, 1)
     contrast = (1 + u() * cfg.aug_contrast).to(dev).view(b, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)

@@ -8,11 +8,15 @@ Two backbones (ModelConfig.backbone):
 forward(x) takes (B, 3, H, W) float32 RGB in [0, 1] (see preprocess.py; normalisation with the
 config's mean/std happens inside) and returns
 ModelOutput(segmentation=(B, 1, H, W) logits, classification=(B, C) logits).
+
+Every network here (and EnsembleNet) speaks the vocabulary of `MultiTaskNet`; callers use it, never
+the backbone's own attribute names (MONAI: `.unet`; lite0: `.encoder` / `.decoder`, which are also
+the checkpoints' state-dict prefixes and so stay as they are).
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +32,19 @@ from .errors import UsageError
 class ModelOutput(NamedTuple):
     segmentation: torch.Tensor   # (B, 1, H, W) logits; sigmoid gives the lung probability
     classification: torch.Tensor  # (B, C) logits
+
+
+class MultiTaskNet(Protocol):
+    """The parts of a network that callers (training, Grad-CAM, export) may name."""
+    cfg: ModelConfig
+    output_stride: int       # input sizes must be multiples of it (check_img_size)
+    bottleneck: nn.Module    # the deepest encoder block: the default Grad-CAM layer
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The parameters of a separately built (ImageNet-initialisable) encoder, which fine-tuning
+        trains at lr * encoder_lr_mult; empty for a backbone trained from scratch as one module."""
+
+    def forward(self, x: torch.Tensor) -> "ModelOutput": ...
 
 
 def output_stride(cfg: ModelConfig) -> int:
@@ -138,6 +155,10 @@ class CXRMultiTaskNet(nn.Module):
     def output_stride(self) -> int:
         return output_stride(self.cfg)
 
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """None: the MONAI UNet is one module trained from scratch (every weight at the same lr)."""
+        return []
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         self._captured = []
         feats = self.unet((x - self.mean) / self.std)
@@ -185,6 +206,10 @@ class Lite0MultiTaskNet(nn.Module):
     def output_stride(self) -> int:
         return output_stride(self.cfg)
 
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The EfficientNet-Lite0 encoder's (ImageNet weights when cfg.pretrained)."""
+        return list(self.encoder.parameters())
+
     def load_pretrained_encoder(self) -> None:
         load_lite0_imagenet(self.encoder)
 
@@ -222,6 +247,9 @@ class EnsembleNet(nn.Module):
     @property
     def output_stride(self) -> int:
         return output_stride(self.cfg)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.members for p in m.encoder_parameters()]
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         outs = [m(x) for m in self.members]

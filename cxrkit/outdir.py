@@ -24,7 +24,7 @@ what it wrote, unique temp names.
   whose checksum does not match marks an "unknown folder": refused, never cleaned.
 * keep_earlier (training --resume): the earlier run's files are kept and carried into this manifest,
   and the run may write them again (that is what continuing the run means).
-* Training: `holds_output_dir` wraps train(args) in the same claim for --output_dir.
+* Training: `holds_output_dir` wraps train(cfg, opts) in the same claim for --output_dir.
 * Input discovery skips the save folder and any folder holding a manifest (`is_output_dir`), so a
   --save_dir inside --data_dir is never read back as input.
 * Every OS error (disk full, no permission, read-only) becomes one line naming the path
@@ -304,7 +304,7 @@ def claim_save_dir(save_dir, overwrite: bool = False, flag: str = "--save_dir", 
 
 
 def holds_output_dir(planned, if_absent=()):
-    """Decorator for training, `train(args)`: the run holds args.output_dir like an inference run holds
+    """Decorator for training, `train(cfg, opts)`: the run holds opts.output_dir like an inference run holds
     --save_dir (rank 0 of a torchrun job only; the other ranks write nothing): a second run into it is
     refused naming the pid, an earlier run's outputs are refused unless --overwrite (which removes only
     the files its manifest lists, unchanged) or --resume (which keeps them), and the manifest lists
@@ -312,15 +312,15 @@ def holds_output_dir(planned, if_absent=()):
     (split.json: a split file the user put there is read, not written)."""
     def deco(fn):
         @functools.wraps(fn)
-        def run(args):
+        def run(cfg, opts):
             if int(os.environ.get("RANK", "0")) != 0:
-                return fn(args)
-            claim = claim_save_dir(args.output_dir, args.overwrite, flag="--output_dir", tool="cxrkit training",
-                                   keep_earlier=args.resume, keep_flag="--resume")
+                return fn(cfg, opts)
+            claim = claim_save_dir(opts.output_dir, opts.overwrite, flag="--output_dir", tool="cxrkit training",
+                                   keep_earlier=opts.resume, keep_flag="--resume")
             claim.plan(planned)
             with claim:
                 claim.plan([f for f in if_absent if not (claim.dir / f).exists()])
-                result = fn(args)
+                result = fn(cfg, opts)
                 claim.finish()
             return result
         return run

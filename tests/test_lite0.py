@@ -19,7 +19,7 @@ from cxrkit.encoders import EfficientNetLite0, load_lite0_imagenet
 from cxrkit.losses import MultiTaskLoss
 from cxrkit.metrics import native_resolution_dice
 from cxrkit.model import ModelOutput, build_model
-from cxrkit.train import param_groups
+from cxrkit.engine import param_groups
 
 GRACE_HOPPER = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
 

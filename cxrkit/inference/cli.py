@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -45,7 +44,7 @@ def add_run_args(p):
     g.add_argument("--batch_size", type=int, default=D.batch_size, help="images per model call")
     g.add_argument("--tta", type=int, default=D.tta,
                    help=f"test-time augmentation views (1 = plain inference, at most {MAX_TTA})")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding threads")
+    g.add_argument("--workers", type=int, default=D.workers, help="image-decoding threads")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--ood_threshold", type=float, default=None, metavar="SCORE",
                    help="out-of-distribution threshold: ood_score above it is flagged not_chest_xray (default: the "
