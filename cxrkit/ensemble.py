@@ -8,6 +8,11 @@ The members must share config, classes and input size (e.g. the same recipe trai
 --seed values and --folds K --fold all). The temperature is fitted on the pooled out-of-fold
 predictions of the same recipe's fold runs (--oof, one folder per member seed), averaged exactly as
 the ensemble averages: members trained on every image have no held-out images of their own.
+
+With --data_dir, the out-of-distribution gate (cxrkit.ood_head) is fitted on the ensemble's own
+features: statistics from the images outside fold --ood_holdout_fold of the --oof runs, threshold
+from that fold's images. The network trained on those too; scripts/ood_seen_bias.py measured that
+this does not lower the threshold (README, "Out-of-distribution gate").
 """
 from __future__ import annotations
 
@@ -47,6 +52,25 @@ def oof_temperature(oof_dirs) -> dict:
     return cal
 
 
+def fit_gate(model, ck: dict, data_dir, oof_dirs, cache_dir=None, holdout_fold: int = 0, workers: int = 2) -> dict:
+    """ck["ood"] for the ensemble (see the module docstring); returns it."""
+    from .data import load_data
+    from .errors import DataError
+    from .ood_head import fit_ood
+    held = Path(oof_dirs[0]) / f"fold{holdout_fold}" / "test_results"
+    from .cv import OOF_FILE
+    if not (held / OOF_FILE).is_file():
+        raise CxrkitError(f"{held / OOF_FILE} not found: --ood_holdout_fold names a fold of the first --oof run")
+    data = load_data(data_dir, ck["img_size"], Path(cache_dir or "cache"), workers, 0, 1, progress=False)
+    if data.classes != ck["class_names"]:
+        raise DataError(f"{data_dir} has classes {data.classes}, the members {ck['class_names']}")
+    held_paths = set(str(p) for p in np.load(held / OOF_FILE)["paths"])
+    is_held = np.array([p in held_paths for p in data.paths])
+    if not is_held.any():
+        raise DataError(f"none of fold {holdout_fold}'s images is in {data_dir}: pass the data the folds were made of")
+    return fit_ood(model, data, np.flatnonzero(~is_held), np.flatnonzero(is_held), device="cpu")
+
+
 def build_ensemble(member_paths, oof_dirs=None) -> dict:
     """The ensemble checkpoint (a dict) of the member checkpoints; T from oof_dirs when given."""
     if len(member_paths) < 2:
@@ -83,6 +107,11 @@ def main(argv=None) -> int:
     p.add_argument("--oof", nargs="*", default=None,
                    help="fold-run folders (fold*/test_results/oof_predictions.npz) whose pooled out-of-fold "
                         "predictions fit the temperature; one per member seed")
+    p.add_argument("--data_dir", default=None,
+                   help="the labelled data the members were trained on: fit the out-of-distribution gate (needs --oof)")
+    p.add_argument("--cache_dir", default=None, help="decoded-image cache for --data_dir (default: ./cache)")
+    p.add_argument("--ood_holdout_fold", type=int, default=0,
+                   help="the gate's threshold comes from this fold's images, its statistics from the others")
     p.add_argument("--out", required=True, help="the ensemble checkpoint to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a = p.parse_args(argv)
@@ -93,7 +122,12 @@ def main(argv=None) -> int:
         ck = build_ensemble(a.members, a.oof)
         # the model must load back from the file alone
         from .checkpoint import model_from_checkpoint
-        model_from_checkpoint(ck)
+        model, _ = model_from_checkpoint(ck)
+        if a.data_dir:
+            if not a.oof:
+                raise CxrkitError("--data_dir (the out-of-distribution gate) needs --oof: its folds say which "
+                                  "images set the threshold")
+            ck["ood"] = fit_gate(model, ck, a.data_dir, a.oof, a.cache_dir, a.ood_holdout_fold)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(ck, out)
     except (CxrkitError, FileNotFoundError) as e:
@@ -102,7 +136,8 @@ def main(argv=None) -> int:
     cal = ck.get("calibration")
     print(f"wrote {out}: {len(a.members)} members"
           + (f", T = {cal['temperature']:.3f} (ECE on OOF {cal['ece_before']:.4f} -> {cal['ece_after']:.4f})"
-             if cal else ", T = 1 (no --oof)"))
+             if cal else ", T = 1 (no --oof)")
+          + (f", out-of-distribution threshold {ck['ood']['threshold']:.3f}" if ck.get("ood") else ", no gate"))
     return 0
 
 

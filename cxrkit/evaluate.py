@@ -17,6 +17,7 @@ from .io_utils import write_json_atomic
 from .metrics import (SegAccumulator, classification_metrics, expected_calibration_error, native_resolution_dice, nll,
                       softmax)
 from .model import predict
+from .ood_head import fit_ood
 from .preprocess import to_model_input
 from .quality import lung_area_range  # stored in the checkpoint: inference flags predicted lung areas against it
 from .tta import tta_predict
@@ -190,8 +191,8 @@ def tta_report(model, data, test_idx, classes, device, ns=(1, 4, 8), batch_size=
 
 def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype, prior_correction=True,
              oof=False) -> dict:
-    """Prior-correct and temperature-calibrate the best checkpoint on validation, store both in it
-    (atomically), then evaluate it on the test split. oof (k-fold runs): also write the held-out
+    """Prior-correct and temperature-calibrate the best checkpoint on validation, fit its
+    out-of-distribution gate, store all three in it (atomically), then evaluate it on the test split. oof (k-fold runs): also write the held-out
     fold's predictions (plain, 4-view TTA, lungs only) for cxrkit.cv to pool."""
     model, ck = model_from_checkpoint(best_path, map_location="cpu")
     if prior_correction:
@@ -200,6 +201,9 @@ def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype
     t = calibrate(model, data, va_idx, device, 64, amp_dtype)
     ck["temperature"] = t
     ck["lung_area_range"] = lung_area_range(data.masks, data.has_mask, tr_idx)
+    # the out-of-distribution gate: statistics from the training images, threshold from validation
+    # (cxrkit.ood_head; None, and no gate, with fewer than 50 validation images)
+    ck["ood"] = fit_ood(model, data, tr_idx, va_idx, device)
     atomic_torch_save(ck, best_path)
     rep = evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype)
     if oof and len(te_idx):

@@ -24,7 +24,7 @@ from monai.networks.nets import UNet
 from monai.networks.nets.basic_unet import UpCat
 
 from .config import ModelConfig
-from .encoders import (LITE0_HEAD_CHANNELS, LITE0_OUTPUT_STRIDE, LITE0_TAP_CHANNELS, EfficientNetLite0,
+from .encoders import (LITE0_HEAD_CHANNELS, LITE0_OUTPUT_STRIDE, LITE0_TAP_CHANNELS, LITE0_TAPS, EfficientNetLite0,
                        load_lite0_imagenet)
 from .errors import UsageError
 
@@ -43,6 +43,9 @@ class MultiTaskNet(Protocol):
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The parameters of a separately built (ImageNet-initialisable) encoder, which fine-tuning
         trains at lr * encoder_lr_mult; empty for a backbone trained from scratch as one module."""
+
+    def ood_layers(self) -> list[nn.Module]:
+        """The blocks whose pooled outputs the out-of-distribution score reads (cxrkit.ood_head)."""
 
     def forward(self, x: torch.Tensor) -> "ModelOutput": ...
 
@@ -159,6 +162,10 @@ class CXRMultiTaskNet(nn.Module):
         """None: the MONAI UNet is one module trained from scratch (every weight at the same lr)."""
         return []
 
+    def ood_layers(self) -> list[nn.Module]:
+        """The encoder level at stride 8."""
+        return [self._levels[min(2, len(self._levels) - 1)]]
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         self._captured = []
         feats = self.unet((x - self.mean) / self.std)
@@ -210,6 +217,11 @@ class Lite0MultiTaskNet(nn.Module):
         """The EfficientNet-Lite0 encoder's (ImageNet weights when cfg.pretrained)."""
         return list(self.encoder.parameters())
 
+    def ood_layers(self) -> list[nn.Module]:
+        """The stride-16 encoder block (112 channels): where the probe and scripts/ood_eval.py found
+        non-chest inputs separated (README, "Out-of-distribution gate")."""
+        return [self.encoder._blocks[LITE0_TAPS[3]]]
+
     def load_pretrained_encoder(self) -> None:
         load_lite0_imagenet(self.encoder)
 
@@ -250,6 +262,10 @@ class EnsembleNet(nn.Module):
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.members for p in m.encoder_parameters()]
+
+    def ood_layers(self) -> list[nn.Module]:
+        """Every member's: the score reads the features of the whole ensemble."""
+        return [b for m in self.members for b in m.ood_layers()]
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         outs = [m(x) for m in self.members]

@@ -50,6 +50,11 @@ MIN_VAL_IMAGES = 50  # fewer validation images: no threshold (like the temperatu
 VIEWS = ("inverse", "rot90", "rot180", "rot270")
 
 
+def not_judged(quality_flags: str) -> bool:
+    """Whether a predictions.csv row's ';'-joined quality_flags hold a gate flag (the image is not judged)."""
+    return any(f in OOD_FLAG_CODES for f in str(quality_flags or "").split(";"))
+
+
 def make_view(x: np.ndarray, view: str) -> np.ndarray:
     if view == "inverse":
         return np.ascontiguousarray(np.float32(1.0) - x)

@@ -31,16 +31,9 @@ log = logging.getLogger("cxrkit")
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """The tapped layer names: for lite0 the stride-16 encoder block (112 channels, where the probe and
-    scripts/ood_eval.py found the separation); for the MONAI UNet the encoder level at stride 8."""
+    """The dotted names of the model's declared OOD layers (MultiTaskNet.ood_layers)."""
     names = {id(m): n for n, m in model.named_modules()}
-    if hasattr(model, "encoder") and hasattr(model.encoder, "_blocks"):
-        from .encoders import LITE0_TAPS
-        return [names[id(model.encoder._blocks[LITE0_TAPS[3]])]]
-    levels = getattr(model, "_levels", None)
-    if levels:
-        return [names[id(levels[min(2, len(levels) - 1)])]]
-    raise ValueError("no default OOD layer for this network: pass layers=")
+    return [names[id(m)] for m in model.ood_layers()]
 
 
 class OODHead(nn.Module):

@@ -36,6 +36,7 @@ from collections import defaultdict, deque
 from pathlib import Path
 
 from .errors import CxrkitError, InferenceError
+from .ood import not_judged
 
 log = logging.getLogger("cxrkit")
 
@@ -191,6 +192,7 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
         q["counts"] = {c: sum((s.get("quality") or {}).get("counts", {}).get(c, 0) for s, _, _ in loaded)
                        for c in q["counts"]}
         q["n_flagged"] = sum(bool(r.get("quality_flags")) for r in rows)
+        q["n_not_judged"] = sum(not_judged(r.get("quality_flags")) for r in rows)
     labelled = [r for r in rows if r.get("true_class")]
     summary["classification"] = classification_summary(
         [names.index(r["true_class"]) for r in labelled],

@@ -213,8 +213,7 @@ def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally:
                       "ood_score": "out-of-distribution score (cxrkit.ood); above quality.ood.threshold the "
                                    "image is not judged; empty when the model has no gate"},
         "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": tally.flag_counts,
-                    "n_not_judged": int(sum(any(f in ood.OOD_FLAG_CODES for f in r["quality_flags"].split(";"))
-                                            for r in rows)),
+                    "n_not_judged": int(sum(ood.not_judged(r["quality_flags"]) for r in rows)),
                     "meaning": {**quality.FLAG_MEANING, **ood.OOD_FLAG_MEANING},
                     "thresholds": {**quality.thresholds(tally.area_rng),
                                    ood.FLAG_ASPECT: f"longer side > {ood.EXTREME_ASPECT:g} x shorter (decoded image)",
