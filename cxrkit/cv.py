@@ -16,7 +16,6 @@ test_results/oof_predictions.npz. `--fold all` trains the same recipe on every i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
