@@ -16,7 +16,6 @@ test_results/oof_predictions.npz. `--fold all` trains the same recipe on every i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,14 +34,9 @@ def make_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.
     so far (ties to the lowest id): deterministic, and fold sizes per class differ by at most one group."""
     if k < 2:
         raise ValueError(f"--folds must be at least 2, got {k}")
-    rng = np.random.default_rng(seed)
+    from .data import shuffled_class_groups  # data imports this module (fold_split) when it splits
     fold = np.full(len(labels), -1, np.int64)
-    uniq = np.unique(groups)
-    members = {g: np.flatnonzero(groups == g) for g in uniq}
-    glabel = {g: np.bincount(labels[m]).argmax() for g, m in members.items()}
-    for c in np.unique(labels):
-        gs = np.array(sorted(g for g in uniq if glabel[g] == c))
-        rng.shuffle(gs)
+    for gs, members in shuffled_class_groups(labels, groups, seed):
         counts = np.zeros(k, np.int64)
         for g in gs:
             f = int(counts.argmin())

@@ -262,17 +262,25 @@ def near_duplicate_groups(images: np.ndarray, threshold: float = TrainConfig.dup
     return np.array([find(i) for i in range(n)])
 
 
-def make_split(labels: np.ndarray, groups: np.ndarray, val_frac: float, test_frac: float,
-               seed: int) -> dict[str, np.ndarray]:
-    """Stratified by class, whole near-duplicate groups to one side; deterministic for a seed."""
+def shuffled_class_groups(labels: np.ndarray, groups: np.ndarray, seed: int):
+    """The near-duplicate groups of each class in turn (a group's class: its members' majority),
+    sorted then shuffled by one rng of `seed`; yields (the class's groups, every group's members).
+    The one walk that make_split and cxrkit.cv.make_folds deal groups from."""
     rng = np.random.default_rng(seed)
-    out = {"train": [], "val": [], "test": []}
     uniq = np.unique(groups)
     members = {g: np.flatnonzero(groups == g) for g in uniq}
     glabel = {g: np.bincount(labels[m]).argmax() for g, m in members.items()}
     for c in np.unique(labels):
         gs = np.array(sorted(g for g in uniq if glabel[g] == c))
         rng.shuffle(gs)
+        yield gs, members
+
+
+def make_split(labels: np.ndarray, groups: np.ndarray, val_frac: float, test_frac: float,
+               seed: int) -> dict[str, np.ndarray]:
+    """Stratified by class, whole near-duplicate groups to one side; deterministic for a seed."""
+    out = {"train": [], "val": [], "test": []}
+    for gs, members in shuffled_class_groups(labels, groups, seed):
         n_c = sum(len(members[g]) for g in gs)
         targets = {"test": round(n_c * test_frac), "val": round(n_c * val_frac)}
         counts = {"test": 0, "val": 0}

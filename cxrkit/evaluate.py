@@ -301,7 +301,7 @@ def write_split_report(checkpoint, data, indices, save_dir, device=None, *, spli
     save_dir, exactly as the inference CLIs write them. `data`: a cxrkit.data.CachedData; returns
     the summary, or None (with a warning) when the split is empty or its files are not reachable
     (a prebuilt cache folder given as --data_dir holds no image files)."""
-    from .inference import InputItem, TorchBackend, assign_output_stems, run_pipeline
+    from .inference import InputItem, PipelineOptions, TorchBackend, assign_output_stems, run_pipeline
     from .preprocess import mask_for_image
     from .report import REPORT_NAME
     idx = [int(i) for i in np.asarray(indices).ravel()]
@@ -321,9 +321,8 @@ def write_split_report(checkpoint, data, indices, save_dir, device=None, *, spli
     assign_output_stems(items)
     backend = TorchBackend(checkpoint, None if device is None else str(device))
     # the folder belongs to this evaluation (like test_results/): a re-run replaces the last one's files
-    summary = run_pipeline(backend, items, save_dir, batch_size=batch_size, workers=workers, progress=progress,
-                           extra_summary={"inputs": {"split": split_name, "data_dir": str(root),
-                                                     "n_images": len(items), **(extra_inputs or {})}},
-                           overwrite=True)
+    inputs = {"split": split_name, "data_dir": str(root), "n_images": len(items), **(extra_inputs or {})}
+    summary = run_pipeline(backend, items, save_dir, PipelineOptions(
+        batch_size=batch_size, workers=workers, progress=progress, extra_summary={"inputs": inputs}, overwrite=True))
     print(f"{split_name} report: {Path(save_dir) / REPORT_NAME}", flush=True)
     return summary

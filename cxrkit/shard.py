@@ -136,26 +136,8 @@ def _check(dirs, loaded) -> int:
     return n
 
 
-def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dict:
-    """Combine the N shard folders of one run into out_dir (predictions.csv, summary.json,
-    report.html) as a single run over the same inputs writes them; returns the summary."""
-    from .inference.pipeline import classification_summary
-    from .inference.render import write_csv_atomic
-    from .io_utils import write_json_atomic
-    from .outdir import claim_save_dir
-    from .report import write_gallery_thumbnails, write_report
-
-    dirs = [Path(d) for d in dirs]
-    if not dirs:
-        raise InferenceError("no shard folders given")
-    loaded = [_load(d) for d in dirs]
-    order = sorted(range(len(dirs)), key=lambda i: loaded[i][0]["shard"]["index"])
-    dirs, loaded = [dirs[i] for i in order], [loaded[i] for i in order]
-    n = _check(dirs, loaded)
-    full = [x for x in loaded if not x[0].get("empty_shard")] or loaded
-    tmpl, header = copy.deepcopy(full[0][0]), full[0][1]
-    names = list(tmpl["class_names"])
-
+def _in_input_order(dirs, loaded) -> tuple[list, list, list, list]:
+    """The shards' rows, skips, notes and mask problems, in the single run's input order."""
     rows, skipped, notes, mask_problems = [], [], [], []
     for d, (s, _, shard_rows) in zip(dirs, loaded):
         pos = defaultdict(deque)
@@ -174,19 +156,12 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
     rows = [r for _, r in sorted(rows, key=lambda t: t[0])]
     skipped = [x for _, x in sorted(skipped, key=lambda t: t[0])]
     notes = [x for _, _, x in sorted(notes, key=lambda t: (t[0], t[1]))]
-    n_inputs = sum(s.get("n_inputs", 0) for s, _, _ in loaded)
-    if n_inputs != tmpl["shard"]["n_inputs_all"]:
-        raise InferenceError(f"the {n} shards hold {n_inputs} inputs, the run had {tmpl['shard']['n_inputs_all']}")
+    return rows, skipped, notes, mask_problems
 
-    summary = tmpl
-    model = summary["shard"].get("model")
-    summary.pop("shard")
-    summary.pop("empty_shard", None)
-    summary.update({"n_inputs": n_inputs, "n_processed": len(rows), "n_skipped": len(skipped), "skipped": skipped,
-                    "notes": notes,
-                    "predicted_counts": {c: sum(r["predicted_class"] == c for r in rows) for c in names}})
-    if mask_problems:
-        summary["mask_problems"] = mask_problems
+
+def _merge_metrics(summary: dict, loaded, rows: list, names: list) -> None:
+    """summary's quality counts, classification and segmentation, recounted over every shard."""
+    from .inference.summary import classification_summary
     q = summary.get("quality")
     if isinstance(q, dict) and "counts" in q:
         q["counts"] = {c: sum((s.get("quality") or {}).get("counts", {}).get(c, 0) for s, _, _ in loaded)
@@ -209,6 +184,42 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
         summary["segmentation"] = seg
     else:
         summary["segmentation"] = None
+
+
+def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dict:
+    """Combine the N shard folders of one run into out_dir (predictions.csv, summary.json,
+    report.html) as a single run over the same inputs writes them; returns the summary."""
+    from .inference.render import write_csv_atomic
+    from .io_utils import write_json_atomic
+    from .outdir import claim_save_dir
+    from .report import write_gallery_thumbnails, write_report
+
+    dirs = [Path(d) for d in dirs]
+    if not dirs:
+        raise InferenceError("no shard folders given")
+    loaded = [_load(d) for d in dirs]
+    order = sorted(range(len(dirs)), key=lambda i: loaded[i][0]["shard"]["index"])
+    dirs, loaded = [dirs[i] for i in order], [loaded[i] for i in order]
+    n = _check(dirs, loaded)
+    full = [x for x in loaded if not x[0].get("empty_shard")] or loaded
+    tmpl, header = copy.deepcopy(full[0][0]), full[0][1]
+    names = list(tmpl["class_names"])
+
+    rows, skipped, notes, mask_problems = _in_input_order(dirs, loaded)
+    n_inputs = sum(s.get("n_inputs", 0) for s, _, _ in loaded)
+    if n_inputs != tmpl["shard"]["n_inputs_all"]:
+        raise InferenceError(f"the {n} shards hold {n_inputs} inputs, the run had {tmpl['shard']['n_inputs_all']}")
+
+    summary = tmpl
+    model = summary["shard"].get("model")
+    summary.pop("shard")
+    summary.pop("empty_shard", None)
+    summary.update({"n_inputs": n_inputs, "n_processed": len(rows), "n_skipped": len(skipped), "skipped": skipped,
+                    "notes": notes,
+                    "predicted_counts": {c: sum(r["predicted_class"] == c for r in rows) for c in names}})
+    if mask_problems:
+        summary["mask_problems"] = mask_problems
+    _merge_metrics(summary, loaded, rows, names)
     thr = [s.get("throughput") or {} for s, _, _ in loaded]
     secs = sum(t.get("seconds") or 0.0 for t in thr)
     summary["throughput"] = {"seconds": secs, "images_per_second": len(rows) / secs if secs > 0 else None,

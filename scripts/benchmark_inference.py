@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     from cxrkit.checkpoint import CheckpointError
     from cxrkit.config import make_config
     from cxrkit.export import export_to_onnx, meta_path_for
-    from cxrkit.inference import InferenceError, OnnxBackend, TorchBackend, gather_inputs, run_pipeline
+    from cxrkit.inference import (InferenceError, OnnxBackend, PipelineOptions, TorchBackend, gather_inputs,
+                                  run_pipeline)
     from cxrkit.model import build_model
     from cxrkit.preprocess import load_for_model
 
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
             its = gather_inputs(images=[str(p) for p in paths], class_names=be.class_names)
             with PeakRSS() as m:
                 t0 = time.perf_counter()
-                run_pipeline(be, its, tmp / f"e2e_{name}_{b}", batch_size=b, progress=False)
+                run_pipeline(be, its, tmp / f"e2e_{name}_{b}", PipelineOptions(batch_size=b, progress=False))
                 s = time.perf_counter() - t0
             add("end to end (in process)", name, b, s, m.mib)
     with PeakRSS() as m:

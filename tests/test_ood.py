@@ -129,7 +129,7 @@ def _generated_set(root: Path, per: int = 4) -> dict:
 def shipped_runs(tmp_path_factory, cxr_data_available):
     if not SHIPPED_ONNX.is_file() or not SHIPPED_CK.is_file():
         pytest.skip("shipped model not found")
-    from cxrkit.inference import InputItem, OnnxBackend, TorchBackend, run_pipeline
+    from cxrkit.inference import InputItem, OnnxBackend, PipelineOptions, TorchBackend, run_pipeline
     root = tmp_path_factory.mktemp("ood_set")
     src = root / "in"
     src.mkdir()
@@ -139,7 +139,7 @@ def shipped_runs(tmp_path_factory, cxr_data_available):
         assert backend.ood and backend.ood["threshold"] > 0
         items = [InputItem(path=p, rel=p.name) for p in sorted(src.iterdir())]
         out = root / name
-        s = run_pipeline(backend, items, out, batch_size=8, progress=False, report=True)
+        s = run_pipeline(backend, items, out, PipelineOptions(batch_size=8, progress=False, report=True))
         rows = {Path(r["image_path"]).name: r for r in csv.DictReader(open(out / "predictions.csv"))}
         runs[name] = {"summary": s, "rows": rows, "out": out}
     return want, runs
@@ -173,13 +173,13 @@ def test_both_backends_agree_on_score_and_every_flag(shipped_runs):
 
 
 def test_threshold_override_and_overlay_names_the_reason(shipped_runs, tmp_path):
-    from cxrkit.inference import InputItem, OnnxBackend, run_pipeline
+    from cxrkit.inference import InputItem, OnnxBackend, PipelineOptions, run_pipeline
     want, runs = shipped_runs
     src = next(iter(runs["onnx"]["rows"].values()))["image_path"]
     folder = Path(src).parent
     items = [InputItem(path=folder / "real0.png", rel="real0.png")]
-    s = run_pipeline(OnnxBackend(SHIPPED_ONNX), items, tmp_path / "o", progress=False, report=False,
-                     ood_threshold=1e-3)
+    s = run_pipeline(OnnxBackend(SHIPPED_ONNX), items, tmp_path / "o",
+                     PipelineOptions(progress=False, report=False, ood_threshold=1e-3))
     assert s["quality"]["counts"][ood.FLAG_NOT_CXR] == 1 and s["quality"]["ood"]["source"] == "--ood_threshold"
     ann = cv2.imread(str(runs["onnx"]["out"] / runs["onnx"]["rows"]["other_0.dcm"]["annotated_png"]))
     assert tuple(int(v) for v in ann[0, 0]) == (0, 0, 255)  # red frame: flagged

@@ -7,7 +7,7 @@ are re-exported here, so `from cxrkit.inference import run_pipeline` is the publ
     backend = TorchBackend("model_checkpoints/best_covid_model.pth")        # or
     backend = OnnxBackend("models/covid_multitask.onnx")                   # + <model>.onnx.meta.json
     items = gather_inputs(data_dir="DIR", class_names=backend.class_names)
-    summary = run_pipeline(backend, items, "out/preds", batch_size=16, tta=1)
+    summary = run_pipeline(backend, items, "out/preds", PipelineOptions(batch_size=16, tta=1))
 
 A backend meets the `Backend` protocol (backends.py): model_file, preset, class_names, img_size,
 temperature and calibration_problem, lung_area_range, describe(), explainer() (Grad-CAM) and
@@ -40,6 +40,6 @@ from .cli import (add_gradcam_args, add_input_args, add_output_args, add_run_arg
                   run_cli, user_errors)
 from .gradcam import GradCamExplainer  # noqa: F401
 from .inputs import InputItem, assign_output_stems, gather_inputs  # noqa: F401
-from .pipeline import csv_columns, planned_outputs, run_pipeline  # noqa: F401
+from .pipeline import PipelineOptions, csv_columns, planned_outputs, run_pipeline  # noqa: F401
 from .render import (DISCLAIMER, display_image, normalise_cam, render_annotation, write_csv_atomic,  # noqa: F401
                      write_npy, write_png)

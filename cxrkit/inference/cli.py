@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +16,7 @@ from ..shard import parse_shard, select_shard, write_empty_shard
 from ..tta import MAX_TTA
 from .backends import CAM_NEEDS_CHECKPOINT, Backend
 from .inputs import gather_inputs
-from .pipeline import check_options, csv_columns, run_pipeline
+from .pipeline import PipelineOptions, check_options, csv_columns, run_pipeline
 
 log = logging.getLogger("cxrkit")
 D = InferConfig()
@@ -135,7 +136,11 @@ def run_cli(args, make_backend: Callable[[], Backend], cam_checkpoint=None, cam_
         outs = parse_outputs(args.outputs, args.save_masks, args.no_report)
         shard = parse_shard(args.shard) if args.shard else None
         backend = make_backend()
-        check_options(backend.class_names, args.batch_size, args.tta, args.cam_class, args.workers)
+        opts = PipelineOptions(batch_size=args.batch_size, tta=args.tta, cam_class=args.cam_class,
+                               save_cams=args.save_cams, save_masks=outs["save_masks"], report=outs["report"],
+                               annotate=outs["annotate"], workers=args.workers, progress=not args.quiet,
+                               overwrite=args.overwrite, ood_threshold=args.ood_threshold)
+        check_options(backend.class_names, opts)
         if backend.calibration_problem:
             log.warning("%s: %s", backend.model_file, backend.calibration_problem)
         items = gather_inputs(args.data_dir, args.images, backend.class_names, args.num_samples, args.seed,
@@ -150,14 +155,8 @@ def run_cli(args, make_backend: Callable[[], Backend], cam_checkpoint=None, cam_
                 print(f"shard {args.shard}: no inputs ({extra['shard']['n_inputs_all']} in the whole run); wrote an "
                       f"empty predictions.csv for the merge | outputs in {args.save_dir}")
                 return 0
-        cam = None
-        if gradcam:
-            cam = backend.explainer(cam_checkpoint, cam_mismatch_ok)
-        summary = run_pipeline(backend, items, args.save_dir, batch_size=args.batch_size, tta=args.tta, cam=cam,
-                               cam_class=args.cam_class, save_cams=args.save_cams, save_masks=outs["save_masks"],
-                               report=outs["report"], annotate=outs["annotate"], workers=args.workers,
-                               progress=not args.quiet, overwrite=args.overwrite, ood_threshold=args.ood_threshold,
-                               extra_summary=extra)
+        cam = backend.explainer(cam_checkpoint, cam_mismatch_ok) if gradcam else None
+        summary = run_pipeline(backend, items, args.save_dir, replace(opts, cam=cam, extra_summary=extra))
     except Exception as e:  # noqa: BLE001 - user errors become one line, anything else a traceback
         if not isinstance(e, user_errors()):
             raise

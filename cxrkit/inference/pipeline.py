@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..config import LUNG_THRESHOLD
+from ..config import InferConfig
 from ..errors import InferenceError, os_error
 from ..io_utils import MAX_BATCH_SIZE, write_json_atomic
 from .. import ood, quality
@@ -21,7 +20,8 @@ from ..preprocess import (ImageReadError, lung_mask, read_gray_info, read_mask, 
 from ..tta import MAX_TTA, tta_predict
 from .gradcam import GradCamExplainer
 from .inputs import InputItem, assign_output_stems
-from .render import DISCLAIMER, _Writer, display_image, render_annotation, write_csv_atomic, write_npy, write_png
+from .summary import build_summary
+from .render import _Writer, display_image, render_annotation, write_csv_atomic, write_npy, write_png
 
 log = logging.getLogger("cxrkit")
 
@@ -90,9 +90,35 @@ def csv_columns(class_names, save_masks=False, gradcam=False) -> list[str]:
     return cols
 
 
-def check_options(names, batch_size, tta, cam_class, workers: int | None = None) -> int | None:
+@dataclass
+class PipelineOptions:
+    """How run_pipeline runs and what it writes; the defaults are config.InferConfig's.
+    report: also thumbs/ and report.html (cxrkit.report).
+    annotate=False (bulk mode): no annotated PNGs (nor the display-size image they are drawn from);
+    with report, thumbnails are made afterwards from the source files, for the images the gallery
+    shows only (cxrkit.report.write_gallery_thumbnails).
+    overwrite: the run owns save_dir (cxrkit.outdir); an earlier run's outputs there are refused unless
+    overwrite (which removes exactly those files first)."""
+    batch_size: int = InferConfig.batch_size
+    tta: int = InferConfig.tta
+    cam: GradCamExplainer | None = None  # Grad-CAM (Backend.explainer); None: no maps
+    cam_class: str | None = None  # the class Grad-CAM explains; None: the predicted class
+    save_cams: bool = False
+    save_masks: bool = False
+    report: bool = True
+    annotate: bool = True
+    workers: int | None = None    # image-decoding threads; None or 0: InferConfig.workers
+    progress: bool = True
+    display_size: int = 512
+    overwrite: bool = False
+    ood_threshold: float | None = None  # None: the model's own gate threshold
+    extra_summary: dict | None = None   # merged into summary.json
+
+
+def check_options(names, opts: PipelineOptions) -> int | None:
     """The run options, checked once (run_cli calls it before scanning the inputs, run_pipeline for
     library callers); returns the Grad-CAM class index (None: the predicted class)."""
+    batch_size, tta, cam_class, workers = opts.batch_size, opts.tta, opts.cam_class, opts.workers
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise InferenceError(f"--batch_size must be between 1 and {MAX_BATCH_SIZE}, got {batch_size} (larger "
                              f"batches only cost memory: images are decoded ahead of the model)")
@@ -106,12 +132,13 @@ def check_options(names, batch_size, tta, cam_class, workers: int | None = None)
     return None if cam_class is None else names.index(cam_class)
 
 
-def _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cams, workers) -> int | None:
-    cam_idx = check_options(names, batch_size, tta, cam_class, workers)
+def _check_run(names, size, items, opts: PipelineOptions) -> int | None:
+    cam_idx = check_options(names, opts)
+    cam = opts.cam
     if cam is not None and (cam.class_names != names or cam.img_size != size):
         raise InferenceError(f"the Grad-CAM checkpoint (classes {cam.class_names}, {cam.img_size}px) does not "
                              f"match the model (classes {names}, {size}px)")
-    if save_cams and cam is None:
+    if opts.save_cams and cam is None:
         raise InferenceError("--save_cams needs Grad-CAM (--gradcam)")
     if not items:
         raise InferenceError("no images to run on")
@@ -119,15 +146,32 @@ def _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cam
 
 
 class _Tally:
-    """Per-image results: the CSV rows, quality-flag counts, and what the metrics need."""
+    """Per-image results: the CSV rows, quality-flag counts, what the metrics need, and the run's
+    skips, notes and counts."""
 
-    def __init__(self, names, size, area_rng, annotate=True, gate=None):
-        self.names, self.size, self.area_rng, self.annotate, self.gate = names, size, area_rng, annotate, gate
+    def __init__(self, names, size, area_rng, gate, opts: PipelineOptions):
+        self.names, self.size, self.area_rng, self.gate = names, size, area_rng, gate
+        self.annotate, self.save_masks, self.save_cams = opts.annotate, opts.save_masks, opts.save_cams
         self.rows, self.y_true, self.y_probs, self.y_flagged = [], [], [], []
         self.dices, self.ious, self.dices_model = [], [], []
         self.flag_counts = {c: 0 for c in quality.FLAG_CODES + ood.OOD_FLAG_CODES}
+        self.skipped, self.mask_problems, self.input_notes = [], [], []
+        self.n_done, self.model_seconds = 0, 0.0
 
-    def add(self, d, seg, probs, save_masks, cam_name, save_cams, ood_score=None, view_scores=None) -> dict:
+    def add_decoded(self, d: _Decoded) -> bool:
+        """Records d's skip reason, mask problem and notes; False when d was not decoded."""
+        if d.error is not None:
+            self.skipped.append({"path": str(d.item.path), "reason": d.error})
+            log.warning("skipped %s: %s", d.item.path, d.error)
+            return False
+        if d.mask_error is not None:
+            self.mask_problems.append({"path": str(d.item.mask_path), "reason": d.mask_error})
+        for n in d.notes:
+            self.input_notes.append({"path": str(d.item.path), "note": n})
+            log.warning("%s: %s", d.item.path, n)
+        return True
+
+    def add(self, d, seg, probs, cam_name, ood_score=None, view_scores=None) -> dict:
         from ..metrics import binary_dice_iou
         names, pred = self.names, int(probs.argmax())
         lung = lung_mask(seg)
@@ -159,225 +203,173 @@ class _Tally:
             self.ious.append(io_)
             self.dices_model.append(binary_dice_iou(lung, resize_mask(d.gt_mask, self.size))[0])
             row["dice"], row["iou"] = f"{dc:.6f}", f"{io_:.6f}"
-        if save_masks:
+        if self.save_masks:
             row["mask_png"] = f"masks/{d.item.out_stem}_mask.png"
         if cam_name:
             row["cam_class"] = cam_name
-            row["cam_file"] = f"cams/{d.item.out_stem}_cam.npy" if save_cams else ""
+            row["cam_file"] = f"cams/{d.item.out_stem}_cam.npy" if self.save_cams else ""
         self.rows.append(row)
         return row
 
 
-def classification_summary(y_true, y_probs, names, flagged=None) -> dict:
-    """summary.json's "classification": metrics, n_labelled and 95% intervals, and with `flagged` (a bool
-    per image: any quality flag) the same figures over the unflagged images (also cxrkit.shard's merge)."""
-    from ..metrics import classification_metrics, confidence_intervals
-    y_true, y_probs = np.asarray(y_true, np.int64), np.asarray(y_probs, np.float64)
-    m = classification_metrics(y_true, y_probs, names)
-    m["n_labelled"] = len(y_true)
-    m.update(confidence_intervals(y_true, y_probs.argmax(1), len(names)))
-    if flagged is not None:
-        keep = ~np.asarray(flagged, bool)
-        m["unflagged"] = {"n": int(keep.sum()), "note": "the same figures over images with no quality flag"}
-        if keep.any():
-            mu = classification_metrics(y_true[keep], y_probs[keep], names)
-            m["unflagged"].update(accuracy=mu["accuracy"], macro_f1=mu["macro_f1"])
-    return m
+@dataclass
+class _Run:
+    """One run's fixed state (_prepare) and its tally."""
+    backend: object
+    save_dir: Path
+    opts: PipelineOptions         # workers resolved
+    names: list
+    size: int
+    temp: float
+    cam_idx: int | None           # the Grad-CAM class; None: the predicted class
+    gate: dict | None             # None: the model carries no out-of-distribution gate
+    claim: object                 # cxrkit.outdir's claim on save_dir
+    tally: _Tally
+    notes: list                   # the overlay's notes (calibration, TTA)
 
 
-def _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally: _Tally, seconds, model_seconds, *,
-             tta, batch_size, workers, cam, cam_class, save_masks, save_cams, calib_problem) -> dict:
-    """summary.json: counts, skips, throughput, quality flags, and metrics where ground truth exists."""
-    names, size, temp, rows = tally.names, tally.size, float(backend.temperature), tally.rows
-    summary = {
-        "n_inputs": len(items), "n_processed": n_done, "n_skipped": len(skipped), "skipped": skipped,
-        "backend": backend.name, "backend_info": backend.describe(),
-        "class_names": names, "img_size": size,
-        "calibrated": calib_problem is None, "temperature": temp,
-        **({"calibration_problem": f"the model: {calib_problem}"} if calib_problem else {}),
-        "calibration": "probabilities in predictions.csv = softmax(logits / temperature), averaged over TTA views",
-        "tta": int(tta), "batch_size": int(batch_size), "decode_workers": workers,
-        "throughput": {"seconds": seconds, "images_per_second": n_done / seconds if seconds > 0 else None,
-                       "model_seconds": model_seconds,
-                       "note": "seconds = wall clock of the whole pipeline (decode, model, overlays, files); "
-                               "model_seconds = time in the backend incl. TTA"},
-        "predicted_counts": {c: int(sum(r["predicted_class"] == c for r in rows)) for c in names},
-        "csv_notes": {"prob_<class>": "calibrated class probabilities, model class order",
-                      "confidence": "probability of predicted_class",
-                      "lung_area_fraction": f"fraction of model-input pixels with lung probability > {LUNG_THRESHOLD}",
-                      "true_class/correct": "from the folder name when it is a model class (correct: 1/0), "
-                                            "else empty",
-                      "dice/iou": f"vs the ground-truth mask (masks/ folder) at {LUNG_THRESHOLD}, at the mask's own "
-                                  "resolution, when there is one",
-                      "quality_flags": "empty when all is well, else ';'-joined codes (see quality)",
-                      "ood_score": "out-of-distribution score (cxrkit.ood); above quality.ood.threshold the "
-                                   "image is not judged; empty when the model has no gate"},
-        "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": tally.flag_counts,
-                    "n_not_judged": int(sum(ood.not_judged(r["quality_flags"]) for r in rows)),
-                    "meaning": {**quality.FLAG_MEANING, **ood.OOD_FLAG_MEANING},
-                    "thresholds": {**quality.thresholds(tally.area_rng),
-                                   ood.FLAG_ASPECT: f"longer side > {ood.EXTREME_ASPECT:g} x shorter (decoded image)",
-                                   **({ood.FLAG_NOT_CXR: f"ood_score > {tally.gate['threshold']:.4g} "
-                                                         f"({tally.gate.get('source')})"} if tally.gate else {})},
-                    "lung_area_range": tally.area_rng,
-                    "ood": tally.gate or {"note": "the model carries no out-of-distribution gate: not_chest_xray, "
-                                                  "inverted and rotated are not checked"},
-                    "note": "flagged images got an answer the model cannot back: check them by eye; not judged "
-                            "= not_chest_xray, inverted, rotated or extreme_aspect (probabilities kept in the CSV)"},
-        "notes": input_notes,
-        "classification": None, "segmentation": None,
-        "gradcam": None if cam is None else {
-            "target": cam_class or "predicted class", "layer": cam.layer, "method": "monai.visualize.GradCAM",
-            "checkpoint_mismatch": cam.mismatch,
-            "maps_saved": bool(save_cams), "input": "the un-augmented image (also with --tta)",
-            "map_format": "float32 .npy (S x S, model input size), raw ReLU'd Grad-CAM (not normalised); the "
-                          "annotated PNG shows it min-max normalised per image"},
-        "outputs": {"csv": "predictions.csv", "annotated": "annotated/" if tally.annotate else None,
-                    "masks": "masks/ (0/255 PNG at the original image resolution)" if save_masks else None,
-                    "cams": "cams/" if save_cams else None},
-        "note": DISCLAIMER,
-    }
-    if mask_problems:
-        summary["mask_problems"] = mask_problems
-    if tally.y_true:
-        summary["classification"] = classification_summary(tally.y_true, tally.y_probs, names, tally.y_flagged)
-    if tally.dices:
-        summary["segmentation"] = {"mean_dice": float(np.mean(tally.dices)), "mean_iou": float(np.mean(tally.ious)),
-                                   "n_masks": len(tally.dices), "threshold": LUNG_THRESHOLD,
-                                   "resolution": "each ground-truth mask's own size (lung probabilities resized "
-                                                 "bilinearly to it, then thresholded)",
-                                   "mean_dice_model_input": float(np.mean(tally.dices_model)),
-                                   "model_input_resolution": f"{size}x{size}"}
-    return summary
-
-
-def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int = 16, tta: int = 1,
-                 cam: GradCamExplainer | None = None, cam_class: str | None = None, save_cams: bool = False,
-                 save_masks: bool = False, workers: int | None = None, progress: bool = True,
-                 display_size: int = 512, extra_summary: dict | None = None, report: bool = True,
-                 overwrite: bool = False, annotate: bool = True, ood_threshold: float | None = None) -> dict:
+def run_pipeline(backend, items: list[InputItem], save_dir, opts: PipelineOptions | None = None) -> dict:
     """Run `backend` over `items`, write every output into save_dir; returns the summary dict.
-    report: also thumbs/ and report.html (cxrkit.report).
-    annotate=False (bulk mode): no annotated PNGs (nor the display-size image they are drawn from);
-    with report, thumbnails are made afterwards from the source files, for the images the gallery
-    shows only (cxrkit.report.write_gallery_thumbnails).
-    The run owns save_dir (cxrkit.outdir): refused while another process writes there, or when it
-    holds an earlier run's outputs unless overwrite (which removes exactly those files first)."""
-    from tqdm import tqdm
-    from ..report import (THUMB_DIR, model_info, thumb_relpath, write_gallery_thumbnails, write_report,
-                          write_thumbnail)
+    opts: PipelineOptions (None: the defaults). The run owns save_dir (cxrkit.outdir): refused while
+    another process writes there, or when it holds an earlier run's outputs unless opts.overwrite."""
+    run = _prepare(backend, items, Path(save_dir), opts or PipelineOptions())
+    t0 = time.perf_counter()
+    _batch_loop(run, items)
+    return _finish(run, items, t0)
 
+
+def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOptions) -> _Run:
+    """Options checked, output stems, save_dir claimed (locked, manifest "running") and its folders made."""
+    from ..report import THUMB_DIR
     names, size, temp = list(backend.class_names), int(backend.img_size), float(backend.temperature)
-    cam_idx = _check_options(names, size, items, batch_size, tta, cam, cam_class, save_cams, workers)
-    save_dir = Path(save_dir)
-    ann_dir, mask_dir, cam_dir = save_dir / "annotated", save_dir / "masks", save_dir / "cams"
+    cam_idx = _check_run(names, size, items, opts)
     if not items[0].out_stem:
         assign_output_stems(items)
-    claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name})")
-    claim.plan(planned_outputs(items, save_masks, save_cams, report, annotate))
+    claim = claim_save_dir(save_dir, opts.overwrite, tool=f"cxrkit inference ({backend.name})")
+    claim.plan(planned_outputs(items, opts.save_masks, opts.save_cams, opts.report, opts.annotate))
     try:
-        gate = ood.resolve(backend.ood, ood_threshold)  # None: the model carries no gate
+        gate = ood.resolve(backend.ood, opts.ood_threshold)  # None: the model carries no gate
     except ValueError as e:
         raise InferenceError(str(e)) from None
     claim.acquire()  # lock; earlier outputs refused or (overwrite) removed; manifest "running"
-    for d in (([ann_dir] if annotate else []) + ([mask_dir] if save_masks else [])
-              + ([cam_dir] if save_cams else []) + ([save_dir / THUMB_DIR] if report else [])):
+    for d in (([save_dir / "annotated"] if opts.annotate else []) + ([save_dir / "masks"] if opts.save_masks else [])
+              + ([save_dir / "cams"] if opts.save_cams else []) + ([save_dir / THUMB_DIR] if opts.report else [])):
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             claim.release()
             raise os_error(e, d, "create the folder") from None
     area_rng = quality.resolve_lung_area_range(backend.lung_area_range)
-    calib_problem = backend.calibration_problem
-    workers = int(workers or min(4, os.cpu_count() or 1))
-    notes = ([f"probabilities calibrated (T={temp:.3g})"] if calib_problem is None
-             else [f"probabilities NOT calibrated (T={temp:.3g})"]) + ([f"TTA: {tta} views"] if tta > 1 else [])
+    opts = replace(opts, workers=int(opts.workers or InferConfig.workers))
+    notes = ([f"probabilities calibrated (T={temp:.3g})"] if backend.calibration_problem is None
+             else [f"probabilities NOT calibrated (T={temp:.3g})"])
+    notes += [f"TTA: {opts.tta} views"] if opts.tta > 1 else []
+    return _Run(backend, save_dir, opts, names, size, temp, cam_idx, gate, claim,
+                _Tally(names, size, area_rng, gate, opts), notes)
+
+
+def _write_job(run: _Run):
+    """The writer thread's job: one image's annotated PNG, mask, Grad-CAM map and thumbnail."""
+    from ..report import thumb_relpath, write_thumbnail
+    opts, save_dir = run.opts, run.save_dir
 
     def write_job(job):
         d, seg, probs, cam_map, cam_name = job
         stem = d.item.out_stem
-        if annotate:
+        if opts.annotate:
             area = f"predicted lung area: {lung_mask(seg).mean() * 100:.1f}% of image"
-            img = render_annotation(d.display, seg, names, probs, d.item.true_class, cam=cam_map,
-                                    cam_label=cam_name, title=d.item.rel, notes=[area] + notes, flags=d.flags)
-            write_png(ann_dir / f"{stem}.png", img)
-        if save_masks:
-            write_png(mask_dir / f"{stem}_mask.png", (lung_mask(seg, d.orig_shape) * 255).astype(np.uint8))
-        if save_cams and cam_map is not None:
-            write_npy(cam_dir / f"{stem}_cam.npy", cam_map.astype(np.float32))
-        if report and annotate:
+            img = render_annotation(d.display, seg, run.names, probs, d.item.true_class, cam=cam_map,
+                                    cam_label=cam_name, title=d.item.rel, notes=[area] + run.notes, flags=d.flags)
+            write_png(save_dir / "annotated" / f"{stem}.png", img)
+        if opts.save_masks:
+            write_png(save_dir / "masks" / f"{stem}_mask.png", (lung_mask(seg, d.orig_shape) * 255).astype(np.uint8))
+        if opts.save_cams and cam_map is not None:
+            write_npy(save_dir / "cams" / f"{stem}_cam.npy", cam_map.astype(np.float32))
+        if opts.report and opts.annotate:
             write_thumbnail(save_dir / thumb_relpath(stem), d.display, seg)
+    return write_job
 
-    tally = _Tally(names, size, area_rng, annotate, gate)
-    per_image_files = annotate or save_masks or save_cams
-    display_h = display_size if annotate else 0
-    skipped, mask_problems, input_notes = [], [], []
-    model_seconds, n_done = 0.0, 0
-    t0 = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxrkit-decode")
-    writer = _Writer(write_job, maxsize=max(4, 2 * batch_size))
-    writer.start()
+
+def _decoded_batches(run: _Run, items, pool, bar):
+    """Batches of decoded images, decoded ahead by the pool; what did not decode is tallied and skipped."""
+    opts, tally = run.opts, run.tally
+    display_h = opts.display_size if opts.annotate else 0
     pending, it = deque(), iter(items)
-    lookahead = 2 * batch_size + workers
+    lookahead = 2 * opts.batch_size + opts.workers
 
     def fill():
         while len(pending) < lookahead:
             nxt = next(it, None)
             if nxt is None:
                 return
-            pending.append(pool.submit(_decode, nxt, size, display_h))
+            pending.append(pool.submit(_decode, nxt, run.size, display_h))
 
+    fill()
+    while pending:
+        batch = []
+        while pending and len(batch) < opts.batch_size:
+            d = pending.popleft().result()
+            fill()
+            if not tally.add_decoded(d):
+                bar.update(1)
+                continue
+            batch.append(d)
+        if batch:
+            yield batch
+
+
+def _predict_batch(run: _Run, batch: list[_Decoded]) -> list[tuple]:
+    """The model on one batch (TTA, the gate's score, Grad-CAM); every image's row goes to the tally;
+    returns the writer's jobs."""
+    backend, opts, gate, cam_idx = run.backend, run.opts, run.gate, run.cam_idx
+    x = to_model_input_np(np.stack([d.model_u8 for d in batch]))
+    tm = time.perf_counter()
+    first_ood = []
+
+    def fwd(xx):  # the identity view (TTA's first) also gives the OOD score
+        sg, lg, sc = backend.forward_ood(xx)
+        if not first_ood:
+            first_ood.append(sc)
+        return sg, lg
+
+    seg, probs = tta_predict(fwd, x, opts.tta, run.temp)  # numpy in, numpy out
+    scores = first_ood[0] if first_ood and first_ood[0] is not None and gate else None
+    views = ([{}] * len(batch) if scores is None else
+             ood.score_views(lambda xv: backend.forward_ood(xv)[2], x, scores, gate["threshold"]))
+    seg = seg[:, 0]
+    probs = probs.astype(np.float64)
+    run.tally.model_seconds += time.perf_counter() - tm
+    pred = probs.argmax(1)
+    cams = None
+    if opts.cam is not None:
+        cams = opts.cam(x, pred if cam_idx is None else np.full(len(batch), cam_idx))
+    jobs = []
+    for i, d in enumerate(batch):
+        cam_name = "" if cams is None else run.names[pred[i] if cam_idx is None else cam_idx]
+        run.tally.add(d, seg[i], probs[i], cam_name,  # sets d.flags
+                      None if scores is None else scores[i], views[i])
+        jobs.append((d, seg[i], probs[i], None if cams is None else cams[i], cam_name))
+    return jobs
+
+
+def _batch_loop(run: _Run, items) -> None:
+    """Decode threads -> model -> writer thread over every item. On failure the claim is released
+    (the manifest stays "running": the next run needs --overwrite)."""
+    from tqdm import tqdm
+    opts = run.opts
+    per_image_files = opts.annotate or opts.save_masks or opts.save_cams
+    pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="cxrkit-decode")
+    writer = _Writer(_write_job(run), maxsize=max(4, 2 * opts.batch_size))
+    writer.start()
     ok = False
     try:
-        with tqdm(total=len(items), desc=f"{backend.name} inference", unit="img", disable=not progress,
+        with tqdm(total=len(items), desc=f"{run.backend.name} inference", unit="img", disable=not opts.progress,
                   dynamic_ncols=True) as bar:
-            fill()
-            while pending:
-                batch = []
-                while pending and len(batch) < batch_size:
-                    d = pending.popleft().result()
-                    fill()
-                    if d.error is not None:
-                        skipped.append({"path": str(d.item.path), "reason": d.error})
-                        log.warning("skipped %s: %s", d.item.path, d.error)
-                        bar.update(1)
-                        continue
-                    if d.mask_error is not None:
-                        mask_problems.append({"path": str(d.item.mask_path), "reason": d.mask_error})
-                    for n in d.notes:
-                        input_notes.append({"path": str(d.item.path), "note": n})
-                        log.warning("%s: %s", d.item.path, n)
-                    batch.append(d)
-                if not batch:
-                    continue
-                x = to_model_input_np(np.stack([d.model_u8 for d in batch]))
-                tm = time.perf_counter()
-                first_ood = []
-
-                def fwd(xx):  # the identity view (TTA's first) also gives the OOD score
-                    sg, lg, sc = backend.forward_ood(xx)
-                    if not first_ood:
-                        first_ood.append(sc)
-                    return sg, lg
-
-                seg, probs = tta_predict(fwd, x, tta, temp)  # numpy in, numpy out
-                scores = first_ood[0] if first_ood and first_ood[0] is not None and gate else None
-                views = ([{}] * len(batch) if scores is None else
-                         ood.score_views(lambda xv: backend.forward_ood(xv)[2], x, scores, gate["threshold"]))
-                seg = seg[:, 0]
-                probs = probs.astype(np.float64)
-                model_seconds += time.perf_counter() - tm
-                pred = probs.argmax(1)
-                cams = None
-                if cam is not None:
-                    cams = cam(x, pred if cam_idx is None else np.full(len(batch), cam_idx))
-                for i, d in enumerate(batch):
-                    cam_name = "" if cams is None else names[pred[i] if cam_idx is None else cam_idx]
-                    tally.add(d, seg[i], probs[i], save_masks, cam_name, save_cams,  # sets d.flags
-                              None if scores is None else scores[i], views[i])
+            for batch in _decoded_batches(run, items, pool, bar):
+                for job in _predict_batch(run, batch):
                     if per_image_files:
-                        writer.put((d, seg[i], probs[i], None if cams is None else cams[i], cam_name))
-                n_done += len(batch)
+                        writer.put(job)
+                run.tally.n_done += len(batch)
                 bar.update(len(batch))
         writer.close()
         ok = True
@@ -386,24 +378,24 @@ def run_pipeline(backend, items: list[InputItem], save_dir, *, batch_size: int =
         if not ok and writer.is_alive():
             writer.q.put(None)
         if not ok:
-            claim.release()  # the manifest stays "running": the next run needs --overwrite
+            run.claim.release()
+
+
+def _finish(run: _Run, items, t0: float) -> dict:
+    """predictions.csv, summary.json, the report, and the manifest (every file this run wrote, with
+    size and SHA-256, status complete); returns the summary."""
+    from ..report import model_info, write_gallery_thumbnails, write_report
+    opts, tally, save_dir = run.opts, run.tally, run.save_dir
     try:
-        cols = csv_columns(names, save_masks, cam is not None)
+        cols = csv_columns(run.names, opts.save_masks, opts.cam is not None)
         write_csv_atomic(save_dir / "predictions.csv", cols, tally.rows)
-        seconds = time.perf_counter() - t0
-        summary = _summary(backend, items, n_done, skipped, mask_problems, input_notes, tally, seconds,
-                           model_seconds, tta=tta, batch_size=batch_size, workers=workers, cam=cam,
-                           cam_class=cam_class, save_masks=save_masks, save_cams=save_cams,
-                           calib_problem=calib_problem)
-        if extra_summary:
-            summary.update(extra_summary)
-        summary["outputs"]["report"] = "report.html (thumbnails in thumbs/)" if report else None
+        summary = build_summary(run.backend, items, tally, opts, time.perf_counter() - t0)
         write_json_atomic(save_dir / "summary.json", summary)
-        if report:
-            if not annotate:
+        if opts.report:
+            if not opts.annotate:
                 write_gallery_thumbnails(save_dir, tally.rows)
-            write_report(save_dir, summary, tally.rows, model=model_info(backend))
-        claim.finish()  # manifest: every file this run wrote, with size and SHA-256, status complete
+            write_report(save_dir, summary, tally.rows, model=model_info(run.backend))
+        run.claim.finish()
     finally:
-        claim.release()
+        run.claim.release()
     return summary

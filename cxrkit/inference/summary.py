@@ -1,0 +1,96 @@
+"""summary.json of an inference run (build_summary), and its classification block, which cxrkit.shard's
+merge recomputes from the shards' CSV rows (classification_summary)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import ood, quality
+from ..config import LUNG_THRESHOLD
+from .render import DISCLAIMER
+
+
+def classification_summary(y_true, y_probs, names, flagged=None) -> dict:
+    """summary.json's "classification": metrics, n_labelled and 95% intervals, and with `flagged` (a bool
+    per image: any quality flag) the same figures over the unflagged images (also cxrkit.shard's merge)."""
+    from ..metrics import classification_metrics, confidence_intervals
+    y_true, y_probs = np.asarray(y_true, np.int64), np.asarray(y_probs, np.float64)
+    m = classification_metrics(y_true, y_probs, names)
+    m["n_labelled"] = len(y_true)
+    m.update(confidence_intervals(y_true, y_probs.argmax(1), len(names)))
+    if flagged is not None:
+        keep = ~np.asarray(flagged, bool)
+        m["unflagged"] = {"n": int(keep.sum()), "note": "the same figures over images with no quality flag"}
+        if keep.any():
+            mu = classification_metrics(y_true[keep], y_probs[keep], names)
+            m["unflagged"].update(accuracy=mu["accuracy"], macro_f1=mu["macro_f1"])
+    return m
+
+
+def build_summary(backend, items, tally, opts, seconds: float) -> dict:
+    """summary.json: counts, skips, throughput, quality flags, and metrics where ground truth exists.
+    tally: the run's pipeline._Tally; opts: its PipelineOptions (workers resolved)."""
+    n_done, calib_problem, cam = tally.n_done, backend.calibration_problem, opts.cam
+    names, size, temp, rows = tally.names, tally.size, float(backend.temperature), tally.rows
+    summary = {
+        "n_inputs": len(items), "n_processed": n_done, "n_skipped": len(tally.skipped), "skipped": tally.skipped,
+        "backend": backend.name, "backend_info": backend.describe(),
+        "class_names": names, "img_size": size,
+        "calibrated": calib_problem is None, "temperature": temp,
+        **({"calibration_problem": f"the model: {calib_problem}"} if calib_problem else {}),
+        "calibration": "probabilities in predictions.csv = softmax(logits / temperature), averaged over TTA views",
+        "tta": int(opts.tta), "batch_size": int(opts.batch_size), "decode_workers": opts.workers,
+        "throughput": {"seconds": seconds, "images_per_second": n_done / seconds if seconds > 0 else None,
+                       "model_seconds": tally.model_seconds,
+                       "note": "seconds = wall clock of the whole pipeline (decode, model, overlays, files); "
+                               "model_seconds = time in the backend incl. TTA"},
+        "predicted_counts": {c: int(sum(r["predicted_class"] == c for r in rows)) for c in names},
+        "csv_notes": {"prob_<class>": "calibrated class probabilities, model class order",
+                      "confidence": "probability of predicted_class",
+                      "lung_area_fraction": f"fraction of model-input pixels with lung probability > {LUNG_THRESHOLD}",
+                      "true_class/correct": "from the folder name when it is a model class (correct: 1/0), "
+                                            "else empty",
+                      "dice/iou": f"vs the ground-truth mask (masks/ folder) at {LUNG_THRESHOLD}, at the mask's own "
+                                  "resolution, when there is one",
+                      "quality_flags": "empty when all is well, else ';'-joined codes (see quality)",
+                      "ood_score": "out-of-distribution score (cxrkit.ood); above quality.ood.threshold the "
+                                   "image is not judged; empty when the model has no gate"},
+        "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": tally.flag_counts,
+                    "n_not_judged": int(sum(ood.not_judged(r["quality_flags"]) for r in rows)),
+                    "meaning": {**quality.FLAG_MEANING, **ood.OOD_FLAG_MEANING},
+                    "thresholds": {**quality.thresholds(tally.area_rng),
+                                   ood.FLAG_ASPECT: f"longer side > {ood.EXTREME_ASPECT:g} x shorter (decoded image)",
+                                   **({ood.FLAG_NOT_CXR: f"ood_score > {tally.gate['threshold']:.4g} "
+                                                         f"({tally.gate.get('source')})"} if tally.gate else {})},
+                    "lung_area_range": tally.area_rng,
+                    "ood": tally.gate or {"note": "the model carries no out-of-distribution gate: not_chest_xray, "
+                                                  "inverted and rotated are not checked"},
+                    "note": "flagged images got an answer the model cannot back: check them by eye; not judged "
+                            "= not_chest_xray, inverted, rotated or extreme_aspect (probabilities kept in the CSV)"},
+        "notes": tally.input_notes,
+        "classification": None, "segmentation": None,
+        "gradcam": None if cam is None else {
+            "target": opts.cam_class or "predicted class", "layer": cam.layer, "method": "monai.visualize.GradCAM",
+            "checkpoint_mismatch": cam.mismatch,
+            "maps_saved": bool(opts.save_cams), "input": "the un-augmented image (also with --tta)",
+            "map_format": "float32 .npy (S x S, model input size), raw ReLU'd Grad-CAM (not normalised); the "
+                          "annotated PNG shows it min-max normalised per image"},
+        "outputs": {"csv": "predictions.csv", "annotated": "annotated/" if tally.annotate else None,
+                    "masks": "masks/ (0/255 PNG at the original image resolution)" if opts.save_masks else None,
+                    "cams": "cams/" if opts.save_cams else None},
+        "note": DISCLAIMER,
+    }
+    if tally.mask_problems:
+        summary["mask_problems"] = tally.mask_problems
+    if tally.y_true:
+        summary["classification"] = classification_summary(tally.y_true, tally.y_probs, names, tally.y_flagged)
+    if tally.dices:
+        summary["segmentation"] = {"mean_dice": float(np.mean(tally.dices)), "mean_iou": float(np.mean(tally.ious)),
+                                   "n_masks": len(tally.dices), "threshold": LUNG_THRESHOLD,
+                                   "resolution": "each ground-truth mask's own size (lung probabilities resized "
+                                                 "bilinearly to it, then thresholded)",
+                                   "mean_dice_model_input": float(np.mean(tally.dices_model)),
+                                   "model_input_resolution": f"{size}x{size}"}
+    if opts.extra_summary:
+        summary.update(opts.extra_summary)
+    summary["outputs"]["report"] = "report.html (thumbnails in thumbs/)" if opts.report else None
+    return summary
