@@ -34,7 +34,7 @@ def make_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.
     so far (ties to the lowest id): deterministic, and fold sizes per class differ by at most one group."""
     if k < 2:
         raise ValueError(f"--folds must be at least 2, got {k}")
-    from .data import shuffled_class_groups  # data imports this module (fold_split) when it splits
+    from .split import shuffled_class_groups  # split imports this module (fold_split) when it splits
     fold = np.full(len(labels), -1, np.int64)
     for gs, members in shuffled_class_groups(labels, groups, seed):
         counts = np.zeros(k, np.int64)

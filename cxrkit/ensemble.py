@@ -44,7 +44,7 @@ def oof_temperature(oof_dirs) -> dict:
     runs = [load_oof(d) for d in oof_dirs]
     for r in runs[1:]:
         if not np.array_equal(r["paths"], runs[0]["paths"]):
-            raise CxrkitError(f"--oof folders hold out different images: use fold runs of one --fold_seed")
+            raise CxrkitError("--oof folders hold out different images: use fold runs of one --fold_seed")
     mean_p = np.mean([softmax(r["logits"]) for r in runs], axis=0)
     logits = np.log(np.clip(mean_p, 1e-12, 1)) if len(runs) > 1 else runs[0]["logits"]
     cal = fit_oof_calibration(runs[0]["labels"], logits)

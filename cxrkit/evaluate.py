@@ -239,7 +239,8 @@ def evaluate_from_args(args) -> None:
     reports. args: model_arch.py's argparse Namespace."""
     import json
 
-    from .data import load_data, load_or_make_split
+    from .data import load_data
+    from .split import load_or_make_split
     from .device import amp_dtype_for, pick_device
     from .errors import DataError, UsageError
     from .tta import MAX_TTA

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from . import plots
 from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, make_checkpoint, strip_for_release
 from .config import ModelConfig, RunOptions, TrainConfig, make_config
-from .data import CachedData, load_data, load_or_make_split
+from .data import CachedData, load_data
+from .split import load_or_make_split
 from .device import amp_dtype_for, barrier, pick_device, setup_distributed
 from .engine import (NO_VALIDATION, Engine, Progress, Session, make_engine, selection_score, train_one_epoch,
                      validate)

@@ -142,7 +142,8 @@ def refit(checkpoint, data_dir, split_file, cache_dir):
     import torch
 
     from cxrkit.checkpoint import atomic_torch_save, model_from_checkpoint
-    from cxrkit.data import load_data, load_or_make_split
+    from cxrkit.data import load_data
+    from cxrkit.split import load_or_make_split
     from cxrkit.ood_head import fit_ood
     model, ck = model_from_checkpoint(checkpoint)
     data = load_data(data_dir, ck["img_size"], cache_dir, 2, 0, 1, False)
@@ -165,7 +166,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.refit:
         refit(args.refit, args.data_dir, args.split_file, args.cache_dir)
-    from cxrkit.data import load_data, load_or_make_split
+    from cxrkit.data import load_data
+    from cxrkit.split import load_or_make_split
     from cxrkit.inference import OnnxBackend, TorchBackend
     backend = TorchBackend(args.checkpoint, "cpu") if args.checkpoint else OnnxBackend(args.onnx_path)
     gate = ood.resolve(backend.ood, args.ood_threshold)

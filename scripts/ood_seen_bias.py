@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from cxrkit.checkpoint import model_from_checkpoint
-from cxrkit.data import load_data, load_or_make_split
+from cxrkit.data import load_data
+from cxrkit.split import load_or_make_split
 from cxrkit.model import predict
 from cxrkit.ood import DEFAULT_PERCENTILE, THRESHOLD_MARGIN
 from cxrkit.ood_head import _batches, attach_ood, default_layers, fit_statistics, pooled_features

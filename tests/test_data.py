@@ -12,8 +12,8 @@ import torch
 import model_arch
 from cxrkit import data as data_mod
 from cxrkit.config import TrainConfig
-from cxrkit.data import (BatchDataset, DataError, EpochBatchSampler, augment, build_cache, discover,
-                         load_or_make_split, make_split, near_duplicate_groups)
+from cxrkit.data import BatchDataset, DataError, EpochBatchSampler, augment, build_cache, discover
+from cxrkit.split import load_or_make_split, make_split, near_duplicate_groups
 from cxrkit.preprocess import ImageReadError, read_gray, read_mask, resize_gray, resize_mask
 
 

@@ -921,7 +921,8 @@ def test_r8_class_without_masks_folder_is_noted(tmp_path, caplog):
 
 
 def test_r8_class_missing_from_validation_and_test_is_noted(tmp_path, caplog):
-    from cxrkit.data import build_cache, load_or_make_split
+    from cxrkit.data import build_cache
+    from cxrkit.split import load_or_make_split
     data = build_cache(_tiny_folder(tmp_path / "d", {"A": 10, "B": 1}, masks=set()), 32, tmp_path / "c", workers=0,
                        progress=False)
     with caplog.at_level(logging.WARNING, logger="cxrkit"):

@@ -18,7 +18,8 @@ import model_arch
 from cxrkit.checkpoint import (FORMAT, CheckpointError, atomic_torch_save, clean_state_dict, load_checkpoint,
                                make_checkpoint, model_from_checkpoint, strip_for_release)
 from cxrkit.config import ModelConfig, make_config
-from cxrkit.data import build_cache, load_or_make_split
+from cxrkit.data import build_cache
+from cxrkit.split import load_or_make_split
 from cxrkit.evaluate import predict_split
 from cxrkit.losses import inverse_frequency_weights
 from cxrkit.metrics import classification_metrics, softmax

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
 from cxrkit.checkpoint import model_from_checkpoint
