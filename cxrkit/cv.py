@@ -111,20 +111,16 @@ def _bootstrap(stat, n: int, seed: int = CI_SEED, resamples: int = CI_RESAMPLES)
 
 def pooled_figures(labels, probs, classes, dice=None, lungs_only_probs=None) -> dict:
     """Accuracy (Wilson), macro-F1, per-class recall, Dice and lungs-only accuracy (bootstrap), 95%."""
-    from .metrics import wilson_interval
+    from .metrics import bootstrap_macro_f1, wilson_interval
     labels = np.asarray(labels)
-    n, c = len(labels), len(classes)
+    n = len(labels)
     pred = probs.argmax(1)
     m = classification_metrics(labels, probs, classes)
-    code = labels * c + pred
-
-    def macro_f1(ix):
-        from .metrics import macro_f1_from_confusion
-        return macro_f1_from_confusion(np.bincount(code[ix], minlength=c * c).reshape(c, c))
-
     out = {"n_images": int(n), "accuracy": m["accuracy"],
            "accuracy_ci95": list(wilson_interval(int((pred == labels).sum()), n)),
-           "macro_f1": m["macro_f1"], "macro_f1_ci95": list(_bootstrap(macro_f1, n)), "recall": {}}
+           "macro_f1": m["macro_f1"],
+           "macro_f1_ci95": list(bootstrap_macro_f1(labels, pred, len(classes), CI_RESAMPLES, CI_SEED)),
+           "recall": {}}
     for i, name in enumerate(classes):
         sel = labels == i
         k = int((pred[sel] == i).sum())
@@ -163,6 +159,12 @@ def paired_difference(labels, probs_a, probs_b) -> dict:
     return {"accuracy_diff": d, "accuracy_diff_ci95": list(acc),
             "macro_f1_diff": float(f1(code_b, np.arange(n)) - f1(code_a, np.arange(n))), "macro_f1_diff_ci95": list(mf1),
             "differs": not (acc[0] <= 0 <= acc[1])}
+
+
+def mean_probability_logits(probs: list) -> np.ndarray:
+    """Logits of the probability-mean ensemble of several (N, C) probability arrays: log of the mean,
+    which softmax maps back to that mean (what model.EnsembleNet outputs)."""
+    return np.log(np.clip(np.mean(probs, axis=0), 1e-12, 1))
 
 
 def fit_oof_calibration(labels, logits) -> dict:
@@ -208,7 +210,8 @@ def cv_report(run_dirs: list[str]) -> dict:
         lo = np.mean(lo, axis=0) if all(x is not None for x in lo) else None
         rep["ensemble"] = {"members": list(runs), "plain": pooled_figures(labels, ens, classes, dice, lo),
                            "vs_first": paired_difference(labels, base, ens),
-                           "calibration": fit_oof_calibration(labels, np.log(np.clip(ens, 1e-12, 1)))}
+                           "calibration": fit_oof_calibration(labels, mean_probability_logits(
+                               [softmax(r["logits"]) for r in runs.values()]))}
         if all("tta4_probs" in r for r in runs.values()):
             ens4 = np.mean([r["tta4_probs"] for r in runs.values()], axis=0)
             rep["ensemble"]["tta4"] = pooled_figures(labels, ens4, classes)

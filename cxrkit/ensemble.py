@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import sys
 from pathlib import Path
 
@@ -27,26 +26,19 @@ import numpy as np
 from .checkpoint import FORMAT, atomic_torch_save, load_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, CxrkitError
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from .io_utils import sha256_file
 
 
 def oof_temperature(oof_dirs) -> dict:
     """Temperature of the probability-mean ensemble of the given fold-run folders' OOF predictions."""
-    from .cv import fit_oof_calibration, load_oof
+    from .cv import fit_oof_calibration, load_oof, mean_probability_logits
     from .metrics import softmax
     runs = [load_oof(d) for d in oof_dirs]
     for r in runs[1:]:
         if not np.array_equal(r["paths"], runs[0]["paths"]):
             raise CxrkitError("--oof folders hold out different images: use fold runs of one --fold_seed")
-    mean_p = np.mean([softmax(r["logits"]) for r in runs], axis=0)
-    logits = np.log(np.clip(mean_p, 1e-12, 1)) if len(runs) > 1 else runs[0]["logits"]
+    logits = (mean_probability_logits([softmax(r["logits"]) for r in runs]) if len(runs) > 1
+              else runs[0]["logits"])
     cal = fit_oof_calibration(runs[0]["labels"], logits)
     cal["oof_runs"] = [str(d) for d in oof_dirs]
     return cal
@@ -54,11 +46,11 @@ def oof_temperature(oof_dirs) -> dict:
 
 def fit_gate(model, ck: dict, data_dir, oof_dirs, cache_dir=None, holdout_fold: int = 0, workers: int = 2) -> dict:
     """ck["ood"] for the ensemble (see the module docstring); returns it."""
+    from .cv import OOF_FILE
     from .data import load_data
     from .errors import DataError
     from .ood_head import fit_ood
     held = Path(oof_dirs[0]) / f"fold{holdout_fold}" / "test_results"
-    from .cv import OOF_FILE
     if not (held / OOF_FILE).is_file():
         raise CxrkitError(f"{held / OOF_FILE} not found: --ood_holdout_fold names a fold of the first --oof run")
     data = load_data(data_dir, ck["img_size"], Path(cache_dir or "cache"), workers, 0, 1, progress=False)
@@ -91,7 +83,7 @@ def build_ensemble(member_paths, oof_dirs=None) -> dict:
           "state_dict": sd, "recipe": first.get("recipe"),
           "prior_correction": first.get("prior_correction"), "lung_area_range": first.get("lung_area_range"),
           "history": first.get("history"),
-          "ensemble": {"members": [{"file": str(p), "sha256": _sha256(p), "recipe": c.get("recipe"),
+          "ensemble": {"members": [{"file": str(p), "sha256": sha256_file(p), "recipe": c.get("recipe"),
                                     "epochs_run": len(c.get("history") or [])} for p, c in zip(member_paths, cks)],
                        "combine": "mean of member probabilities (lung sigmoid, class softmax)"}}
     if oof_dirs:

@@ -192,8 +192,9 @@ def tta_report(model, data, test_idx, classes, device, ns=(1, 4, 8), batch_size=
 def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype, prior_correction=True,
              oof=False) -> dict:
     """Prior-correct and temperature-calibrate the best checkpoint on validation, fit its
-    out-of-distribution gate, store all three in it (atomically), then evaluate it on the test split. oof (k-fold runs): also write the held-out
-    fold's predictions (plain, 4-view TTA, lungs only) for cxrkit.cv to pool."""
+    out-of-distribution gate, store all three in it (atomically), then evaluate it on the test split.
+    oof (k-fold runs): also write the held-out fold's predictions (plain, 4-view TTA, lungs only) for
+    cxrkit.cv to pool."""
     model, ck = model_from_checkpoint(best_path, map_location="cpu")
     if prior_correction:
         apply_prior_correction(model, ck, data.labels[tr_idx])
@@ -205,22 +206,25 @@ def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype
     # (cxrkit.ood_head; None, and no gate, with fewer than 50 validation images)
     ck["ood"] = fit_ood(model, data, tr_idx, va_idx, device)
     atomic_torch_save(ck, best_path)
-    rep = evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype)
-    if oof and len(te_idx):
-        from .cv import OOF_FILE, write_oof
-        idx = np.sort(te_idx)
-        r = predict_split(model, data, idx, device, 64, amp_dtype)
-        tta = predict_split(model, data, idx, device, 64, amp_dtype, tta=4)["probs"]
-        lungs = predict_split(model, data, idx, device, 64, amp_dtype, input_mask="lungs_only")["probs"]
-        write_oof(Path(res_dir) / OOF_FILE, data, idx, r, tta, lungs)
+    if not (oof and len(te_idx)):
+        return evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype)
+    from .cv import OOF_FILE, write_oof
+    idx = np.sort(te_idx)
+    r = predict_split(model, data, idx, device, 64, amp_dtype, native_dice=True)  # the test report's too
+    rep = evaluate_checkpoint(model, ck, data, idx, res_dir, device, amp_dtype, result=r)
+    tta = predict_split(model, data, idx, device, 64, amp_dtype, tta=4)["probs"]
+    lungs = predict_split(model, data, idx, device, 64, amp_dtype, input_mask="lungs_only")["probs"]
+    write_oof(Path(res_dir) / OOF_FILE, data, idx, r, tta, lungs)
     return rep
 
 
-def evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype=None) -> dict:
+def evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype=None, result: dict | None = None) -> dict:
+    """The test report of te_idx; `result`: predict_split's output for te_idx (native_dice=True), when
+    the caller already has it."""
     if len(te_idx) == 0:
         log.warning("test split is empty: no test report written")
         return {}
-    r = predict_split(model, data, te_idx, device, 64, amp_dtype, native_dice=True)
+    r = result if result is not None else predict_split(model, data, te_idx, device, 64, amp_dtype, native_dice=True)
     rep = write_test_report(res_dir, ck["class_names"], r, ck.get("temperature", 1.0),
                             extra={"checkpoint_epoch": ck.get("epoch", -1) + 1})
     s = rep["segmentation"]
