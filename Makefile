@@ -8,11 +8,11 @@ OUT  ?= out
 install:
 	$(PY) -m pip install -q -r requirements.txt
 
-# SYNTHETIC images (cxrkit.synthetic): the classes differ inside the lungs; the model is scored on a
+# SYNTHETIC images (cxrkit.training.synthetic): the classes differ inside the lungs; the model is scored on a
 # separately generated held-out set (another seed) that training never sees.
 demo: install
-	$(PY) -m cxrkit.synthetic --out demo_data --per_class 40
-	$(PY) -m cxrkit.synthetic --out demo_heldout --per_class 10 --seed 1
+	$(PY) -m cxrkit synth --out demo_data --per_class 40
+	$(PY) -m cxrkit synth --out demo_heldout --per_class 10 --seed 1
 	$(PY) model_arch.py --data_dir demo_data --output_dir demo_out --img_size 64 \
 	    --num_epochs 18 --batch_size 8 --workers 0 --overwrite --quiet
 	$(PY) export_to_onnx.py --checkpoint demo_out/model_checkpoints/best_covid_model.pth \

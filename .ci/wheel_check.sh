@@ -16,13 +16,16 @@ V="$T/venv/bin"
 "$V/python" -m pip install -q "$T"/dist/cxrkit-*.whl
 cd "$T"
 "$V/python" - <<'PY'
-import sys, cxrkit, cxrkit.inference, run_onnx_inference
+import importlib.util, sys, cxrkit, cxrkit.inference, cxrkit.cli.infer_onnx
+for shim in ("model_arch", "export_to_onnx", "run_onnx_inference", "run_model_pth_inference"):
+    assert importlib.util.find_spec(shim) is None, f"{shim} is installed as a top-level module"
 assert cxrkit.__file__.startswith(sys.prefix), f"cxrkit imported from {cxrkit.__file__}, not the venv"
 from importlib.metadata import version
 assert version("cxrkit") == cxrkit.__version__, (version("cxrkit"), cxrkit.__version__)
 print("installed cxrkit", cxrkit.__version__, "at", cxrkit.__file__)
 PY
-"$V/python" -m cxrkit.synthetic --out data --per_class 3 --seed 1 >/dev/null
+"$V/cxrkit" --version
+"$V/cxrkit" synth --out data --per_class 3 --seed 1 >/dev/null
 "$V/cxrkit-infer-onnx" --data_dir data --num_samples 0 --save_dir out_onnx --quiet    # the shipped model, found installed
 test -s out_onnx/predictions.csv && test -s out_onnx/report.html
 for k in 0 1; do "$V/cxrkit-infer-onnx" --data_dir data --num_samples 0 --outputs csv --shard "$k/2" --save_dir "s$k" --quiet; done

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cxrkit.io_utils import HelpFormatter  # noqa: E402
+from cxrkit.core.io_utils import HelpFormatter  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- memory
@@ -95,7 +95,7 @@ class PeakRSS:
 
 # ----------------------------------------------------------------------------------- workloads
 def model_only(forward, u8: list[np.ndarray], batch: int) -> float:
-    from cxrkit.preprocess import to_model_input_np  # backends take float32 numpy arrays
+    from cxrkit.core.model_input import to_model_input_np  # backends take float32 numpy arrays
     forward(to_model_input_np(np.stack(u8[:batch])))  # warm-up (allocations, ORT first-run)
     t0 = time.perf_counter()
     for s in range(0, len(u8), batch):
@@ -231,13 +231,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import logging
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from cxrkit.checkpoint import CheckpointError
-    from cxrkit.config import make_config
-    from cxrkit.export import export_to_onnx, meta_path_for
-    from cxrkit.inference import (InferenceError, OnnxBackend, PipelineOptions, TorchBackend, gather_inputs,
-                                  run_pipeline)
-    from cxrkit.model import build_model
-    from cxrkit.preprocess import load_for_model
+    from cxrkit.core.checkpoint import CheckpointError
+    from cxrkit.core.config import make_config
+    from cxrkit.training.export import export_to_onnx, meta_path_for
+    from cxrkit.inference import (InferenceError, OnnxBackend, PipelineOptions, TorchBackend,
+                                  gather_inputs, run_pipeline)
+    from cxrkit.core.model import build_model
+    from cxrkit.core.model_input import load_for_model
 
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     if args.bulk_only:

@@ -43,7 +43,7 @@ def cpu_name() -> str:
 
 def single_member(ck: dict) -> dict:
     """The first member of an ensemble checkpoint as a single-model checkpoint (same calibration)."""
-    from cxrkit.config import ModelConfig
+    from cxrkit.core.config import ModelConfig
     cfg = dataclasses.replace(ModelConfig.from_dict(ck["model_config"]), ensemble_size=1)
     sd = {k.split(".", 2)[2]: v for k, v in ck["state_dict"].items() if k.startswith("members.0.")}
     out = {k: v for k, v in ck.items() if k not in ("state_dict", "model_config", "ood", "ensemble")}
@@ -87,10 +87,10 @@ def main():
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "cxr4"))
     p.add_argument("--n_images", type=int, default=96)
     a = p.parse_args()
-    from cxrkit.checkpoint import atomic_torch_save, load_checkpoint
-    from cxrkit.cv import load_oof, paired_difference, pooled_figures
-    from cxrkit.export import export_to_onnx
-    from cxrkit.metrics import softmax
+    from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint
+    from cxrkit.training.cv import load_oof, paired_difference, pooled_figures
+    from cxrkit.training.export import export_to_onnx
+    from cxrkit.core.metrics import softmax
 
     r42, r7 = load_oof(Path(a.cv) / "s42"), load_oof(Path(a.cv) / "s7")
     y, cls = r42["labels"], r42["classes"]
@@ -122,7 +122,7 @@ def main():
                                      paths[kind].stat().st_size / 2 ** 20)
 
     print(f"Cross-validated figures: pooled out-of-fold predictions over {len(y)} images of cxr4 (5 folds, "
-          f"`python -m cxrkit.cv docs/cv/s42 docs/cv/s7`), in %, 95% intervals; differences paired against "
+          f"`python -m cxrkit cv docs/cv/s42 docs/cv/s7`), in %, 95% intervals; differences paired against "
           f"one model (seed 42), '=' when the interval holds 0.\n")
     print(f"Cost measured here: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}; training: "
           f"lite0 forward+backward+AdamW, batch 32, channels_last (an ensemble trains each member); ONNX "

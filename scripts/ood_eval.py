@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Detection table of the out-of-distribution gate (cxrkit.ood) on sets built from what is reachable
+"""Detection table of the out-of-distribution gate (cxrkit.core.ood) on sets built from what is reachable
 here, run through the same code the inference pipeline uses (backend.forward_ood -> ood.score_views ->
 ood.decide, plus ood.aspect_flags on the decoded size).
 
@@ -30,8 +30,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cxrkit import ood  # noqa: E402
-from cxrkit.preprocess import read_gray_info, resize_gray, to_model_input_np  # noqa: E402
+from cxrkit.core import ood  # noqa: E402
+from cxrkit.core.decode import read_gray_info  # noqa: E402
+from cxrkit.core.model_input import resize_gray, to_model_input_np
 
 
 def _dedup(arrs):
@@ -141,10 +142,10 @@ def gate_flags(backend, gate: dict, imgs: list[np.ndarray], batch=32) -> tuple[l
 def refit(checkpoint, data_dir, split_file, cache_dir):
     import torch
 
-    from cxrkit.checkpoint import atomic_torch_save, model_from_checkpoint
-    from cxrkit.data import load_data
-    from cxrkit.split import load_or_make_split
-    from cxrkit.ood_head import fit_ood
+    from cxrkit.core.checkpoint import atomic_torch_save, model_from_checkpoint
+    from cxrkit.training.data import load_data
+    from cxrkit.training.split import load_or_make_split
+    from cxrkit.core.ood_head import fit_ood
     model, ck = model_from_checkpoint(checkpoint)
     data = load_data(data_dir, ck["img_size"], cache_dir, 2, 0, 1, False)
     split = load_or_make_split(data, split_file)
@@ -166,8 +167,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.refit:
         refit(args.refit, args.data_dir, args.split_file, args.cache_dir)
-    from cxrkit.data import load_data
-    from cxrkit.split import load_or_make_split
+    from cxrkit.training.data import load_data
+    from cxrkit.training.split import load_or_make_split
     from cxrkit.inference import OnnxBackend, TorchBackend
     backend = TorchBackend(args.checkpoint, "cpu") if args.checkpoint else OnnxBackend(args.onnx_path)
     gate = ood.resolve(backend.ood, args.ood_threshold)

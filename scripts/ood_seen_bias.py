@@ -12,13 +12,13 @@ import json
 import numpy as np
 import torch
 
-from cxrkit.checkpoint import model_from_checkpoint
-from cxrkit.data import load_data
-from cxrkit.split import load_or_make_split
-from cxrkit.model import predict
-from cxrkit.ood import DEFAULT_PERCENTILE, THRESHOLD_MARGIN
-from cxrkit.ood_head import _batches, attach_ood, default_layers, fit_statistics, pooled_features
-from cxrkit.preprocess import to_model_input
+from cxrkit.core.checkpoint import model_from_checkpoint
+from cxrkit.training.data import load_data
+from cxrkit.training.split import load_or_make_split
+from cxrkit.core.model import predict
+from cxrkit.core.ood import DEFAULT_PERCENTILE, THRESHOLD_MARGIN
+from cxrkit.core.ood_head import _batches, attach_ood, default_layers, fit_statistics, pooled_features
+from cxrkit.core.model_input import to_model_input
 
 
 def main():

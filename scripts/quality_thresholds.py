@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrkit import quality  # noqa: E402
-from cxrkit.preprocess import list_images, read_gray, read_mask, resize_gray, resize_mask  # noqa: E402
+from cxrkit.core import quality  # noqa: E402
+from cxrkit.core.decode import list_images, read_gray, read_mask  # noqa: E402
+from cxrkit.core.model_input import resize_gray, resize_mask
 
 
 def main(argv=None) -> int:

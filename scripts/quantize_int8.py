@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-from cxrkit.data import build_cache  # noqa: E402
-from cxrkit.split import load_or_make_split  # noqa: E402
-from cxrkit.metrics import binary_dice_iou, classification_metrics, softmax  # noqa: E402
+from cxrkit.training.data import build_cache  # noqa: E402
+from cxrkit.training.split import load_or_make_split  # noqa: E402
+from cxrkit.core.metrics import binary_dice_iou, classification_metrics, softmax  # noqa: E402
 
 
 def run(sess, x, bs=32):

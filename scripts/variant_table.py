@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from cxrkit.checkpoint import atomic_torch_save, make_checkpoint
-from cxrkit.config import DEFAULT_CLASSES, PRESETS, make_config
-from cxrkit.export import export_to_onnx
+from cxrkit.core.checkpoint import atomic_torch_save, make_checkpoint
+from cxrkit.core.config import DEFAULT_CLASSES, PRESETS, make_config
+from cxrkit.training.export import export_to_onnx
 from cxrkit.inference import OnnxBackend
-from cxrkit.model import build_model, count_gflops, count_parameters
+from cxrkit.core.model import build_model, count_gflops, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES, EPOCHS = 3590, 20  # cxr4's training split; the recipe's epochs
@@ -51,7 +51,7 @@ def ort_ms_per_image(arch, img_size, batch, reps):
 
 def train_images_per_s(arch, img_size, batch=32, steps=4):
     """Forward + backward + AdamW step of the whole multi-task loss, channels_last, 2 warm-up steps."""
-    from cxrkit.losses import MultiTaskLoss
+    from cxrkit.training.losses import MultiTaskLoss
     torch.manual_seed(0)
     model = build_model(make_config(arch)).train().to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), 1e-3)

@@ -55,8 +55,8 @@ def cxr_data_available():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, cxr_data_available):
     """Train arch 'tiny' at 64 px for 1 epoch (model_arch.py, in-process) and export it to ONNX."""
-    import model_arch
-    from cxrkit.export import export_to_onnx, meta_path_for
+    from cxrkit.cli import train as model_arch
+    from cxrkit.training.export import export_to_onnx, meta_path_for
 
     root = tmp_path_factory.mktemp("cxr_tiny")
     data = root / "data"
@@ -68,7 +68,7 @@ def tiny_model(tmp_path_factory, cxr_data_available):
     ck = out / "model_checkpoints" / "best_covid_model.pth"
     # 8 validation images are too few to fit a temperature (it stays 1): set a known one, so the
     # tests see both backends apply a real calibration
-    from cxrkit.checkpoint import atomic_torch_save, load_checkpoint
+    from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint
     ckd = load_checkpoint(ck)
     ckd["temperature"] = 2.5
     atomic_torch_save(ckd, ck)
@@ -122,6 +122,6 @@ def mdt_subset_info():
 
 @pytest.fixture(scope="session")
 def mdt_cache(mdt_subset, tmp_path_factory):
-    """The subset decoded once at 64 px (cxrkit.data.CachedData)."""
-    from cxrkit.data import build_cache
+    """The subset decoded once at 64 px (cxrkit.training.data.CachedData)."""
+    from cxrkit.training.data import build_cache
     return build_cache(mdt_subset, 64, tmp_path_factory.mktemp("mdt_cache"), workers=0, progress=False)

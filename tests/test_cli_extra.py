@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import model_arch
-import run_model_pth_inference
-from cxrkit.checkpoint import load_checkpoint, model_from_checkpoint
-from cxrkit.preprocess import read_gray
+from cxrkit.cli import train as model_arch
+from cxrkit.cli import infer_pth as run_model_pth_inference
+from cxrkit.core.checkpoint import load_checkpoint, model_from_checkpoint
+from cxrkit.core.decode import read_gray
 from test_inference import _make_dicom
 
 
@@ -82,9 +82,9 @@ def test_init_from_removes_the_prior_correction_first(mdt_subset, tmp_path):
     src = a / "model_checkpoints" / "best_covid_model.pth"
     ck = load_checkpoint(src)
     assert ck["prior_correction"]                       # finalize applied it
-    from cxrkit.config import make_config
-    from cxrkit.model import build_model
-    from cxrkit.train import init_from_checkpoint
+    from cxrkit.core.config import make_config
+    from cxrkit.core.model import build_model
+    from cxrkit.training.train import init_from_checkpoint
     m = build_model(make_config("tiny"))
     init_from_checkpoint(m, make_config("tiny"), ck["class_names"], src)
     ref, _ = model_from_checkpoint(src)

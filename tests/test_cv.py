@@ -1,5 +1,5 @@
 """k-fold cross-validation (cxrkit/cv.py), fold runs of model_arch.py, and the ensemble model
-(model.EnsembleNet, python -m cxrkit.ensemble)."""
+(model.EnsembleNet, python -m cxrkit ensemble)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import torch
 
 # ------------------------------------------------------------------------------------ folds
 def test_folds_are_stratified_grouped_and_deterministic():
-    from cxrkit.cv import fold_split, make_folds
+    from cxrkit.training.split import fold_split, make_folds
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 4, 400)
     groups = np.arange(400)
@@ -33,7 +33,7 @@ def test_folds_are_stratified_grouped_and_deterministic():
 
 
 def test_parse_fold_rejects_out_of_range():
-    from cxrkit.cv import parse_fold
+    from cxrkit.training.cv import parse_fold
     assert parse_fold("all", 5) == "all" and parse_fold("4", 5) == 4
     for bad in ("5", "-1", "x"):
         with pytest.raises(ValueError, match="--fold"):
@@ -42,7 +42,7 @@ def test_parse_fold_rejects_out_of_range():
 
 def test_pooled_figures_and_paired_difference():
     from sklearn.metrics import accuracy_score, f1_score
-    from cxrkit.cv import paired_difference, pooled_figures
+    from cxrkit.training.cv import paired_difference, pooled_figures
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 600)
     p = rng.dirichlet(np.ones(3), 600)
@@ -65,7 +65,7 @@ def test_pooled_figures_and_paired_difference():
 @pytest.fixture(scope="module")
 def fold_runs(mdt_subset, tmp_path_factory):
     """model_arch.py --folds 2, fold 0, 1 and all (arch tiny, 64 px, 1 epoch), sharing one cache."""
-    import model_arch
+    from cxrkit.cli import train as model_arch
     root = tmp_path_factory.mktemp("cv")
     data = root / "data"
     shutil.copytree(mdt_subset, data)
@@ -78,7 +78,8 @@ def fold_runs(mdt_subset, tmp_path_factory):
 
 
 def test_fold_runs_write_oof_and_pool(fold_runs, capsys):
-    from cxrkit import cv
+    from cxrkit.cli import cv as cv_cli
+    from cxrkit.training import cv
     s0 = json.loads((fold_runs / "s1" / "fold0" / "split.json").read_text())
     s1 = json.loads((fold_runs / "s1" / "fold1" / "split.json").read_text())
     assert s0["fold_of"] == s1["fold_of"], "fold runs must share one fold assignment"
@@ -87,7 +88,7 @@ def test_fold_runs_write_oof_and_pool(fold_runs, capsys):
     assert pooled["n_folds"] == 2
     assert len(pooled["paths"]) == len(s0["fold_of"]) - 0  # every decodable image held out once
     assert set(pooled) >= {"logits", "tta4_probs", "lungs_only_probs", "dice", "labels"}
-    rc = cv.main([str(fold_runs / "s1"), "--out", str(fold_runs / "rep")])
+    rc = cv_cli.main([str(fold_runs / "s1"), "--out", str(fold_runs / "rep")])
     assert rc == 0
     rep = json.loads((fold_runs / "rep" / "cv_report.json").read_text())
     assert rep["n_images"] == len(pooled["paths"])
@@ -98,7 +99,7 @@ def test_fold_runs_write_oof_and_pool(fold_runs, capsys):
 
 
 def test_fold_flag_errors_are_one_line(tmp_path, mdt_subset, capsys):
-    import model_arch
+    from cxrkit.cli import train as model_arch
     base = ["--data_dir", str(mdt_subset), "--output_dir", str(tmp_path / "o"), "--arch", "tiny",
             "--img_size", "64", "--num_epochs", "1", "--workers", "0", "--quiet"]
     assert model_arch.main(base + ["--fold", "1"]) == 2
@@ -108,17 +109,17 @@ def test_fold_flag_errors_are_one_line(tmp_path, mdt_subset, capsys):
 
 
 def test_pool_without_fold_runs_is_one_line(tmp_path, capsys):
-    from cxrkit import cv
+    from cxrkit.cli import cv
     assert cv.main([str(tmp_path)]) == 2
     assert "no fold*/test_results/oof_predictions.npz" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- ensemble
 def test_ensemble_averages_member_probabilities_and_exports(fold_runs, tmp_path):
-    from cxrkit.checkpoint import model_from_checkpoint
-    from cxrkit.ensemble import main as ens_main
-    from cxrkit.export import export_to_onnx
-    from cxrkit.model import predict
+    from cxrkit.core.checkpoint import model_from_checkpoint
+    from cxrkit.cli.ensemble import main as ens_main
+    from cxrkit.training.export import export_to_onnx
+    from cxrkit.core.model import predict
     a = fold_runs / "s1" / "fold0" / "model_checkpoints" / "best_covid_model.pth"
     b = fold_runs / "s1" / "fold1" / "model_checkpoints" / "best_covid_model.pth"
     out = tmp_path / "ens.pth"
@@ -141,8 +142,8 @@ def test_ensemble_averages_member_probabilities_and_exports(fold_runs, tmp_path)
 
 
 def test_ensemble_refuses_mismatched_members(fold_runs, tmp_path, mdt_subset, capsys):
-    import model_arch
-    from cxrkit.ensemble import main as ens_main
+    from cxrkit.cli import train as model_arch
+    from cxrkit.cli.ensemble import main as ens_main
     other = tmp_path / "other"
     rc = model_arch.main(["--data_dir", str(mdt_subset), "--arch", "tiny", "--img_size", "32", "--num_epochs", "1",
                           "--batch_size", "8", "--output_dir", str(other), "--workers", "0", "--quiet"])

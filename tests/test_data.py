@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import model_arch
-from cxrkit import data as data_mod
-from cxrkit.config import TrainConfig
-from cxrkit.data import BatchDataset, DataError, EpochBatchSampler, augment, build_cache, discover
-from cxrkit.split import load_or_make_split, make_split, near_duplicate_groups
-from cxrkit.preprocess import ImageReadError, read_gray, read_mask, resize_gray, resize_mask
+from cxrkit.cli import train as model_arch
+from cxrkit.training import data as data_mod
+from cxrkit.core.config import TrainConfig
+from cxrkit.training.data import BatchDataset, DataError, EpochBatchSampler, augment, build_cache, discover
+from cxrkit.training.split import load_or_make_split, make_split, near_duplicate_groups
+from cxrkit.core.decode import ImageReadError, read_gray, read_mask
+from cxrkit.core.model_input import resize_gray, resize_mask
 
 
 def imwrite(path, arr, params=()):
@@ -454,11 +455,11 @@ def test_augment_with_zero_strength_is_the_identity():
 
 # ============================================================================== synthetic data
 def test_synthetic_set_has_the_database_quirks_and_a_usable_split(tmp_path):
-    """The built-in demo set (cxrkit.synthetic): 299-px images with 256-px masks, some RGB files,
+    """The built-in demo set (cxrkit.training.synthetic): 299-px images with 256-px masks, some RGB files,
     awkward names; and its images must not all look like near-duplicates of each other (they did:
     all Normal and Viral Pneumonia images formed ONE group, so the split put both classes in test
     only and the demo model never trained on them)."""
-    from cxrkit.synthetic import generate
+    from cxrkit.training.synthetic import generate
     root = generate(tmp_path / "syn", per_class=20, seed=0)
     classes, samples = discover(root)
     assert classes == ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"] and len(samples) == 80
@@ -482,8 +483,8 @@ def test_synthetic_set_has_the_database_quirks_and_a_usable_split(tmp_path):
 def test_lung_mask_is_the_one_threshold_rule():
     """preprocess.lung_mask: the lung probabilities resized bilinearly to (H, W), then > LUNG_THRESHOLD
     (the rule every mask, Dice, outline and lung area uses); without a size, only the threshold."""
-    from cxrkit.config import LUNG_THRESHOLD
-    from cxrkit.preprocess import lung_mask
+    from cxrkit.core.config import LUNG_THRESHOLD
+    from cxrkit.core.model_input import lung_mask
     rng = np.random.default_rng(0)
     p = rng.random((32, 32)).astype(np.float32)
     p[0, 0] = LUNG_THRESHOLD  # exactly at the threshold: not lung

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import model_arch
-from cxrkit.checkpoint import load_checkpoint
+from cxrkit.cli import train as model_arch
+from cxrkit.core.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,7 @@ def test_cam_mass_in_lungs_measures_where_the_map_lies(monkeypatch):
     """A Grad-CAM map that lies inside the lung mask scores 1, one outside it 0."""
     from types import SimpleNamespace
 
-    import cxrkit.inference as inf
-    from cxrkit import evaluate
+    from cxrkit.training import diagnostics
 
     s = 32
     masks = np.zeros((2, s, s), np.uint8)
@@ -102,7 +101,7 @@ def test_cam_mass_in_lungs_measures_where_the_map_lies(monkeypatch):
             m[1] = 1 - masks[1]      # image 1: all mass outside
             return m
 
-    monkeypatch.setattr(inf, "GradCamExplainer", FakeCam)
-    r = evaluate.cam_mass_in_lungs(None, {}, data, np.array([0, 1]), torch.device("cpu"))
+    monkeypatch.setattr(diagnostics, "GradCamExplainer", FakeCam)
+    r = diagnostics.cam_mass_in_lungs(None, {}, data, np.array([0, 1]), torch.device("cpu"))
     assert r["n_images"] == 2 and r["mean"] == pytest.approx(0.5)
     assert r["lung_area_share_mean"] == pytest.approx(masks[0].mean())

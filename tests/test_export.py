@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxrkit.checkpoint import load_checkpoint, model_from_checkpoint
-from cxrkit.export import CLASS_PROB_TOL, SEG_PROB_TOL, export_to_onnx, sha256_file
+from cxrkit.core.checkpoint import load_checkpoint, model_from_checkpoint
+from cxrkit.training.export import CLASS_PROB_TOL, SEG_PROB_TOL, export_to_onnx, sha256_file
 
 
 def test_export_graph_meta_and_parity(tiny_model):
@@ -68,7 +68,7 @@ def test_export_static_batch(tiny_model, tmp_path):
 
 
 def test_export_errors(tmp_path, capsys, tiny_model):
-    import export_to_onnx as cli
+    from cxrkit.cli import export as cli
     missing = tmp_path / "nope" / "best.pth"
     with pytest.raises(FileNotFoundError, match="nope"):
         export_to_onnx(missing, tmp_path / "m.onnx")
@@ -81,7 +81,7 @@ def test_export_errors(tmp_path, capsys, tiny_model):
 
 
 def test_export_other_size_and_parity_failure(tiny_model, tmp_path, monkeypatch):
-    from cxrkit import export as exp
+    from cxrkit.training import export as exp
     from cxrkit.inference import OnnxBackend
     meta = export_to_onnx(tiny_model.checkpoint, tmp_path / "m96.onnx", img_size=96)
     assert meta["img_size"] == 96 and meta["trained_img_size"] == 64

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-import run_model_pth_inference as pth_cli
-import run_onnx_inference as onnx_cli
-from cxrkit.checkpoint import load_checkpoint, model_from_checkpoint
+from cxrkit.cli import infer_pth as pth_cli
+from cxrkit.cli import infer_onnx as onnx_cli
+from cxrkit.core.checkpoint import load_checkpoint, model_from_checkpoint
 from cxrkit.inference import (GradCamExplainer, InferenceError, OnnxBackend, TorchBackend, gather_inputs,
                               resolve_providers)
-from cxrkit.metrics import softmax
-from cxrkit.preprocess import load_for_model, read_gray, to_model_input, to_model_input_np
-from cxrkit.tta import tta_predict
+from cxrkit.core.metrics import softmax
+from cxrkit.core.model_input import load_for_model, to_model_input, to_model_input_np
+from cxrkit.core.decode import read_gray
+from cxrkit.core.tta import tta_predict
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
@@ -211,7 +212,7 @@ import json, sys
 import run_onnx_inference
 rc = run_onnx_inference.main(sys.argv[1:])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "monai")
-               or m in ("cxrkit.export", "cxrkit.checkpoint", "cxrkit.model", "cxrkit.train"))
+               or m in ("cxrkit.training.export", "cxrkit.core.checkpoint", "cxrkit.core.model", "cxrkit.training.train"))
 print(json.dumps({"rc": rc, "heavy": heavy}))
 """
 
@@ -369,8 +370,9 @@ def test_both_backends_meet_the_backend_contract(tiny_model):
     the CLI body and the report no longer probe a backend with getattr."""
     import inspect
 
-    from cxrkit.inference import Backend, cli, pipeline
-    from cxrkit.report import model_info
+    from cxrkit.cli import infer as cli
+    from cxrkit.inference import Backend, pipeline
+    from cxrkit.inference.report import model_info
     tb, ob = TorchBackend(tiny_model.checkpoint, "cpu"), OnnxBackend(tiny_model.onnx)
     for b in (tb, ob):
         assert isinstance(b, Backend)
@@ -381,7 +383,7 @@ def test_both_backends_meet_the_backend_contract(tiny_model):
     assert tb.explainer().class_names == ob.explainer(tiny_model.checkpoint).class_names == tb.class_names
     with pytest.raises(InferenceError, match="needs --checkpoint"):
         ob.explainer(None)
-    import cxrkit.report as report
+    from cxrkit.inference import report
     for mod in (cli, pipeline, report):
         assert "getattr(backend" not in inspect.getsource(mod)
     assert "holder" not in inspect.getsource(pth_cli)

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-import model_arch
-from cxrkit.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint, model_from_checkpoint
-from cxrkit.config import TrainConfig, make_config
-from cxrkit.data import OUTSIDE_LUNG_FILLS, augment, outside_lung_randomise
-from cxrkit.encoders import EfficientNetLite0, load_lite0_imagenet
-from cxrkit.losses import MultiTaskLoss
-from cxrkit.metrics import native_resolution_dice
-from cxrkit.model import ModelOutput, build_model
-from cxrkit.engine import param_groups
+from cxrkit.cli import train as model_arch
+from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint, model_from_checkpoint
+from cxrkit.core.config import TrainConfig, make_config
+from cxrkit.training.data import OUTSIDE_LUNG_FILLS, augment, outside_lung_randomise
+from cxrkit.core.encoders import EfficientNetLite0, load_lite0_imagenet
+from cxrkit.training.losses import MultiTaskLoss
+from cxrkit.core.metrics import native_resolution_dice
+from cxrkit.core.model import ModelOutput, build_model
+from cxrkit.training.engine import param_groups
 
 GRACE_HOPPER = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
 
@@ -84,7 +84,7 @@ def test_checkpoint_round_trip_is_exact_and_needs_no_weights_package(tmp_path, m
     model = build_model(cfg, load_pretrained=True).eval()
     p = tmp_path / "ck.pth"
     atomic_torch_save(make_checkpoint(model, cfg, ["a", "b", "c", "d"], 64), p)
-    import cxrkit.encoders as enc
+    from cxrkit.core import encoders as enc
     monkeypatch.setattr(enc, "lite0_weights_path", lambda: (_ for _ in ()).throw(AssertionError("loaded weights")))
     rebuilt, ck = model_from_checkpoint(p)
     assert ck["model_config"]["backbone"] == "lite0" and ck["model_config"]["pretrained"] is True

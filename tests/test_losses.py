@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxrkit.calibration import fit_temperature
-from cxrkit.losses import MultiTaskLoss, dice_loss, inverse_frequency_weights, seg_loss
+from cxrkit.training.calibration import fit_temperature
+from cxrkit.training.losses import MultiTaskLoss, dice_loss, inverse_frequency_weights, seg_loss
 
 
 def _half_mask(b=2, s=16):
@@ -142,7 +142,7 @@ def test_fit_temperature_is_clamped_on_separable_data():
 
 def test_numpy_classification_metrics_match_scikit_learn():
     from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
-    from cxrkit.metrics import classification_metrics
+    from cxrkit.core.metrics import classification_metrics
     rng = np.random.default_rng(3)
     y = rng.integers(0, 4, 300)
     probs = rng.dirichlet(np.ones(4), 300)

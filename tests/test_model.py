@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from cxrkit.config import PRESETS, ModelConfig, make_config
-from cxrkit.losses import MultiTaskLoss
-from cxrkit.model import ModelOutput, build_model, count_gflops, count_parameters
+from cxrkit.core.config import PRESETS, ModelConfig, make_config
+from cxrkit.training.losses import MultiTaskLoss
+from cxrkit.core.model import ModelOutput, build_model, count_gflops, count_parameters
 
 # the seed preset is the big one: keep its images small
 SHAPE_CASES = [("seed", 32), ("small", 64), ("tiny", 64)]
@@ -143,8 +143,8 @@ def test_config_round_trip_and_errors():
 def test_output_stride_is_the_one_size_rule():
     """Both networks say how much their encoder shrinks the input (lite0 32, a MONAI UNet the product
     of its strides); training and export both refuse a size that is not a multiple of it."""
-    from cxrkit.errors import UsageError
-    from cxrkit.model import check_img_size, output_stride
+    from cxrkit.core.errors import UsageError
+    from cxrkit.core.model import check_img_size, output_stride
     lite = build_model(make_config("lite0", pretrained=False))
     tiny = _model("tiny")
     assert lite.output_stride == lite.encoder.output_stride == output_stride(lite.cfg) == 32

@@ -1,4 +1,4 @@
-"""Issue 18: the out-of-distribution gate (cxrkit.ood, cxrkit.ood_head) and EXIF orientation.
+"""Issue 18: the out-of-distribution gate (cxrkit.core.ood, cxrkit.core.ood_head) and EXIF orientation.
 
 The detection tests use the SHIPPED model (models/covid_multitask.onnx and its checkpoint), whose
 gate was fitted on cxr4's training split with the threshold from its validation split; they run a
@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cxrkit import ood
+from cxrkit.core import ood
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_CK = REPO / "model_checkpoints" / "best_covid_model.pth"
@@ -51,7 +51,7 @@ def test_aspect_flag_and_threshold_override():
 def test_jpeg_stored_sideways_with_orientation_6_is_read_as_a_viewer_shows_it(tmp_path):
     from PIL import Image
 
-    from cxrkit.preprocess import read_gray
+    from cxrkit.core.decode import read_gray
     shown = np.zeros((40, 80), np.uint8)
     shown[:10, :20] = 255  # a bright block at the top left of what a viewer shows (landscape)
     stored = np.rot90(shown, 1)  # the camera stored it turned; tag 6 = rotate 90 clockwise to display
@@ -71,10 +71,10 @@ def test_jpeg_stored_sideways_with_orientation_6_is_read_as_a_viewer_shows_it(tm
 def test_fit_ood_attaches_a_head_that_lives_in_the_checkpoint(tiny_model, mdt_cache, tmp_path):
     import torch
 
-    from cxrkit.checkpoint import atomic_torch_save, load_checkpoint, model_from_checkpoint
-    from cxrkit.export import export_to_onnx
-    from cxrkit.model import predict
-    from cxrkit.ood_head import fit_ood
+    from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint, model_from_checkpoint
+    from cxrkit.training.export import export_to_onnx
+    from cxrkit.core.model import predict
+    from cxrkit.core.ood_head import fit_ood
     model, ck = model_from_checkpoint(tiny_model.checkpoint)
     n = len(mdt_cache.labels)
     tr, va = np.arange(0, n - 12), np.arange(n - 12, n)

@@ -39,11 +39,11 @@ import cv2
 import numpy as np
 import pytest
 
-import export_to_onnx as export_cli
-import model_arch
-import run_model_pth_inference as pth_cli
-import run_onnx_inference as onnx_cli
-from cxrkit.preprocess import ImageReadError, read_gray
+from cxrkit.cli import export as export_cli
+from cxrkit.cli import train as model_arch
+from cxrkit.cli import infer_pth as pth_cli
+from cxrkit.cli import infer_onnx as onnx_cli
+from cxrkit.core.decode import ImageReadError, read_gray
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
@@ -90,7 +90,7 @@ BACKENDS = ["pth", "onnx"]
 # =============================================================================== F1: concurrent runs
 _HOLD_LOCK = """
 import sys
-from cxrkit.outdir import claim_save_dir
+from cxrkit.core.outdir import claim_save_dir
 claim = claim_save_dir(sys.argv[1]).acquire()
 print("locked", flush=True)
 sys.stdin.read()
@@ -127,7 +127,7 @@ def test_f1_temporary_names_are_unique_per_process(tiny_model, cxr_eval_dir, tmp
         blocker.mkdir()
     assert run_cli("onnx", tiny_model, ["--images", str(img), "--save_dir", str(out)]) == 0
     assert (out / "annotated" / f"{stem}.png").is_file() and (out / "predictions.csv").is_file()
-    from cxrkit.outdir import tmp_name
+    from cxrkit.core.outdir import tmp_name
     a, b = tmp_name(tmp_path / "x.png"), tmp_name(tmp_path / "x.png")
     assert a != b and str(os.getpid()) in a.name and a.parent == tmp_path and a.name.endswith(".tmp")
 
@@ -179,7 +179,7 @@ def test_f2_save_dir_inside_data_dir_is_never_read_back(backend, tiny_model, cxr
 def test_f2_a_crashed_runs_outputs_are_known_and_refused_until_overwrite(tmp_path):
     """The manifest is written before the first output: a run killed half-way leaves a list of what it
     wrote, and the next run needs --overwrite, which removes exactly those files."""
-    from cxrkit.outdir import SaveDirError, claim_save_dir
+    from cxrkit.core.outdir import SaveDirError, claim_save_dir
     out = tmp_path / "out"
     dead = claim_save_dir(out).acquire()
     dead.plan(["predictions.csv", "annotated/a.png", "annotated/b.png"])
@@ -227,7 +227,7 @@ def test_f3_older_export_without_binding_still_loads_with_one_warning(tiny_model
     import onnx
 
     from cxrkit.inference import OnnxBackend
-    from cxrkit.io_utils import sha256_file
+    from cxrkit.core.io_utils import sha256_file
     proto = onnx.load(str(tiny_model.onnx))
     del proto.metadata_props[:]
     old = tmp_path / "old.onnx"
@@ -242,7 +242,8 @@ def test_f3_older_export_without_binding_still_loads_with_one_warning(tiny_model
 
 # ============================================================================ F4: class list vs outputs
 def test_f4_checkpoint_with_fewer_class_names_than_outputs_is_refused(tiny_model, mdt_subset, tmp_path, capsys):
-    from cxrkit.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, model_from_checkpoint
+    from cxrkit.core.checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint,
+                                        model_from_checkpoint)
     ck = load_checkpoint(tiny_model.checkpoint)
     ck["class_names"] = CLASSES[:3]
     bad = tmp_path / "three.pth"
@@ -472,8 +473,8 @@ def test_f6_lung_area_outside_the_training_range_is_flagged_by_both_backends(tin
     """The range comes from the checkpoint (finalize) and, exported, from the ONNX meta and graph."""
     from types import SimpleNamespace
 
-    from cxrkit.checkpoint import atomic_torch_save, load_checkpoint
-    from cxrkit.export import export_to_onnx
+    from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint
+    from cxrkit.training.export import export_to_onnx
     ck = load_checkpoint(tiny_model.checkpoint)
     assert ck["lung_area_range"]["low"] < ck["lung_area_range"]["high"]  # finalize stored it
     ck["lung_area_range"] = {**ck["lung_area_range"], "low": 0.95, "high": 1.0}  # nothing real is inside
@@ -511,7 +512,7 @@ def test_f7_training_refuses_a_class_whose_every_image_is_undecodable(mdt_subset
 # ============================================================================ F8: the smaller items
 def test_f8_symlinked_subfolders_are_searched_once_and_loops_cut(cxr_eval_dir, tmp_path):
     from cxrkit.inference import gather_inputs
-    from cxrkit.preprocess import list_images
+    from cxrkit.core.decode import list_images
     elsewhere = tmp_path / "elsewhere" / "Normal"
     elsewhere.mkdir(parents=True)
     imgs = real_images(cxr_eval_dir, 3)
@@ -533,7 +534,7 @@ def test_f8_symlinked_subfolders_are_searched_once_and_loops_cut(cxr_eval_dir, t
 
 
 def test_f8_uncalibrated_checkpoint_is_warned_about(tiny_model, cxr_eval_dir, tmp_path, caplog):
-    from cxrkit.checkpoint import atomic_torch_save, load_checkpoint
+    from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint
     ck = load_checkpoint(tiny_model.checkpoint)
     ck["temperature"] = 1.0
     ck.pop("prior_correction", None)  # what a best checkpoint saved during training looks like
@@ -549,7 +550,7 @@ def test_f8_uncalibrated_checkpoint_is_warned_about(tiny_model, cxr_eval_dir, tm
 
 
 def test_f8_masks_of_another_aspect_ratio_warn_once(tmp_path, caplog):
-    from cxrkit.data import build_cache
+    from cxrkit.training.data import build_cache
     rng = np.random.default_rng(0)
     for c in ("A", "B"):
         for k in range(3):
@@ -569,7 +570,7 @@ def test_f8_masks_of_another_aspect_ratio_warn_once(tmp_path, caplog):
 def test_f8_multi_page_tiff_is_noted(tmp_path):
     from PIL import Image
 
-    from cxrkit.preprocess import read_gray_info
+    from cxrkit.core.decode import read_gray_info
     u8 = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
     Image.fromarray(u8).save(tmp_path / "m.tiff", save_all=True, append_images=[Image.fromarray(255 - u8)])
     arr, notes = read_gray_info(tmp_path / "m.tiff")
@@ -691,13 +692,13 @@ def test_r3_damaged_manifest_is_an_unknown_folder_refused_and_never_cleaned(dama
 
 # ---------------------------------------------------------------- R4: a killed run's thumbnails
 def test_r4_killed_runs_thumbnails_are_removed_by_overwrite(tiny_model, cxr_eval_dir, tmp_path, monkeypatch):
-    import cxrkit.report
+    import cxrkit.inference.report
     imgs = real_images(cxr_eval_dir, 3)
     out = tmp_path / "out"
 
     def killed(*_a, **_k):
         raise KeyboardInterrupt  # the run dies after the per-image files, before report.html
-    monkeypatch.setattr(cxrkit.report, "write_report", killed)
+    monkeypatch.setattr(cxrkit.inference.report, "write_report", killed)
     assert run_cli("onnx", tiny_model, ["--images", *map(str, imgs[:2]), "--save_dir", str(out)]) == 130
     assert len(list((out / "thumbs").iterdir())) == 2
     m = _manifest(out)
@@ -738,7 +739,7 @@ def test_r5_training_with_an_unreadable_class_folder(mdt_subset, tmp_path, capsy
 
 # ------------------------------------------------------------ R6: Grad-CAM from another checkpoint
 def test_r6_gradcam_with_another_checkpoint_is_refused_unless_allowed(tiny_model, cxr_eval_dir, tmp_path, capsys):
-    from cxrkit.checkpoint import atomic_torch_save, load_checkpoint
+    from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint
     ck = load_checkpoint(tiny_model.checkpoint)
     ck["temperature"] = 1.7  # same network and classes, another file
     other = tmp_path / "other.pth"
@@ -818,7 +819,7 @@ def test_r7_overwrite_when_an_old_output_cannot_be_removed(tiny_model, cxr_eval_
 def misuse_files(tiny_model, tmp_path_factory):
     import torch
 
-    from cxrkit.checkpoint import atomic_torch_save, load_checkpoint
+    from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint
     d = tmp_path_factory.mktemp("misuse")
     ck = load_checkpoint(tiny_model.checkpoint)
     nan = {**ck, "state_dict": dict(ck["state_dict"])}
@@ -913,7 +914,7 @@ def _tiny_folder(root: Path, counts: dict, masks: set) -> Path:
 
 
 def test_r8_class_without_masks_folder_is_noted(tmp_path, caplog):
-    from cxrkit.data import discover
+    from cxrkit.training.data import discover
     _tiny_folder(tmp_path / "d", {"A": 3, "B": 3}, masks={"A"})
     with caplog.at_level(logging.WARNING, logger="cxrkit"):
         discover(tmp_path / "d")
@@ -921,8 +922,8 @@ def test_r8_class_without_masks_folder_is_noted(tmp_path, caplog):
 
 
 def test_r8_class_missing_from_validation_and_test_is_noted(tmp_path, caplog):
-    from cxrkit.data import build_cache
-    from cxrkit.split import load_or_make_split
+    from cxrkit.training.data import build_cache
+    from cxrkit.training.split import load_or_make_split
     data = build_cache(_tiny_folder(tmp_path / "d", {"A": 10, "B": 1}, masks=set()), 32, tmp_path / "c", workers=0,
                        progress=False)
     with caplog.at_level(logging.WARNING, logger="cxrkit"):

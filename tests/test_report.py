@@ -1,4 +1,4 @@
-"""report.html (cxrkit.report): the page parses, every link exists, its numbers equal summary.json,
+"""report.html (cxrkit.inference.report): the page parses, every link exists, its numbers equal summary.json,
 errors come first, the thumbnail cap holds, the confidence intervals, --no_report,
 model_arch.py --evaluate, and a headless-Chromium rendering check (skipped without Chromium)."""
 from __future__ import annotations
@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 import pytest
 
-from cxrkit import metrics
-from cxrkit import report as rp
-from cxrkit.metrics import classification_metrics
+from cxrkit.core import metrics
+from cxrkit.inference import report as rp
+from cxrkit.core.metrics import classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
@@ -172,13 +172,13 @@ def synthetic_summary(rows: list[dict]) -> dict:
 
 # -------------------------------------------------------------------------- confidence intervals
 def test_report_module_renders_only():
-    """No import circle: cxrkit.report renders; importing it (a fresh interpreter) loads neither the
-    inference pipeline nor torch / MONAI, and the interval maths lives in cxrkit.metrics."""
+    """No import circle: cxrkit.inference.report renders; importing it (a fresh interpreter) loads neither the
+    inference pipeline nor torch / MONAI, and the interval maths lives in cxrkit.core.metrics."""
     import subprocess
     import sys
-    probe = ("import json, sys; import cxrkit.report; print(json.dumps(sorted(m for m in sys.modules "
-             "if m.startswith('cxrkit.inference') or m.split('.')[0] in ('torch', 'monai') "
-             "or m in ('cxrkit.evaluate', 'cxrkit.model', 'cxrkit.checkpoint'))))")
+    probe = ("import json, sys; import cxrkit.inference.report; print(json.dumps(sorted(m for m in sys.modules "
+             "if m in ('cxrkit.inference.pipeline', 'cxrkit.inference.backends') or m.split('.')[0] in ('torch', 'monai') "
+             "or m in ('cxrkit.training.evaluate', 'cxrkit.core.model', 'cxrkit.core.checkpoint'))))")
     r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
@@ -204,7 +204,7 @@ def test_bootstrap_macro_f1():
     cm = np.bincount(y * 4 + p, minlength=16).reshape(4, 4)
     ref = classification_metrics(y, np.eye(4)[p], CLASSES)["macro_f1"]
     assert metrics.macro_f1_from_confusion(cm) == pytest.approx(ref, abs=1e-12)
-    from sklearn.metrics import f1_score  # the one definition (cxrkit.metrics) agrees with scikit-learn
+    from sklearn.metrics import f1_score  # the one definition (cxrkit.core.metrics) agrees with scikit-learn
     assert metrics.macro_f1_from_confusion(cm) == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
     a = metrics.bootstrap_macro_f1(y, p, 4)
     assert a == metrics.bootstrap_macro_f1(y, p, 4)                 # seeded: reproducible
@@ -274,8 +274,8 @@ def test_thumbnail_is_small(tmp_path):
 # ------------------------------------------------------------------- both CLIs, tiny real model
 @pytest.fixture(scope="module")
 def report_runs(tiny_model, cxr_eval_dir, tmp_path_factory):
-    import run_model_pth_inference as pth_cli
-    import run_onnx_inference as onnx_cli
+    from cxrkit.cli import infer_pth as pth_cli
+    from cxrkit.cli import infer_onnx as onnx_cli
     out = tmp_path_factory.mktemp("report_runs")
     common = ["--data_dir", str(cxr_eval_dir), "--num_samples", "0", "--batch_size", "5", "--quiet"]
     rc = [onnx_cli.main(["--onnx_path", str(tiny_model.onnx), "--save_dir", str(out / "onnx")] + common),
@@ -355,7 +355,7 @@ def test_no_report_flag(report_runs):
 
 # ------------------------------------------------------------------------ model_arch.py --evaluate
 def test_evaluate_writes_the_same_report(tiny_model, tmp_path):
-    import model_arch
+    from cxrkit.cli import train as model_arch
     split = tiny_model.root / "train_out" / "split.json"
     assert split.is_file()
     argv = ["--data_dir", str(tiny_model.train_data), "--output_dir", str(tmp_path), "--evaluate",

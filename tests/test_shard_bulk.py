@@ -1,4 +1,4 @@
-"""Bulk mode (--outputs), sharded runs (--shard K/N) and their merge (cxrkit.shard), with the
+"""Bulk mode (--outputs), sharded runs (--shard K/N) and their merge (cxrkit.inference.shard), with the
 shipped ONNX model on SYNTHETIC images (labels and masks from the folder layout, one corrupt file)."""
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import run_onnx_inference
-from cxrkit.config import ONNX_PATH
+from cxrkit.cli import infer_onnx as run_onnx_inference
+from cxrkit.core.config import ONNX_PATH
 from cxrkit.inference import gather_inputs
-from cxrkit.shard import InferenceError, merge, parse_shard, select_shard, shard_of
-from cxrkit.synthetic import generate
+from cxrkit.inference.shard import InferenceError, merge, parse_shard, select_shard, shard_of
+from cxrkit.training.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
@@ -88,7 +88,7 @@ def test_bulk_csv_only_matches_default_rows(syn, tmp_path):
     thumbs = sorted((tmp_path / "csv_rep" / "thumbs").iterdir())
     assert len(thumbs) == 20 and page.count('<figure class="g') == 20
     assert all(f'src="thumbs/{t.name}"' in page for t in thumbs)
-    from cxrkit.report import write_gallery_thumbnails
+    from cxrkit.inference.report import write_gallery_thumbnails
     rows = [dict(r) for r in rows_csv]
     assert write_gallery_thumbnails(tmp_path / "capped", rows, cap=5) == 5
     assert len(list((tmp_path / "capped" / "thumbs").iterdir())) == 5 and sum("thumb" in r for r in rows) == 5

@@ -14,17 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-import model_arch
-from cxrkit.checkpoint import (FORMAT, CheckpointError, atomic_torch_save, clean_state_dict, load_checkpoint,
-                               make_checkpoint, model_from_checkpoint, strip_for_release)
-from cxrkit.config import ModelConfig, make_config
-from cxrkit.data import build_cache
-from cxrkit.split import load_or_make_split
-from cxrkit.evaluate import predict_split
-from cxrkit.losses import inverse_frequency_weights
-from cxrkit.metrics import classification_metrics, softmax
-from cxrkit.model import build_model
-from cxrkit.calibration import apply_prior_correction
+from cxrkit.cli import train as model_arch
+from cxrkit.core.checkpoint import (FORMAT, CheckpointError, atomic_torch_save, clean_state_dict,
+                                    load_checkpoint, make_checkpoint, model_from_checkpoint,
+                                    strip_for_release)
+from cxrkit.core.config import ModelConfig, make_config
+from cxrkit.training.data import build_cache
+from cxrkit.training.split import load_or_make_split
+from cxrkit.training.evaluate import predict_split
+from cxrkit.training.losses import inverse_frequency_weights
+from cxrkit.core.metrics import classification_metrics, softmax
+from cxrkit.core.model import build_model
+from cxrkit.training.calibration import apply_prior_correction
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]

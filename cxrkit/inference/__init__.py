@@ -1,8 +1,8 @@
 """Batch inference: ONE pipeline, two backends (PyTorch checkpoint, ONNX Runtime model).
 
 Modules: backends (the Backend contract; TorchBackend, OnnxBackend) · inputs (folders -> InputItems) · render (annotated
-PNG, writers) · gradcam · pipeline (run_pipeline) · cli (the two CLIs' shared body). The names below
-are re-exported here, so `from cxrkit.inference import run_pipeline` is the public API.
+PNG, writers) · pipeline (run_pipeline) · summary · report (report.html) · shard (--shard K/N and the merge) ·
+split_report. The names below are re-exported here (loaded on first use), so `from cxrkit.inference import run_pipeline` is the public API.
 
     backend = TorchBackend("model_checkpoints/best_covid_model.pth")        # or
     backend = OnnxBackend("models/covid_multitask.onnx")                   # + <model>.onnx.meta.json
@@ -12,12 +12,12 @@ are re-exported here, so `from cxrkit.inference import run_pipeline` is the publ
 A backend meets the `Backend` protocol (backends.py): model_file, preset, class_names, img_size,
 temperature and calibration_problem, lung_area_range, describe(), explainer() (Grad-CAM) and
 `forward(x) -> (seg_prob (B,1,S,S), cls_logits (B,C))` on float32 numpy arrays (x: (B,3,S,S) from
-`cxrkit.preprocess.to_model_input_np`), which is what `cxrkit.tta.tta_predict` runs; so
-preprocessing (cxrkit.preprocess), TTA, calibration (softmax(logits / T)), metrics and every output
+`cxrkit.core.model_input.to_model_input_np`), which is what `cxrkit.core.tta.tta_predict` runs; so
+preprocessing (cxrkit.core.decode), TTA, calibration (softmax(logits / T)), metrics and every output
 file are shared by both backends. TorchBackend converts to / from torch on its device internally.
 
-No torch on the ONNX path: this package imports neither torch nor MONAI (nor cxrkit.checkpoint /
-cxrkit.model / cxrkit.export, which do) at module level. ONNX Runtime inference on a CPU (--tta 1,
+No torch on the ONNX path: this package imports neither torch nor MONAI (nor cxrkit.core.checkpoint /
+cxrkit.core.model / cxrkit.training.export, which do) at module level. ONNX Runtime inference on a CPU (--tta 1,
 no Grad-CAM) thus never loads them: importing torch alone costs ~1.5 s, nearly half of a whole
 run over 48 images. TorchBackend, Grad-CAM and --tta > 1 (the warps) import torch when used.
 
@@ -26,20 +26,32 @@ for the heavy parts), the model runs in the calling thread, and a writer thread 
 annotated PNGs / masks / Grad-CAM maps while the next batch is computed. The CSV and summary.json
 are written at the end, atomically (tmp file + os.replace); so is every PNG / .npy.
 
-Reliability: a run owns its save_dir (cxrkit.outdir: lock, manifest, --overwrite, per-process temp
+Reliability: a run owns its save_dir (cxrkit.core.outdir: lock, manifest, --overwrite, per-process temp
 names; outputs are never gathered as inputs), the ONNX meta must match its graph, and inputs the
-model cannot judge get `quality_flags` (cxrkit.quality) or a plain skip reason (cxrkit.preprocess).
+model cannot judge get `quality_flags` (cxrkit.core.quality) or a plain skip reason (cxrkit.core.decode).
 
 Research software: not for diagnosis.
 """
 from __future__ import annotations
 
-from ..errors import CxrkitError, InferenceError  # noqa: F401
-from .backends import Backend, OnnxBackend, TorchBackend, physical_cores, resolve_providers  # noqa: F401
-from .cli import (add_gradcam_args, add_input_args, add_output_args, add_run_args, inference_parser,  # noqa: F401
-                  run_cli, user_errors)
-from .gradcam import GradCamExplainer  # noqa: F401
-from .inputs import InputItem, assign_output_stems, gather_inputs  # noqa: F401
-from .pipeline import PipelineOptions, csv_columns, planned_outputs, run_pipeline  # noqa: F401
-from .render import (DISCLAIMER, display_image, normalise_cam, render_annotation, write_csv_atomic,  # noqa: F401
-                     write_npy, write_png)
+import importlib
+
+# The public names, loaded on first use (PEP 562): importing one submodule (the report, say) does not
+# load the pipeline, and `import cxrkit.inference` alone loads nothing heavy.
+_EXPORTS = {
+    **dict.fromkeys(["CxrkitError", "InferenceError"], "..core.errors"),
+    **dict.fromkeys(["Backend", "OnnxBackend", "TorchBackend", "physical_cores", "resolve_providers"], ".backends"),
+    **dict.fromkeys(["GradCamExplainer"], "..core.gradcam"),
+    **dict.fromkeys(["InputItem", "assign_output_stems", "gather_inputs"], ".inputs"),
+    **dict.fromkeys(["PipelineOptions", "csv_columns", "planned_outputs", "run_pipeline"], ".pipeline"),
+    **dict.fromkeys(["DISCLAIMER", "display_image", "normalise_cam", "render_annotation", "write_csv_atomic", "write_npy", "write_png"], ".render"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

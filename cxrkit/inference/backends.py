@@ -10,12 +10,13 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import InferenceError
-from .. import quality
-from ..io_utils import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, binding_mismatches, meta_path_for, sha256_file
-from ..ood import public as ood_public
-from ..preprocess import check_input
-from .gradcam import GradCamExplainer
+from ..core.errors import InferenceError
+from ..core import quality
+from ..core.io_utils import (INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, binding_mismatches, meta_path_for,
+                             sha256_file)
+from ..core.ood import public as ood_public
+from ..core.model_input import check_input
+from ..core.gradcam import GradCamExplainer
 
 
 log = logging.getLogger("cxrkit")
@@ -94,8 +95,8 @@ class TorchBackend:
 
     def __init__(self, checkpoint, device=None):
         # torch / MONAI come in here, when a PyTorch backend is made (the package is torch-free on import)
-        from ..checkpoint import checkpoint_temperature, model_from_checkpoint
-        from ..device import pick_device
+        from ..core.checkpoint import checkpoint_temperature, model_from_checkpoint
+        from ..core.device import pick_device
         self.checkpoint_path = self.model_file = Path(checkpoint)
         model, ck = model_from_checkpoint(checkpoint)  # FileNotFoundError / CheckpointError
         self.device = pick_device(device or "auto")
@@ -117,7 +118,7 @@ class TorchBackend:
     def forward_ood(self, x: np.ndarray):
         """forward, plus the (B,) out-of-distribution score (None when the model has no gate)."""
         import torch
-        from ..model import predict
+        from ..core.model import predict
         check_input(x, self.img_size)
         with torch.no_grad():
             xt = torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InferenceError
-from ..outdir import is_output_dir
-from ..preprocess import (IMAGE_EXTS, list_images, mask_for_image)
+from ..core.errors import InferenceError
+from ..core.outdir import is_output_dir
+from ..core.decode import IMAGE_EXTS, list_images, mask_for_image
 
 
 log = logging.getLogger("cxrkit")

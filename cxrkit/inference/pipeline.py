@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import InferConfig
-from ..errors import InferenceError, os_error
-from ..io_utils import MAX_BATCH_SIZE, write_json_atomic
-from .. import ood, quality
-from ..outdir import claim_save_dir
-from ..preprocess import (ImageReadError, lung_mask, read_gray_info, read_mask, resize_gray, resize_mask,
-                          to_model_input_np)
-from ..tta import MAX_TTA, tta_predict
-from .gradcam import GradCamExplainer
+from ..core.config import InferConfig
+from ..core.errors import InferenceError, os_error
+from ..core.io_utils import MAX_BATCH_SIZE, write_json_atomic
+from ..core import ood, quality
+from ..core.outdir import claim_save_dir
+from ..core.decode import ImageReadError, read_gray_info, read_mask
+from ..core.model_input import lung_mask, resize_gray, resize_mask, to_model_input_np
+from ..core.tta import MAX_TTA, tta_predict
+from ..core.gradcam import GradCamExplainer
 from .inputs import InputItem, assign_output_stems
 from .summary import build_summary
 from .render import _Writer, display_image, render_annotation, write_csv_atomic, write_npy, write_png
@@ -37,7 +37,7 @@ class _Decoded:
     error: str | None = None
     mask_error: str | None = None
     notes: tuple = ()              # what of the file was not used (later TIFF pages / DICOM frames)
-    stats: dict | None = None      # cxrkit.quality.image_stats of model_u8
+    stats: dict | None = None      # cxrkit.core.quality.image_stats of model_u8
     flags: tuple = ()              # quality flag codes (set once the model has run)
 
 
@@ -62,8 +62,8 @@ def _decode(item: InputItem, size: int, display_h: int) -> _Decoded:
 
 
 def planned_outputs(items, save_masks=False, save_cams=False, report=False, annotate=True) -> list[str]:
-    """Every file a run will write (relative to save_dir), for the manifest (cxrkit.outdir)."""
-    from ..report import GALLERY_CAP, REPORT_NAME, gallery_thumb_relpath, thumb_relpath
+    """Every file a run will write (relative to save_dir), for the manifest (cxrkit.core.outdir)."""
+    from .report import GALLERY_CAP, REPORT_NAME, gallery_thumb_relpath, thumb_relpath
     out = ["predictions.csv", "summary.json"] + ([REPORT_NAME] if report else [])
     if report and not annotate:  # bulk mode: thumbnails only for the gallery's rows (write_gallery_thumbnails)
         out += [gallery_thumb_relpath(r) for r in range(min(len(items), GALLERY_CAP))]
@@ -93,11 +93,11 @@ def csv_columns(class_names, save_masks=False, gradcam=False) -> list[str]:
 @dataclass
 class PipelineOptions:
     """How run_pipeline runs and what it writes; the defaults are config.InferConfig's.
-    report: also thumbs/ and report.html (cxrkit.report).
+    report: also thumbs/ and report.html (cxrkit.inference.report).
     annotate=False (bulk mode): no annotated PNGs (nor the display-size image they are drawn from);
     with report, thumbnails are made afterwards from the source files, for the images the gallery
-    shows only (cxrkit.report.write_gallery_thumbnails).
-    overwrite: the run owns save_dir (cxrkit.outdir); an earlier run's outputs there are refused unless
+    shows only (cxrkit.inference.report.write_gallery_thumbnails).
+    overwrite: the run owns save_dir (cxrkit.core.outdir); an earlier run's outputs there are refused unless
     overwrite (which removes exactly those files first)."""
     batch_size: int = InferConfig.batch_size
     tta: int = InferConfig.tta
@@ -172,7 +172,7 @@ class _Tally:
         return True
 
     def add(self, d, seg, probs, cam_name, ood_score=None, view_scores=None) -> dict:
-        from ..metrics import binary_dice_iou
+        from ..core.metrics import binary_dice_iou
         names, pred = self.names, int(probs.argmax())
         lung = lung_mask(seg)
         tc = d.item.true_class
@@ -192,7 +192,7 @@ class _Tally:
         if tc is not None:
             self.y_true.append(names.index(tc))
             # metrics use the probabilities exactly as predictions.csv holds them, so the CSV alone (e.g. a
-            # merge of shard runs, cxrkit.shard) reproduces every metric of this run
+            # merge of shard runs, cxrkit.inference.shard) reproduces every metric of this run
             self.y_probs.append(np.array([float(row[f"prob_{c}"]) for c in names]))
             self.y_flagged.append(bool(d.flags))
         if d.gt_mask is not None:  # Dice at the mask's own resolution (and, labelled, at the model input)
@@ -223,14 +223,14 @@ class _Run:
     temp: float
     cam_idx: int | None           # the Grad-CAM class; None: the predicted class
     gate: dict | None             # None: the model carries no out-of-distribution gate
-    claim: object                 # cxrkit.outdir's claim on save_dir
+    claim: object                 # cxrkit.core.outdir's claim on save_dir
     tally: _Tally
     notes: list                   # the overlay's notes (calibration, TTA)
 
 
 def run_pipeline(backend, items: list[InputItem], save_dir, opts: PipelineOptions | None = None) -> dict:
     """Run `backend` over `items`, write every output into save_dir; returns the summary dict.
-    opts: PipelineOptions (None: the defaults). The run owns save_dir (cxrkit.outdir): refused while
+    opts: PipelineOptions (None: the defaults). The run owns save_dir (cxrkit.core.outdir): refused while
     another process writes there, or when it holds an earlier run's outputs unless opts.overwrite."""
     run = _prepare(backend, items, Path(save_dir), opts or PipelineOptions())
     t0 = time.perf_counter()
@@ -240,7 +240,7 @@ def run_pipeline(backend, items: list[InputItem], save_dir, opts: PipelineOption
 
 def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOptions) -> _Run:
     """Options checked, output stems, save_dir claimed (locked, manifest "running") and its folders made."""
-    from ..report import THUMB_DIR
+    from .report import THUMB_DIR
     names, size, temp = list(backend.class_names), int(backend.img_size), float(backend.temperature)
     cam_idx = _check_run(names, size, items, opts)
     if not items[0].out_stem:
@@ -270,7 +270,7 @@ def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOpti
 
 def _write_job(run: _Run):
     """The writer thread's job: one image's annotated PNG, mask, Grad-CAM map and thumbnail."""
-    from ..report import thumb_relpath, write_thumbnail
+    from .report import thumb_relpath, write_thumbnail
     opts, save_dir = run.opts, run.save_dir
 
     def write_job(job):
@@ -384,7 +384,7 @@ def _batch_loop(run: _Run, items) -> None:
 def _finish(run: _Run, items, t0: float) -> dict:
     """predictions.csv, summary.json, the report, and the manifest (every file this run wrote, with
     size and SHA-256, status complete); returns the summary."""
-    from ..report import model_info, write_gallery_thumbnails, write_report
+    from .report import model_info, write_gallery_thumbnails, write_report
     opts, tally, save_dir = run.opts, run.tally, run.save_dir
     try:
         cols = csv_columns(run.names, opts.save_masks, opts.cam is not None)

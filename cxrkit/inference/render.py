@@ -10,9 +10,9 @@ import threading
 import cv2
 import numpy as np
 
-from ..errors import InferenceError
-from ..io_utils import write_bytes_atomic
-from ..preprocess import lung_mask
+from ..core.errors import InferenceError
+from ..core.io_utils import write_bytes_atomic
+from ..core.model_input import lung_mask
 
 
 log = logging.getLogger("cxrkit")
@@ -58,8 +58,8 @@ def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, pr
                       cam=None, cam_label: str = "", title: str = "", notes=(), flags=()) -> np.ndarray:
     """One BGR uint8 panel: X-ray with the predicted lungs tinted + outlined | optional Grad-CAM
     overlay | text panel with the predicted class, true class and one bar per class probability.
-    flags (cxrkit.quality codes): a red frame around the whole panel and a red note naming them."""
-    from ..ood import OOD_REASON
+    flags (cxrkit.core.quality codes): a red frame around the whole panel and a red note naming them."""
+    from ..core.ood import OOD_REASON
     reasons = [OOD_REASON[f] for f in flags if f in OOD_REASON]
     others = [f for f in flags if f not in OOD_REASON]
     flag_note = "; ".join(([f"NOT JUDGED: {', '.join(reasons)}"] if reasons else [])

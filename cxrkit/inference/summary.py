@@ -1,18 +1,18 @@
-"""summary.json of an inference run (build_summary), and its classification block, which cxrkit.shard's
+"""summary.json of an inference run (build_summary), and its classification block, which cxrkit.inference.shard's
 merge recomputes from the shards' CSV rows (classification_summary)."""
 from __future__ import annotations
 
 import numpy as np
 
-from .. import ood, quality
-from ..config import LUNG_THRESHOLD
+from ..core import ood, quality
+from ..core.config import LUNG_THRESHOLD
 from .render import DISCLAIMER
 
 
 def classification_summary(y_true, y_probs, names, flagged=None) -> dict:
     """summary.json's "classification": metrics, n_labelled and 95% intervals, and with `flagged` (a bool
-    per image: any quality flag) the same figures over the unflagged images (also cxrkit.shard's merge)."""
-    from ..metrics import classification_metrics, confidence_intervals
+    per image: any quality flag) the same figures over the unflagged images (also cxrkit.inference.shard's merge)."""
+    from ..core.metrics import classification_metrics, confidence_intervals
     y_true, y_probs = np.asarray(y_true, np.int64), np.asarray(y_probs, np.float64)
     m = classification_metrics(y_true, y_probs, names)
     m["n_labelled"] = len(y_true)
@@ -52,7 +52,7 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
                       "dice/iou": f"vs the ground-truth mask (masks/ folder) at {LUNG_THRESHOLD}, at the mask's own "
                                   "resolution, when there is one",
                       "quality_flags": "empty when all is well, else ';'-joined codes (see quality)",
-                      "ood_score": "out-of-distribution score (cxrkit.ood); above quality.ood.threshold the "
+                      "ood_score": "out-of-distribution score (cxrkit.core.ood); above quality.ood.threshold the "
                                    "image is not judged; empty when the model has no gate"},
         "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": tally.flag_counts,
                     "n_not_judged": int(sum(ood.not_judged(r["quality_flags"]) for r in rows)),

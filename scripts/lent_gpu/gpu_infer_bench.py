@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from cxrkit.checkpoint import model_from_checkpoint
-from cxrkit.model import predict
+from cxrkit.core.checkpoint import model_from_checkpoint
+from cxrkit.core.model import predict
 
 
 def timed(model, x, bs, dev, reps=3):
@@ -43,7 +43,7 @@ def main(ck_path):
         pr, pc = torch.softmax(lg[:64], 1), torch.softmax(ref, 1)
         print(f"model only | cuda batch {bs:2d} | {ips:8.1f} img/s | argmax agreement with cpu "
               f"{(pr.argmax(1) == pc.argmax(1)).float().mean():.4f} | max |p_cuda - p_cpu| {(pr - pc).abs().max():.2e}")
-    subprocess.run([sys.executable, "-m", "cxrkit.synthetic", "--out", "/tmp/syn", "--per_class", "64"],
+    subprocess.run([sys.executable, "-m", "cxrkit.training.synthetic", "--out", "/tmp/syn", "--per_class", "64"],
                    check=True, stdout=subprocess.DEVNULL)
     for bs, extra in ((16, []), (64, []), (64, ["--no_report"])):
         t0 = time.perf_counter()

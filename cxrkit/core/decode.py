@@ -1,0 +1,348 @@
+"""Image decoding: every supported file to an 8-bit grey array, and the folder walk that finds them.
+
+  1. decode (PNG/JPEG/BMP/TIFF through OpenCV, DICOM through pydicom) to an 8-bit grayscale array,
+     turned as its EXIF orientation tag says (what a viewer shows);
+     16-bit data is scaled by its inferred bit depth (12-bit data in a 16-bit PNG is not left dark),
+     RGB/RGBA are converted to luminance (radiographs carry no colour; an RGB copy of a grayscale
+     X-ray then gives exactly the prediction of the grayscale file).
+The next steps (resize, scale to [0, 1], 3 channels) are cxrkit.core.model_input's: together they are
+the ONE preprocessing path used by training, evaluation and both inference backends.
+Masks: any non-zero-ish pixel (> half of the mask's max) is lung.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import DataError, ImageReadError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
+
+# Larger images are skipped, decided from the file header BEFORE decoding (a 40000x40000 PNG is under
+# 1 MB on disk but 1.6 GB decoded); chest films are at most ~4300x4300 (18 MP)
+MAX_PIXELS = 100_000_000
+
+cv2.setNumThreads(1)  # decoding runs in worker threads/processes; avoid oversubscription
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Any-depth array -> uint8, keeping the image's own scale."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint16 or (np.issubdtype(arr.dtype, np.integer) and arr.max(initial=0) > 255):
+        a = arr.astype(np.float32)
+        hi = float(a.max(initial=0))
+        # infer the bit depth actually used: 12-bit data (max <= 4095) is scaled by 4095, etc.
+        depth = max(8, int(np.ceil(np.log2(hi + 1)))) if hi > 0 else 8
+        return np.clip(np.round(a * (255.0 / (2 ** depth - 1))), 0, 255).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        a = arr.astype(np.float32)
+        if a.size and a.min() >= 0 and a.max() <= 1.0:
+            a = a * 255.0
+        else:  # arbitrary float range: min-max
+            lo, hi = float(a.min(initial=0)), float(a.max(initial=0))
+            a = (a - lo) / (hi - lo + 1e-12) * 255.0
+        return np.clip(np.round(a), 0, 255).astype(np.uint8)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def _to_gray(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        return arr
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        return arr[:, :, 0]
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        # OpenCV decodes to BGR(A); alpha is dropped (X-rays are opaque)
+        return cv2.cvtColor(np.ascontiguousarray(arr[:, :, :3]), cv2.COLOR_BGR2GRAY)
+    raise ValueError(f"unsupported array shape {arr.shape}")
+
+
+def _too_large_reason(w: int, h: int) -> str | None:
+    if w * h > MAX_PIXELS:
+        return f"image is {w}x{h} px, over the {MAX_PIXELS // 1_000_000} MP limit"
+    return None
+
+
+def _tiff_header(b: memoryview) -> tuple[int, int, int] | None:
+    """(width, height, pages) of a classic TIFF from its first IFD and the IFD chain; None if unsure."""
+    bo = {b"II": "<", b"MM": ">"}.get(bytes(b[:2]))
+    if bo is None or len(b) < 8:
+        return None
+    u16 = lambda o: int.from_bytes(b[o:o + 2], "little" if bo == "<" else "big")  # noqa: E731
+    u32 = lambda o: int.from_bytes(b[o:o + 4], "little" if bo == "<" else "big")  # noqa: E731
+    if u16(2) != 42:
+        return None  # BigTIFF or not a TIFF
+    off, pages, seen, w, h = u32(4), 0, set(), None, None
+    while 0 < off and off + 2 <= len(b) and off not in seen and pages < 10000:
+        seen.add(off)
+        n = u16(off)
+        if pages == 0:
+            for e in range(n):
+                eo = off + 2 + 12 * e
+                if eo + 12 > len(b):
+                    break
+                tag, typ = u16(eo), u16(eo + 2)
+                val = u16(eo + 8) if typ == 3 else u32(eo + 8)
+                if tag == 256:
+                    w = val
+                elif tag == 257:
+                    h = val
+        pages += 1
+        nxt = off + 2 + 12 * n
+        off = u32(nxt) if nxt + 4 <= len(b) else 0
+    return (w, h, pages) if w and h else None
+
+
+def _jpeg_size(b: memoryview) -> tuple[int, int] | None:
+    i, n = 2, len(b)
+    while i + 9 < n:
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seg = int.from_bytes(b[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(b[i + 7:i + 9], "big"), int.from_bytes(b[i + 5:i + 7], "big")
+        i += 2 + seg
+    return None
+
+
+def header_info(buf) -> tuple[int | None, int | None, int]:
+    """(width, height, pages) read from a PNG / JPEG / BMP / TIFF file's header bytes, without
+    decoding the pixels; (None, None, 1) when the format is not recognised (then decoding decides)."""
+    b = memoryview(np.ascontiguousarray(buf, dtype=np.uint8)).cast("B")
+    try:
+        if bytes(b[:8]) == b"\x89PNG\r\n\x1a\n" and bytes(b[12:16]) == b"IHDR":
+            return int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big"), 1
+        if bytes(b[:2]) == b"\xff\xd8":
+            wh = _jpeg_size(b)
+            return (wh[0], wh[1], 1) if wh else (None, None, 1)
+        if bytes(b[:2]) == b"BM" and len(b) >= 26:
+            return (abs(int.from_bytes(b[18:22], "little", signed=True)),
+                    abs(int.from_bytes(b[22:26], "little", signed=True)), 1)
+        t = _tiff_header(b)
+        if t:
+            return t
+    except (IndexError, ValueError):
+        pass
+    return None, None, 1
+
+
+def exif_orientation(buf) -> int:
+    """The EXIF orientation tag (1..8) of an encoded JPEG / PNG / TIFF / WebP, 1 when there is none.
+    Only the header is parsed (Pillow opens lazily); a file without EXIF costs a byte search."""
+    b = memoryview(np.ascontiguousarray(buf, dtype=np.uint8)).cast("B")
+    head = bytes(b[:65536])
+    if not (head[:2] in (b"II", b"MM") or b"Exif" in head or b"eXIf" in head):
+        return 1
+    try:
+        import io
+        from PIL import Image
+        with Image.open(io.BytesIO(b)) as im:
+            o = int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block never stops decoding
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def apply_exif_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn / mirror a decoded (H, W[, C]) array the way a viewer shows it for EXIF tag 1..8
+    (2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate 90
+    counter-clockwise)."""
+    o = int(orientation)
+    if o == 2:
+        arr = arr[:, ::-1]
+    elif o == 3:
+        arr = arr[::-1, ::-1]
+    elif o == 4:
+        arr = arr[::-1]
+    elif o == 5:
+        arr = arr.swapaxes(0, 1)
+    elif o == 6:
+        arr = np.rot90(arr, -1)
+    elif o == 7:
+        arr = np.rot90(arr, 2).swapaxes(0, 1)
+    elif o == 8:
+        arr = np.rot90(arr, 1)
+    return np.ascontiguousarray(arr)
+
+
+def _check_finite(path, a: np.ndarray) -> None:
+    if a.dtype.kind in "fc":
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise ImageReadError(path, f"{bad} of {a.size} pixel values are not finite (NaN or inf): the image "
+                                       f"cannot be judged")
+
+
+def _read_dicom(path: Path, notes: list | None = None) -> np.ndarray:
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as e:  # pragma: no cover - pydicom is in requirements
+        raise ImageReadError(path, f"DICOM needs pydicom ({e}); pip install pydicom")
+    try:
+        ds = pydicom.dcmread(str(path))
+        rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+        too_large = _too_large_reason(cols, rows)  # from the header, before the pixel data is decoded
+        if too_large:
+            raise ImageReadError(path, too_large)
+        arr = ds.pixel_array
+    except ImageReadError:
+        raise
+    except Exception as e:
+        raise ImageReadError(path, f"unreadable DICOM ({type(e).__name__}: {e})")
+    if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
+        arr = arr[0]  # multi-frame: first frame
+        if notes is not None:
+            notes.append(f"multi-frame DICOM ({int(getattr(ds, 'NumberOfFrames', 0) or 0)} frames): only the "
+                         f"first frame was used")
+    arr = apply_modality_lut(arr, ds)
+    arr = apply_voi_lut(arr, ds)  # VOI LUT or window centre/width when present
+    a = np.asarray(arr, dtype=np.float32)
+    _check_finite(path, a)
+    if a.ndim == 3:
+        a = a.mean(axis=2)
+    lo, hi = float(a.min()), float(a.max())
+    a = (a - lo) / (hi - lo + 1e-12)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        a = 1.0 - a  # MONOCHROME1: high values are dark
+    return np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8)
+
+
+def read_gray(path) -> np.ndarray:
+    """Decode any supported file to a (H, W) uint8 grayscale array, or raise ImageReadError."""
+    return read_gray_info(path)[0]
+
+
+def read_gray_info(path) -> tuple[np.ndarray, list[str]]:
+    """read_gray, plus notes on what was not used (a multi-page TIFF's later pages, a multi-frame
+    DICOM's later frames). Raises ImageReadError for a file over MAX_PIXELS (from its header, before
+    decoding) and for non-finite pixel values."""
+    path = Path(path)
+    notes: list[str] = []
+    if not path.is_file():  # before any read: opening a FIFO would block, a device never end
+        raise ImageReadError(path, "file not found" if not path.exists() else
+                             "not a regular file (a FIFO, device or folder with an image name): not read")
+    if path.suffix.lower() == ".dcm":
+        return _read_dicom(path, notes), notes
+    try:
+        buf = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as e:
+        raise ImageReadError(path, f"cannot read file ({e})")
+    if buf.size == 0:
+        raise ImageReadError(path, "empty file")
+    w, h, pages = header_info(buf)
+    if w is not None and h is not None:
+        too_large = _too_large_reason(w, h)
+        if too_large:
+            raise ImageReadError(path, too_large)
+    if pages > 1:
+        notes.append(f"multi-page TIFF ({pages} pages): only the first page was used")
+    try:
+        # IMREAD_UNCHANGED keeps 16-bit data but does not apply EXIF orientation: done below, so the
+        # model sees what a viewer shows (a phone photo of a film stored sideways with tag 6)
+        arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error:  # OpenCV's own limits / asserts: its text is no reason a user can act on
+        arr = None
+    orientation = exif_orientation(buf) if arr is not None else 1  # Pillow's fallback applies it below
+    if arr is None:
+        try:  # a few TIFF flavours OpenCV refuses; Pillow is the fallback
+            from PIL import Image
+            with Image.open(path) as im:  # lazy: the size is known before the pixels are decoded
+                too_large = _too_large_reason(*im.size)
+                if too_large:
+                    raise ImageReadError(path, too_large)
+                from PIL import ImageOps
+                arr = np.asarray(ImageOps.exif_transpose(im))
+        except ImageReadError:
+            raise
+        except Exception:
+            raise ImageReadError(path, "not a decodable image (corrupt or unsupported format)")
+    if arr.size == 0 or min(arr.shape[:2]) < 8:
+        raise ImageReadError(path, f"image too small ({arr.shape})")
+    too_large = _too_large_reason(arr.shape[1], arr.shape[0])  # a format whose header was not read
+    if too_large:
+        raise ImageReadError(path, too_large)
+    _check_finite(path, arr)
+    if orientation != 1:
+        arr = apply_exif_orientation(arr, orientation)
+    try:
+        return _to_gray(_to_uint8(arr)), notes
+    except ValueError as e:
+        raise ImageReadError(path, str(e))
+
+
+def read_mask(path) -> np.ndarray:
+    """Decode a lung mask to a (H, W) uint8 array of 0/1 (RGB, 16-bit, 0/1 or 0/255 all accepted)."""
+    m = read_gray(path)
+    hi = int(m.max(initial=0))
+    return (m > hi // 2).astype(np.uint8) if hi > 0 else np.zeros_like(m)
+
+
+MASK_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def find_mask(mask_dir, image_name: str) -> Path | None:
+    """The lung mask of `image_name` in mask_dir: the same file name, else the same stem with another
+    image extension (the database's masks are PNGs beside JPEG/PNG images); None if there is none."""
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        return None
+    p = mask_dir / image_name
+    if p.is_file():
+        return p
+    stem = Path(image_name).stem
+    for ext in MASK_EXTS:
+        q = mask_dir / (stem + ext)
+        if q.is_file():
+            return q
+    return None
+
+
+def mask_for_image(image) -> Path | None:
+    """<...>/images/<name> -> <...>/masks/<name>; <C>/<name> -> <C>/masks/<name> (see find_mask)."""
+    image = Path(image)
+    base = image.parent.parent if image.parent.name.lower() == "images" else image.parent
+    return find_mask(base / "masks", image.name)
+
+
+def list_images(root, skip_dir=None) -> list[Path]:
+    """Every supported image under root, recursively, sorted (hidden files skipped). Symlinked
+    sub-folders are followed; a folder reached twice (a symlink loop, or two links to one folder) is
+    searched once. skip_dir(Path) -> True prunes a folder (and what is below it). A folder that cannot
+    be read raises DataError (its images would otherwise be left out without a word)."""
+    root = Path(root)
+    out, seen = [], set()
+
+    def unreadable(e: OSError):
+        if isinstance(e, FileNotFoundError):  # gone (or never there): nothing in it to leave out
+            return
+        raise DataError(f"cannot read folder {e.filename or root} ({e.strerror or e}): its images would be left "
+                        f"out; fix its permissions or move it out of the data folder") from None
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen or (skip_dir is not None and skip_dir(Path(dirpath))):
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTS:
+                out.append(Path(dirpath) / f)
+    return out

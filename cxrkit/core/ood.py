@@ -1,0 +1,147 @@
+"""Know when not to answer: the out-of-distribution gate's rules (numpy only, torch-free: the ONNX
+inference path imports it). The score itself is computed inside the network (cxrkit.core.ood_head).
+
+Flags (added to predictions.csv's quality_flags; see cxrkit.core.quality for the older ones):
+  not_chest_xray  ood_score > threshold and no turned / inverted view of the image looks like a chest X-ray
+  inverted        the image's grey-level inverse scores as a chest X-ray (<= threshold) and clearly
+                  lower than the image itself (< VIEW_MARGIN x its score): reversed grey levels
+  rotated         the same for the image turned by 90, 180 or 270 degrees
+  extreme_aspect  the decoded image is longer than EXTREME_ASPECT:1 (a strip, not a film)
+
+How the numbers were chosen (scripts/ood_eval.py re-measures them; README "Out-of-distribution gate"):
+- ood_score: min over classes of the squared Mahalanobis distance of the spatial mean and standard
+  deviation of the lite0 encoder's stride-16 block (2 x 112 features), shared Ledoit-Wolf covariance
+  fitted on the training split, divided by the feature count (a training-like image scores ~1).
+- threshold = THRESHOLD_MARGIN x the DEFAULT_PERCENTILE-th percentile of the validation split's
+  scores: the margin keeps mildly shifted real X-rays (cropped, padded, JPEG-compressed) under it while
+  every non-chest group measured lay at >= 1.5 x the 99th percentile.
+- Views (inverse, turned 90 / 180 / 270) are scored only for images whose own score is above
+  VIEW_HINT x threshold (about 4 % of real X-rays): inverse and 180 degrees below the threshold, all four
+  above it, in one extra batch, so the gate stays cheap.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+OOD_FORMAT = "cxrkit-ood-v1"
+FLAG_NOT_CXR = "not_chest_xray"
+FLAG_INVERTED = "inverted"
+FLAG_ROTATED = "rotated"
+FLAG_ASPECT = "extreme_aspect"
+OOD_FLAG_CODES = (FLAG_NOT_CXR, FLAG_INVERTED, FLAG_ROTATED, FLAG_ASPECT)
+OOD_FLAG_MEANING = {
+    FLAG_NOT_CXR: "does not look like a frontal chest X-ray (ood_score over the model's threshold)",
+    FLAG_INVERTED: "grey levels look reversed (its inverse scores as a chest X-ray): a MONOCHROME1 film saved "
+                   "without its header?",
+    FLAG_ROTATED: "the image looks turned by 90 or 180 degrees (a turned copy scores as a chest X-ray)",
+    FLAG_ASPECT: "the image is a strip (longer side over 3 x the shorter), not a whole film",
+}
+OOD_REASON = {FLAG_NOT_CXR: "not a chest X-ray", FLAG_INVERTED: "inverted grey levels",
+              FLAG_ROTATED: "rotated", FLAG_ASPECT: "extreme aspect ratio"}
+
+DEFAULT_PERCENTILE = 99.0
+THRESHOLD_MARGIN = 1.2
+VIEW_HINT = 0.7      # views are scored above VIEW_HINT x threshold
+VIEW_MARGIN = 0.8    # a view names the reason when it scores below VIEW_MARGIN x the image's own score
+EXTREME_ASPECT = 3.0
+MIN_VAL_IMAGES = 50  # fewer validation images: no threshold (like the temperature, cxrkit.training.evaluate)
+
+# the views, as operations on (B, 3, S, S) float model inputs in [0, 1]
+VIEWS = ("inverse", "rot90", "rot180", "rot270")
+
+
+def not_judged(quality_flags: str) -> bool:
+    """Whether a predictions.csv row's ';'-joined quality_flags hold a gate flag (the image is not judged)."""
+    return any(f in OOD_FLAG_CODES for f in str(quality_flags or "").split(";"))
+
+
+def make_view(x: np.ndarray, view: str) -> np.ndarray:
+    if view == "inverse":
+        return np.ascontiguousarray(np.float32(1.0) - x)
+    k = {"rot90": 1, "rot180": 2, "rot270": 3}[view]
+    return np.ascontiguousarray(np.rot90(x, k, axes=(2, 3)))
+
+
+def aspect_flags(shape) -> list[str]:
+    h, w = int(shape[0]), int(shape[1])
+    return [FLAG_ASPECT] if max(h, w) > EXTREME_ASPECT * max(1, min(h, w)) else []
+
+
+def views_needed(score: float, threshold: float) -> tuple[str, ...]:
+    """Which views an image with this score needs (none for most real X-rays)."""
+    if not np.isfinite(score) or score <= VIEW_HINT * threshold:
+        return ()
+    return VIEWS if score > threshold else ("inverse", "rot180")
+
+
+def decide(score: float, threshold: float, view_scores: dict) -> list[str]:
+    """The OOD flag of one image from its own score and its views' scores ({} when none were run)."""
+    best = None
+    for v, s in view_scores.items():
+        if s <= threshold and s < VIEW_MARGIN * score and (best is None or s < view_scores[best]):
+            best = v
+    if best is not None:
+        return [FLAG_INVERTED if best == "inverse" else FLAG_ROTATED]
+    return [FLAG_NOT_CXR] if score > threshold else []
+
+
+def score_views(score_fn, x: np.ndarray, scores: np.ndarray, threshold: float) -> list[dict]:
+    """{view: score} per image: each image's needed views, all scored in ONE call of
+    score_fn((N, 3, S, S) float32) -> (N,) scores."""
+    jobs = [(i, v) for i in range(len(x)) for v in views_needed(float(scores[i]), threshold)]
+    out = [{} for _ in range(len(x))]
+    if not jobs:
+        return out
+    xv = np.stack([make_view(x[i:i + 1], v)[0] for i, v in jobs])
+    sv = np.asarray(score_fn(xv), np.float64).reshape(-1)
+    for (i, v), s in zip(jobs, sv):
+        out[i][v] = float(s)
+    return out
+
+
+def view_scores_np(score_fn, x: np.ndarray) -> dict:
+    """All four views' scores of a batch (fitting records them; the pipeline uses score_views)."""
+    return {v: np.asarray(score_fn(make_view(x, v)), np.float64) for v in VIEWS}
+
+
+def threshold_from_scores(val_scores, percentile: float = DEFAULT_PERCENTILE, margin: float = THRESHOLD_MARGIN,
+                          own_views: dict | None = None) -> dict:
+    """The threshold entry of ck["ood"] from the validation scores (and what fitting measured)."""
+    s = np.asarray(val_scores, np.float64)
+    p = float(np.percentile(s, percentile))
+    th = margin * p
+    out = {"threshold": th, "percentile": percentile, "margin": margin, "n_val": int(s.size),
+           "val_score_quantiles": {q: float(np.percentile(s, float(q))) for q in ("50", "90", "99", "99.5")},
+           "val_flagged_fraction": float((s > th).mean()),
+           "rule": f"threshold = {margin} x p{percentile:g} of the validation split's ood_score",
+           "score": "min over classes of the squared Mahalanobis distance of pooled features / feature count",
+           "view_hint": VIEW_HINT, "view_margin": VIEW_MARGIN}
+    if own_views:
+        # how many validation X-rays a view would wrongly name (should be ~0)
+        wrong = 0
+        for i in range(s.size):
+            vs = {v: float(own_views[v][i]) for v in views_needed(float(s[i]), th) if v in own_views}
+            wrong += decide(float(s[i]), th, vs) in ([FLAG_INVERTED], [FLAG_ROTATED])
+        out["val_view_flagged_fraction"] = wrong / max(1, s.size)
+    return out
+
+
+def resolve(stored: dict | None, override: float | None = None) -> dict | None:
+    """The gate a model carries (checkpoint / meta "ood"), with an --ood_threshold override; None: no gate."""
+    if override is not None:
+        if not override > 0:
+            raise ValueError(f"--ood_threshold must be > 0, got {override}")
+        if not stored:
+            return {"threshold": float(override), "source": "--ood_threshold (the model has no stored gate)"}
+        return {**public(stored), "threshold": float(override), "stored_threshold": float(stored["threshold"]),
+                "source": "--ood_threshold"}
+    if not stored or "threshold" not in stored:
+        return None
+    return {**public(stored), "threshold": float(stored["threshold"]), "source": "model"}
+
+
+def public(stats: dict | None) -> dict | None:
+    """ck["ood"] without its tensors (what the ONNX meta and summary.json carry)."""
+    if stats is None:
+        return None
+    return {k: v for k, v in stats.items() if k not in ("class_means", "whitening")}

@@ -1,0 +1,440 @@
+"""Batch report: one self-contained `report.html` beside predictions.csv and summary.json.
+
+    from cxrkit.inference.report import model_info, write_report
+    write_report(save_dir, summary, rows, model=model_info(backend))
+
+One renderer serves every run: cxrkit.inference.run_pipeline calls it after summary.json is written
+(both inference CLIs; `--no_report` turns it off), and `model_arch.py --evaluate` runs that same
+pipeline over the test split into <output_dir>/test_report/ (cxrkit.training.evaluate.write_split_report).
+This module renders only: it runs no model, and the confidence intervals it shows are computed by
+cxrkit.core.metrics (confidence_intervals) into summary.json.
+
+The page has inline CSS and a few lines of vanilla JS (gallery filters; both in
+cxrkit.inference.report_assets), loads nothing from the network, and links only to files under save_dir by
+relative path (annotated/, thumbs/, predictions.csv, summary.json), so the folder can be zipped and
+opened anywhere. Its first screen
+holds the run header, accuracy and macro-F1 with 95% confidence intervals, lung Dice / IoU, the
+confusion matrix, the per-class table and the start of the gallery, which puts the misclassified
+images first, then the rest by ascending confidence, up to GALLERY_CAP thumbnails. Every number the
+page shows from summary.json carries `data-key` (its path in summary.json) and `data-value` (the
+exact value) so tests can check the page against the file.
+
+Thumbnails (THUMB_HEIGHT px JPEGs under thumbs/, lung outline drawn) are written by the pipeline's
+writer thread through write_thumbnail, never scaled down from the full PNGs by the browser.
+
+The ONNX inference path imports it, so it stays torch-free on import (why: cxrkit/inference/__init__.py;
+tests/test_inference.py enforces it), and it imports nothing of the inference pipeline
+(tests/test_report.py checks both).
+
+Research software: not for diagnosis.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+import cv2
+import numpy as np
+
+from ..core.io_utils import write_bytes_atomic
+from ..core.model_input import lung_mask
+from .report_assets import CSS as _CSS, JS as _JS
+
+log = logging.getLogger("cxrkit")
+
+REPORT_NAME = "report.html"
+THUMB_DIR = "thumbs"
+THUMB_HEIGHT = 160
+GALLERY_CAP = 300
+DISCLAIMER = "Research use only - not for diagnosis."
+
+
+# ----------------------------------------------------------------------------------- thumbnails
+def gallery_thumb_relpath(rank: int) -> str:
+    """The thumbnail of the gallery's rank-th row in a report made from the CSV alone (no annotated
+    PNG names it): write_gallery_thumbnails writes it, the pipeline plans it for the manifest."""
+    return thumb_relpath(f"g{rank:05d}")
+
+
+def thumb_relpath(stem: str) -> str:
+    """The thumbnail of the image whose outputs are named `stem`, relative to save_dir."""
+    return f"{THUMB_DIR}/{stem}.jpg"
+
+
+def make_thumbnail(gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_HEIGHT) -> np.ndarray:
+    """A small BGR uint8 image: the X-ray at `height` px (aspect ratio kept) with the predicted lung
+    outline (preprocess.lung_mask) drawn."""
+    h, w = gray.shape[:2]
+    tw = max(1, int(round(w * height / h)))
+    interp = cv2.INTER_AREA if h > height else cv2.INTER_LINEAR
+    small = cv2.resize(gray, (tw, height), interpolation=interp)
+    bgr = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR) if small.ndim == 2 else small
+    lung = lung_mask(seg_prob, (height, tw))
+    contours, _ = cv2.findContours(lung.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(bgr, contours, -1, (0, 230, 255), 1, cv2.LINE_AA)
+    return bgr
+
+
+def write_thumbnail(path, gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_HEIGHT,
+                    quality: int = 82) -> None:
+    """make_thumbnail as a JPEG, written atomically (tmp file + os.replace)."""
+    ok, buf = cv2.imencode(".jpg", make_thumbnail(gray, seg_prob, height), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise OSError(f"JPEG encoding failed for {path}")
+    write_bytes_atomic(path, buf.tobytes())
+
+
+def write_gallery_thumbnails(save_dir, rows: list[dict], cap: int = GALLERY_CAP, thumb_dirs=()) -> int:
+    """A report from the CSV alone (bulk mode, or a merge of shard runs): thumbnails for the rows
+    the gallery shows (gallery_order, the first `cap`) and no others. Each is copied from the first
+    folder in thumb_dirs whose thumbs/ holds one for the row's annotated_png, else made from the
+    source file (`image_path`; no lung outline: the CSV has no mask). Sets row["thumb"] (relative to
+    save_dir; not a CSV column) on every row that got one; an unreadable source leaves the gallery's
+    "no image" placeholder. Returns the number written."""
+    import shutil
+
+    from ..core.decode import read_gray
+    save_dir, n = Path(save_dir), 0
+    for rank, row in enumerate(gallery_order(rows)[:max(0, int(cap))]):
+        stem = Path(str(row.get("annotated_png") or "")).stem
+        rel = thumb_relpath(stem) if stem else gallery_thumb_relpath(rank)
+        dst = save_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src = next((Path(d) / thumb_relpath(stem) for d in thumb_dirs
+                    if stem and (Path(d) / thumb_relpath(stem)).is_file()), None)
+        try:
+            if src is not None:
+                shutil.copyfile(src, dst)
+            else:
+                g = read_gray(row["image_path"])
+                write_thumbnail(dst, g, np.zeros(g.shape[:2], np.float32))
+        except Exception as e:  # noqa: BLE001 - a thumbnail never fails the report
+            log.warning("no thumbnail for %s: %s", row.get("image_path"), e)
+            continue
+        row["thumb"], n = rel, n + 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------- model
+def model_info(backend) -> dict:
+    """File, preset, input size and calibration of an inference backend (a cxrkit.inference.Backend;
+    for the report header)."""
+    return {"file": str(backend.model_file), "preset": backend.preset, "img_size": int(backend.img_size),
+            "temperature": float(backend.temperature)}
+
+
+# -------------------------------------------------------------------------------------- gallery
+def is_error(row: dict) -> bool:
+    return str(row.get("correct", "")) == "0"
+
+
+def gallery_order(rows: list[dict]) -> list[dict]:
+    """Misclassified first, then everything else; each group by ascending confidence (stable)."""
+    return sorted(rows, key=lambda r: (0 if is_error(r) else 1, float(r.get("confidence") or 0.0)))
+
+
+def row_flags(row: dict) -> list[str]:
+    """Quality flags of a predictions row (a list, or a string separated by ';' '|' or ',')."""
+    v = row.get("quality_flags", row.get("flags", ""))
+    if not v:
+        return []
+    if isinstance(v, (list, tuple)):
+        return [str(x) for x in v if str(x).strip()]
+    for sep in ("|", ","):
+        v = str(v).replace(sep, ";")
+    return [s.strip() for s in str(v).split(";") if s.strip()]
+
+
+# ------------------------------------------------------------------------------------ rendering
+_ESC = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"})
+
+
+def _e(s) -> str:
+    """HTML-escaped text or attribute value (html.escape(quote=True); the html module's import pulls
+    in html.entities, a few ms of start-up on the ONNX path)."""
+    return str(s).translate(_ESC)
+
+
+def _href(rel: str) -> str:
+    return _e(quote(str(rel).replace(os.sep, "/"), safe="/._-()+~"))
+
+
+def _num(key: str, value, text: str) -> str:
+    """A number from summary.json: shown as `text`, exact value and its summary path as attributes."""
+    return f'<span data-key="{_e(key)}" data-value="{_e(json.dumps(value))}">{_e(text)}</span>'
+
+
+def _f3(x) -> str:
+    return "-" if x is None else f"{float(x):.3f}"
+
+
+def _header(summary: dict, model: dict | None, generated: str) -> str:
+    s, model = summary, model or {}
+    info = s.get("backend_info") or {}
+    backend = s.get("backend", info.get("backend", "?"))
+    provs = info.get("providers")
+    if provs:
+        backend += " (" + ", ".join(str(p).replace("ExecutionProvider", "") for p in provs) + ")"
+    elif info.get("device"):
+        backend += f" ({info['device']})"
+    mfile = model.get("file") or info.get("onnx_path") or info.get("checkpoint") or "?"
+    preset = model.get("preset")
+    size = model.get("img_size") or s.get("img_size")
+    mdesc = f"{Path(str(mfile)).name}" + (f", preset {preset}" if preset else "") + (f", {size} px" if size else "")
+    t = s.get("temperature", model.get("temperature"))
+    if s.get("calibrated") and t is not None and abs(float(t) - 1.0) > 1e-12:
+        cal = f"softmax(logits / T), T = {float(t):.3g}"
+    else:
+        cal = "none (T = 1)"
+    if int(s.get("tta", 1) or 1) > 1:
+        cal += f"; TTA {int(s['tta'])} views"
+    inp = s.get("inputs") or {}
+    if inp.get("split"):
+        src = f"{inp['split']} split of {inp.get('data_dir', '?')}"
+    elif inp.get("data_dir"):
+        src = str(inp["data_dir"])
+    elif inp.get("images"):
+        src = f"{len(inp['images'])} files/folders given"
+    else:
+        src = "?"
+    thr = s.get("throughput") or {}
+    ips, secs = thr.get("images_per_second"), thr.get("seconds")
+    n_flag = (s.get("quality") or {}).get("n_flagged")
+    flagged = f', {_num("quality/n_flagged", n_flag, str(n_flag))} quality-flagged' if n_flag else ""
+    items = [
+        ("Model", f'<span title="{_e(mfile)}">{_e(mdesc)}</span>'),
+        ("Calibration", _e(cal)),
+        ("Backend", _e(backend)),
+        ("Inputs", f'<span title="{_e(src)}">{_e(src if len(src) <= 60 else "..." + src[-57:])}</span>'),
+        ("Images", f'{_num("n_inputs", s.get("n_inputs"), str(s.get("n_inputs")))} in, '
+                   f'{_num("n_processed", s.get("n_processed"), str(s.get("n_processed")))} processed, '
+                   f'{_num("n_skipped", s.get("n_skipped"), str(s.get("n_skipped")))} skipped{flagged}'),
+        ("Throughput", (_num("throughput/images_per_second", ips, f"{ips:.1f}") + " img/s ("
+                        + _num("throughput/seconds", secs, f"{secs:.1f}") + " s)") if ips and secs else "-"),
+        ("Date", _e(generated)),
+    ]
+    meta = "".join(f"<span><b>{k}</b>{v}</span>" for k, v in items)
+    heading = f"{str(inp['split']).capitalize()} split report" if inp.get("split") else "Batch report"
+    title = f"{_e(heading)} <small>{_e(s.get('n_processed', 0))} images &middot; {_e(s.get('backend', ''))}</small>"
+    return (f'<header><h1>{title}</h1><p class="meta">{meta}<span class="warn">{_e(DISCLAIMER)}</span></p>'
+            f"</header>")
+
+
+def _cm_colour(frac: float, diag: bool) -> str:
+    r, g, b = (46, 140, 60) if diag else (208, 52, 44)
+    a = 0.08 + 0.82 * float(np.clip(frac, 0, 1)) if frac > 0 else 0.0
+    fg = "#fff" if a > 0.55 else "#1d2127"
+    return f"background:rgba({r},{g},{b},{a:.3f});color:{fg}"
+
+
+def _metrics(summary: dict) -> str:
+    c, seg = summary.get("classification"), summary.get("segmentation")
+    names = list(summary.get("class_names") or [])
+    cards = []
+    if c:
+        n = c.get("n_labelled", "?")
+        for key, label, ci_key, how in (("accuracy", "Accuracy", "accuracy_ci95", "Wilson"),
+                                        ("macro_f1", "Macro-F1", "macro_f1_ci95", "bootstrap")):
+            ci = c.get(ci_key)
+            ci_s = ("95% CI " + _num(f"classification/{ci_key}/0", ci[0], _f3(ci[0])) + " &ndash; "
+                    + _num(f"classification/{ci_key}/1", ci[1], _f3(ci[1])) + f" ({how})") if ci else "no CI"
+            cards.append(f'<div class="card"><div class="lbl">{label}</div><div class="big">'
+                         f'{_num("classification/" + key, c[key], _f3(c[key]))}</div><div class="ci">{ci_s}</div>'
+                         f'<div class="n">{_num("classification/n_labelled", n, str(n))} labelled images</div></div>')
+        u = c.get("unflagged") or {}
+        if u.get("accuracy") is not None:
+            cards.append('<div class="card"><div class="lbl">Unflagged images only</div><div class="big">'
+                         + _num("classification/unflagged/accuracy", u["accuracy"], _f3(u["accuracy"]))
+                         + '</div><div class="ci">accuracy &middot; macro-F1 '
+                         + _num("classification/unflagged/macro_f1", u["macro_f1"], _f3(u["macro_f1"]))
+                         + f'</div><div class="n">{_num("classification/unflagged/n", u["n"], str(u["n"]))} '
+                           f'images without a quality flag</div></div>')
+    if seg:
+        dice, iou, nm = seg["mean_dice"], seg["mean_iou"], seg["n_masks"]
+        cards.append('<div class="card"><div class="lbl">Lung segmentation</div><div class="big">Dice '
+                     + _num("segmentation/mean_dice", dice, _f3(dice)) + '</div><div class="ci">IoU '
+                     + _num("segmentation/mean_iou", iou, _f3(iou))
+                     + f' &middot; {_num("segmentation/n_masks", nm, str(nm))} masks</div></div>')
+    parts = []
+    if cards:
+        parts.append(f'<div class="cards">{"".join(cards)}</div>')
+    if c:
+        cm = np.asarray(c["confusion_matrix"])
+        head = "".join(f'<th class="cl" title="{_e(nm)}">{_e(nm).replace("_", "_<wbr>")}</th>' for nm in names)
+        body = []
+        for i, nm in enumerate(names):
+            tot = int(cm[i].sum())
+            cells = []
+            for j in range(len(names)):
+                v = int(cm[i, j])
+                frac = v / tot if tot else 0.0
+                cells.append(f'<td style="{_cm_colour(frac, i == j)}" title="true {_e(nm)}, predicted '
+                             f'{_e(names[j])}: {v} of {tot} ({frac * 100:.0f}%)">'
+                             f'{_num(f"classification/confusion_matrix/{i}/{j}", v, str(v))}</td>')
+            body.append(f'<tr><th class="l rl">{_e(nm)}</th>{"".join(cells)}</tr>')
+        parts.append('<div class="panel cm"><h2>Confusion matrix</h2><table><tr><th class="ax l">true &darr; / '
+                     f'predicted &rarr;</th>{head}</tr>{"".join(body)}</table></div>')
+        rows = []
+        for nm in names:
+            pc = c["per_class"][nm]
+            k = f"classification/per_class/{nm}"
+            rows.append(f'<tr><td class="l">{_e(nm)}</td>'
+                        + "".join(f"<td>{_num(f'{k}/{m}', pc[m], _f3(pc[m]))}</td>"
+                                  for m in ("precision", "recall", "f1"))
+                        + f"<td>{_num(k + '/support', pc['support'], str(pc['support']))}</td>"
+                        + f"<td>{_num(k + '/roc_auc', pc.get('roc_auc'), _f3(pc.get('roc_auc')))}</td></tr>")
+        parts.append('<div class="panel pc"><h2>Per class</h2><table><tr><th class="l">class</th><th>precision</th>'
+                     f'<th>recall</th><th>F1</th><th>support</th><th>ROC-AUC</th></tr>{"".join(rows)}</table></div>')
+    else:
+        counts = summary.get("predicted_counts") or {}
+        rows = "".join(f'<tr><td class="l">{_e(k)}</td><td>{_num("predicted_counts/" + k, v, str(v))}</td></tr>'
+                       for k, v in counts.items())
+        parts.append('<div class="panel pc"><h2>Predicted classes</h2><table><tr><th class="l">class</th>'
+                     f'<th>images</th></tr>{rows}</table><p class="note">No true classes known: put images in '
+                     f'folders named after the model classes ({_e(", ".join(names))}) to get accuracy, '
+                     f'F1 and a confusion matrix.</p></div>')
+    return f'<section class="row" id="metrics">{"".join(parts)}</section>'
+
+
+def _figure(row: dict, base_dir: Path | None) -> str:
+    ann = str(row.get("annotated_png") or "")
+    stem = Path(ann).stem if ann else ""
+    thumb = row.get("thumb") or (thumb_relpath(stem) if stem else "")
+    if base_dir is not None:  # link only to files that are there
+        ann = ann if ann and (base_dir / ann).is_file() else ""
+        thumb = thumb if thumb and (base_dir / thumb).is_file() else ""
+    pred, tc = str(row.get("predicted_class", "")), str(row.get("true_class") or "")
+    conf = float(row.get("confidence") or 0.0)
+    err = is_error(row)
+    name = Path(str(row.get("image_path", ""))).name
+    src = thumb or ann
+    img = (f'<img src="{_href(src)}" alt="{_e(name)}" loading="lazy" width="160" height="160">' if src
+           else '<span class="ph">no image</span>')
+    if ann:
+        img = f'<a href="{_href(ann)}" target="_blank" title="open the annotated image">{img}</a>'
+    if not tc:
+        truth = '<span class="fn">true class unknown</span>'
+    elif err:
+        truth = f'<span class="bad">&#10007; true {_e(tc)}</span>'
+    else:
+        truth = f'<span class="ok">&#10003; true {_e(tc)}</span>'
+    flags = "".join(f'<span class="flag">{_e(f)}</span>' for f in row_flags(row))
+    dice = row.get("dice")
+    extra = f" &middot; Dice {float(dice):.2f}" if dice not in (None, "") else ""
+    return (f'<figure class="g{" err" if err else ""}" data-pred="{_e(pred)}" data-true="{_e(tc)}" '
+            f'data-err="{int(err)}" data-conf="{conf:.6f}">{img}'
+            f'<figcaption title="{_e(row.get("image_path", ""))}"><div><span class="p">{_e(pred)}</span> '
+            f'{conf * 100:.1f}%</div><div class="bar"><i style="width:{conf * 100:.1f}%"></i></div>'
+            f'<div>{truth}</div>' + (f"<div>{flags}</div>" if flags else "")
+            + f'<div class="fn">{_e(name)}{extra}</div></figcaption></figure>')
+
+
+def _gallery(summary: dict, rows: list[dict], cap: int, base_dir: Path | None) -> str:
+    if not rows:
+        return '<section id="gallery"><h2>Images</h2><p class="note">No image was processed.</p></section>'
+    ordered = gallery_order(rows)
+    shown = ordered[:max(0, int(cap))]
+    n_err = sum(is_error(r) for r in rows)
+    left = len(ordered) - len(shown)
+    names = list(summary.get("class_names") or [])
+    opts = "".join(f'<option value="{_e(n)}">{_e(n)}</option>' for n in names)
+    has_truth = any(r.get("true_class") for r in rows)
+    filters = (f'<label>predicted <select id="f-pred"><option value="">all</option>{opts}</select></label>'
+               + (f'<label>true <select id="f-true"><option value="">all</option>{opts}</select></label>'
+                  f'<label><input type="checkbox" id="f-err"> errors only</label>' if has_truth else "")
+               + f'<span id="f-count" class="note">{len(shown)} of {len(shown)} shown</span>')
+    if left:
+        note = (f'<p class="note" id="cap-note">Showing the {len(shown)} most informative of {len(ordered)} images '
+                f'(cap {int(cap)}): {_e(left)} left out, the most confident '
+                f'{"correct ones" if n_err <= len(shown) else "ones"}. Every image is in '
+                f'<a href="predictions.csv">predictions.csv</a> and annotated/.</p>')
+    else:
+        note = ""
+    how = (f"{n_err} misclassified first, then by ascending confidence" if has_truth
+           else "by ascending confidence (no true classes known)")
+    figs = "".join(_figure(r, base_dir) for r in shown)
+    return (f'<section id="gallery"><h2>Images <span class="note">&middot; {_e(how)}; click for the annotated '
+            f'image</span></h2><div class="filters">{filters}</div>{note}<div class="grid" id="grid">{figs}</div>'
+            f"</section>")
+
+
+def _not_judged(rows: list[dict]) -> str:
+    """Images the out-of-distribution gate set aside (cxrkit.core.ood), with the reason in words."""
+    from ..core.ood import OOD_REASON
+    lst = [(r, [OOD_REASON[f] for f in row_flags(r) if f in OOD_REASON]) for r in rows]
+    lst = [(r, why) for r, why in lst if why]
+    out = [f'<section id="not-judged" class="panel" style="margin-top:12px"><h2>Not judged ({len(lst)})</h2>']
+    if lst:
+        body = "".join(f'<tr><td>{_e(r.get("image_path", ""))}</td><td>{_e(", ".join(why))}</td>'
+                       f'<td>{_e(r.get("ood_score", ""))}</td><td>{_e(r.get("predicted_class", ""))} '
+                       f'(kept in predictions.csv, not to be read)</td></tr>' for r, why in lst)
+        out.append('<table class="sk"><tr><th>file</th><th>reason</th><th>ood_score</th><th>model output</th></tr>'
+                   f"{body}</table>")
+    else:
+        out.append('<p class="note">None: every image looked like a frontal chest X-ray.</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def _problems(summary: dict) -> str:
+    """A Grad-CAM checkpoint mismatch (when allowed), skipped inputs (always listed, possibly 'none') and
+    ground-truth masks that were not scored (unreadable or empty; when any)."""
+    out = []
+    mismatch = (summary.get("gradcam") or {}).get("checkpoint_mismatch")
+    if mismatch:
+        out.append('<section id="gradcam-mismatch" class="panel" style="margin-top:12px"><h2>Grad-CAM warning</h2>'
+                   f'<p class="note">{_e(mismatch)}: the Grad-CAM maps need not explain these predictions.</p>'
+                   "</section>")
+    for key, title in (("skipped", "Skipped files"), ("mask_problems", "Ground-truth masks not scored")):
+        lst = summary.get(key) or []
+        if not lst and key != "skipped":
+            continue
+        out.append(f'<section id="{key.replace("_", "-")}" class="panel" style="margin-top:12px">'
+                   f"<h2>{title} ({len(lst)})</h2>")
+        if lst:
+            body = "".join(f'<tr><td>{_e(x.get("path", ""))}</td><td>{_e(x.get("reason", ""))}</td></tr>'
+                           for x in lst)
+            out.append(f'<table class="sk"><tr><th>file</th><th>reason</th></tr>{body}</table>')
+        else:
+            out.append('<p class="note">None: every input was decoded.</p>')
+        out.append("</section>")
+    return "".join(out)
+
+
+def render_report(summary: dict, rows: list[dict], *, model: dict | None = None, cap: int = GALLERY_CAP,
+                  base_dir=None, generated: str | None = None) -> str:
+    """The report page as a string.
+
+    summary: the run's summary.json dict; rows: predictions.csv rows (dicts with image_path,
+    predicted_class, confidence, true_class, correct, annotated_png; optional dice and
+    quality_flags); model: model_info(backend); base_dir: when given, the gallery links only to
+    files that exist under it."""
+    base = Path(base_dir) if base_dir is not None else None
+    if generated is None:
+        generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
+    title = f"cxrkit report: {summary.get('n_processed', 0)} images, {summary.get('backend', '')}"
+    files = " &middot; ".join(f'<a href="{_href(f)}">{_e(f)}</a>' for f in ("predictions.csv", "summary.json")
+                              if base is None or (base / f).is_file())
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + _header(summary, model, generated) + "\n<main>\n" + _metrics(summary) + "\n"
+            + _not_judged(rows) + "\n" + _gallery(summary, rows, cap, base) + "\n" + _problems(summary)
+            + "\n</main>\n"
+            + f"<footer>Files: {files} &middot; annotated/ (full images) &middot; thumbs/. "
+              f"{_e(summary.get('note', DISCLAIMER))}</footer>\n"
+            + f"<script>{_JS}</script>\n</body>\n</html>\n")
+
+
+def write_report(save_dir, summary: dict, rows: list[dict], *, model: dict | None = None,
+                 cap: int = GALLERY_CAP) -> Path:
+    """Write <save_dir>/report.html (atomically); returns its path."""
+    save_dir = Path(save_dir)
+    page = render_report(summary, rows, model=model, cap=cap, base_dir=save_dir)
+    path = save_dir / REPORT_NAME
+    write_bytes_atomic(path, page.encode("utf-8"))
+    return path

@@ -1,0 +1,244 @@
+"""Sharded inference on a cluster scheduler: `--shard K/N` on either inference CLI, then one merge.
+
+    python run_onnx_inference.py --data_dir ARCHIVE --num_samples 0 --outputs csv --shard 3/16 --save_dir out/s3
+    cxrkit-merge out/s0 out/s1 ... out/s15 --out out/all          # or: python -m cxrkit merge ...
+
+Shard rule: an input belongs to shard K of N when int(sha256(relative path)) mod N == K, where the
+relative path is the one the run names it by (relative to --data_dir, POSIX separators; for a
+file given with --images its name, for a folder given with --images "<folder name>/<path inside>").
+So the same files land in the same shard on every machine, whatever order the file system lists
+them in, and each of the N runs lists the inputs itself (no file list to distribute).
+--num_samples picks its random subset BEFORE sharding, and output names are assigned over the whole
+list, so the N shards together are exactly the single run's inputs, named as the single run names them.
+
+Each shard's summary.json carries a "shard" block (index, count, the number of inputs of the whole
+run, and the position of each of its inputs in the whole run's order). `merge` checks that the N
+folders are the N shards of one run (same model, classes, options and inputs; every index once),
+then writes predictions.csv (the single run's rows, in its order), summary.json (counts, skipped
+files, quality flags and metrics recomputed over all rows: the classification metrics and their
+intervals from the CSV's probabilities, exactly as a single run computes them; the segmentation
+means weighted by shard; throughput summed over shards) and report.html (thumbnails only for the
+images it shows: copied from a shard's thumbs/, else made from the source file).
+
+A shard that gets no inputs (small runs, many shards) still writes an empty predictions.csv and a
+summary.json, so the merge always finds N folders. Torch-free, like the ONNX path.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import logging
+from collections import defaultdict, deque
+from pathlib import Path
+
+from ..core.errors import InferenceError
+from ..core.ood import not_judged
+
+log = logging.getLogger("cxrkit")
+
+SHARD_KEY = "sha256 of the input's relative path (POSIX separators), as an integer, mod N"
+# summary.json keys that must agree between the shards of one run
+_SAME = ("class_names", "img_size", "backend", "temperature", "calibrated", "tta", "inputs")
+
+
+# ------------------------------------------------------------------------------------ sharding
+def parse_shard(spec) -> tuple[int, int]:
+    """'K/N' -> (K, N) with 0 <= K < N."""
+    try:
+        k, n = (int(x) for x in str(spec).split("/"))
+    except ValueError:
+        raise InferenceError(f"--shard {spec!r}: expected K/N, e.g. 0/4 (shards are numbered 0 to N-1)") from None
+    if n < 1 or not 0 <= k < n:
+        raise InferenceError(f"--shard {spec}: need N >= 1 and 0 <= K < N (shards are numbered 0 to N-1, as SLURM "
+                             f"array and Kubernetes completion indices are)")
+    return k, n
+
+
+def shard_of(rel: str, n: int) -> int:
+    """The shard (0..n-1) of an input named `rel`: stable across machines, processes and Python versions."""
+    key = Path(str(rel)).as_posix().encode("utf-8")
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % n
+
+
+def select_shard(items: list, k: int, n: int, model: dict | None = None) -> tuple[list, dict]:
+    """The items of shard k of n (in their order) and the summary.json "shard" block for them."""
+    picked = [(i, it) for i, it in enumerate(items) if shard_of(it.rel, n) == k]
+    block = {"index": k, "count": n, "key": SHARD_KEY, "n_inputs_all": len(items), "model": model,
+             "inputs": [[i, str(it.path)] for i, it in picked]}
+    log.info("shard %d/%d: %d of %d inputs", k, n, len(picked), len(items))
+    return [it for _, it in picked], block
+
+
+def write_empty_shard(save_dir, backend, columns: list[str], extra: dict, overwrite: bool = False) -> dict:
+    """A shard that got no inputs: an empty predictions.csv and a summary.json the merge accepts."""
+    from .render import DISCLAIMER, write_csv_atomic
+    from ..core.io_utils import write_json_atomic
+    from ..core.outdir import claim_save_dir
+    save_dir = Path(save_dir)
+    claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name}), empty shard").acquire()
+    try:
+        claim.plan(["predictions.csv", "summary.json"])
+        write_csv_atomic(save_dir / "predictions.csv", columns, [])
+        summary = {"n_inputs": 0, "n_processed": 0, "n_skipped": 0, "skipped": [], "backend": backend.name,
+                   "backend_info": backend.describe(), "class_names": list(backend.class_names),
+                   "img_size": int(backend.img_size), "temperature": float(backend.temperature),
+                   "calibrated": backend.calibration_problem is None, "empty_shard": True,
+                   "note": DISCLAIMER, **extra}
+        write_json_atomic(save_dir / "summary.json", summary)
+        claim.finish()
+    finally:
+        claim.release()
+    return summary
+
+
+# --------------------------------------------------------------------------------------- merge
+def _load(d: Path):
+    s_path, c_path = d / "summary.json", d / "predictions.csv"
+    if not s_path.is_file() or not c_path.is_file():
+        raise InferenceError(f"{d}: no summary.json / predictions.csv (not a finished shard run)")
+    summary = json.loads(s_path.read_text())
+    if "shard" not in summary:
+        raise InferenceError(f"{d}: summary.json has no \"shard\" block (a run without --shard K/N)")
+    with open(c_path, newline="", encoding="utf-8") as f:
+        r = csv.DictReader(f)
+        rows = list(r)
+        header = list(r.fieldnames or [])
+    return summary, header, rows
+
+
+def _check(dirs, loaded) -> int:
+    counts = {s["shard"]["count"] for s, _, _ in loaded}
+    if len(counts) != 1:
+        raise InferenceError(f"the folders come from runs with different shard counts N: {sorted(counts)}")
+    n = counts.pop()
+    seen = defaultdict(list)
+    for d, (s, _, _) in zip(dirs, loaded):
+        seen[s["shard"]["index"]].append(str(d))
+    dup = {k: v for k, v in seen.items() if len(v) > 1}
+    if dup:
+        raise InferenceError("shard given twice: " + "; ".join(f"{k}/{n} in {', '.join(v)}" for k, v in dup.items()))
+    missing = sorted(set(range(n)) - set(seen))
+    if missing:
+        raise InferenceError(f"missing shard(s) {', '.join(f'{k}/{n}' for k in missing)}: give all {n} shard folders")
+    ref_dir, (ref, ref_header, _) = dirs[0], loaded[0]
+    for d, (s, header, _) in zip(dirs, loaded):
+        pairs = [("n_inputs_all", s["shard"].get("n_inputs_all"), ref["shard"].get("n_inputs_all"))]
+        pairs += [(k, s.get(k), ref.get(k)) for k in _SAME]
+        for key, a, b in pairs:
+            if a != b:
+                raise InferenceError(f"{d} and {ref_dir} are not shards of one run: {key} differs ({a!r} vs {b!r})")
+        if header != ref_header:
+            raise InferenceError(f"{d} and {ref_dir} have different predictions.csv columns")
+    return n
+
+
+def _in_input_order(dirs, loaded) -> tuple[list, list, list, list]:
+    """The shards' rows, skips, notes and mask problems, in the single run's input order."""
+    rows, skipped, notes, mask_problems = [], [], [], []
+    for d, (s, _, shard_rows) in zip(dirs, loaded):
+        pos = defaultdict(deque)
+        for i, p in s["shard"]["inputs"]:
+            pos[p].append(i)
+
+        def where(path, _pos=pos, _d=d):
+            q = _pos.get(str(path))
+            if not q:
+                raise InferenceError(f"{_d}: {path} is not among the shard's inputs (summary.json edited?)")
+            return q[0] if len(q) == 1 else q.popleft()
+        rows += [(where(r["image_path"]), r) for r in shard_rows]
+        skipped += [(where(x["path"]), x) for x in s.get("skipped", [])]
+        notes += [(where(x["path"]), k, x) for k, x in enumerate(s.get("notes", []))]
+        mask_problems += s.get("mask_problems", [])
+    rows = [r for _, r in sorted(rows, key=lambda t: t[0])]
+    skipped = [x for _, x in sorted(skipped, key=lambda t: t[0])]
+    notes = [x for _, _, x in sorted(notes, key=lambda t: (t[0], t[1]))]
+    return rows, skipped, notes, mask_problems
+
+
+def _merge_metrics(summary: dict, loaded, rows: list, names: list) -> None:
+    """summary's quality counts, classification and segmentation, recounted over every shard."""
+    from .summary import classification_summary
+    q = summary.get("quality")
+    if isinstance(q, dict) and "counts" in q:
+        q["counts"] = {c: sum((s.get("quality") or {}).get("counts", {}).get(c, 0) for s, _, _ in loaded)
+                       for c in q["counts"]}
+        q["n_flagged"] = sum(bool(r.get("quality_flags")) for r in rows)
+        q["n_not_judged"] = sum(not_judged(r.get("quality_flags")) for r in rows)
+    labelled = [r for r in rows if r.get("true_class")]
+    summary["classification"] = classification_summary(
+        [names.index(r["true_class"]) for r in labelled],
+        [[float(r[f"prob_{c}"]) for c in names] for r in labelled], names,
+        [bool(r.get("quality_flags")) for r in labelled]) if labelled else None
+    segs = [s["segmentation"] for s, _, _ in loaded if s.get("segmentation")]
+    if segs:
+        m = sum(g["n_masks"] for g in segs)
+        seg = dict(segs[0])
+        for key in ("mean_dice", "mean_iou", "mean_dice_model_input"):
+            if all(key in g for g in segs):
+                seg[key] = sum(g[key] * g["n_masks"] for g in segs) / m
+        seg["n_masks"] = m
+        summary["segmentation"] = seg
+    else:
+        summary["segmentation"] = None
+
+
+def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dict:
+    """Combine the N shard folders of one run into out_dir (predictions.csv, summary.json,
+    report.html) as a single run over the same inputs writes them; returns the summary."""
+    from .render import write_csv_atomic
+    from ..core.io_utils import write_json_atomic
+    from ..core.outdir import claim_save_dir
+    from .report import write_gallery_thumbnails, write_report
+
+    dirs = [Path(d) for d in dirs]
+    if not dirs:
+        raise InferenceError("no shard folders given")
+    loaded = [_load(d) for d in dirs]
+    order = sorted(range(len(dirs)), key=lambda i: loaded[i][0]["shard"]["index"])
+    dirs, loaded = [dirs[i] for i in order], [loaded[i] for i in order]
+    n = _check(dirs, loaded)
+    full = [x for x in loaded if not x[0].get("empty_shard")] or loaded
+    tmpl, header = copy.deepcopy(full[0][0]), full[0][1]
+    names = list(tmpl["class_names"])
+
+    rows, skipped, notes, mask_problems = _in_input_order(dirs, loaded)
+    n_inputs = sum(s.get("n_inputs", 0) for s, _, _ in loaded)
+    if n_inputs != tmpl["shard"]["n_inputs_all"]:
+        raise InferenceError(f"the {n} shards hold {n_inputs} inputs, the run had {tmpl['shard']['n_inputs_all']}")
+
+    summary = tmpl
+    model = summary["shard"].get("model")
+    summary.pop("shard")
+    summary.pop("empty_shard", None)
+    summary.update({"n_inputs": n_inputs, "n_processed": len(rows), "n_skipped": len(skipped), "skipped": skipped,
+                    "notes": notes,
+                    "predicted_counts": {c: sum(r["predicted_class"] == c for r in rows) for c in names}})
+    if mask_problems:
+        summary["mask_problems"] = mask_problems
+    _merge_metrics(summary, loaded, rows, names)
+    thr = [s.get("throughput") or {} for s, _, _ in loaded]
+    secs = sum(t.get("seconds") or 0.0 for t in thr)
+    summary["throughput"] = {"seconds": secs, "images_per_second": len(rows) / secs if secs > 0 else None,
+                             "model_seconds": sum(t.get("model_seconds") or 0.0 for t in thr),
+                             "note": f"summed over the {n} shards (each one's own wall clock), so images_per_second "
+                                     f"is per process, not the cluster's"}
+    summary["merged_from"] = [str(d) for d in dirs]
+    if "outputs" in summary:
+        summary["outputs"] = {**summary["outputs"], "report": "report.html (thumbnails in thumbs/)" if report else None,
+                              "note": "annotated/, masks/ and cams/ (when written) stay in the shard folders"}
+
+    out = Path(out_dir)
+    claim = claim_save_dir(out, overwrite, tool="cxrkit merge").acquire()
+    try:
+        claim.plan(["predictions.csv", "summary.json"])
+        write_csv_atomic(out / "predictions.csv", header, rows)
+        write_json_atomic(out / "summary.json", summary)
+        if report:
+            write_gallery_thumbnails(out, rows, thumb_dirs=dirs)
+            write_report(out, summary, rows, model=model)
+        claim.finish()
+    finally:
+        claim.release()
+    return summary
