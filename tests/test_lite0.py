@@ -14,7 +14,8 @@ import torch
 from cxrkit.cli import train as model_arch
 from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint, model_from_checkpoint
 from cxrkit.core.config import TrainConfig, make_config
-from cxrkit.training.data import OUTSIDE_LUNG_FILLS, augment, outside_lung_randomise
+from cxrkit.core.config import OUTSIDE_LUNG_FILLS
+from cxrkit.training.data import augment, outside_lung_randomise
 from cxrkit.core.encoders import EfficientNetLite0, load_lite0_imagenet
 from cxrkit.training.losses import MultiTaskLoss
 from cxrkit.core.metrics import native_resolution_dice

@@ -127,7 +127,7 @@ def test_f1_temporary_names_are_unique_per_process(tiny_model, cxr_eval_dir, tmp
         blocker.mkdir()
     assert run_cli("onnx", tiny_model, ["--images", str(img), "--save_dir", str(out)]) == 0
     assert (out / "annotated" / f"{stem}.png").is_file() and (out / "predictions.csv").is_file()
-    from cxrkit.core.outdir import tmp_name
+    from cxrkit.core.io_utils import tmp_name
     a, b = tmp_name(tmp_path / "x.png"), tmp_name(tmp_path / "x.png")
     assert a != b and str(os.getpid()) in a.name and a.parent == tmp_path and a.name.endswith(".tmp")
 

@@ -17,6 +17,7 @@ import pytest
 
 from cxrkit.core import metrics
 from cxrkit.inference import report as rp
+from cxrkit.inference.thumbs import THUMB_HEIGHT, write_thumbnail
 from cxrkit.core.metrics import classification_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,9 +266,9 @@ def test_thumbnail_is_small(tmp_path):
     gray = (np.random.default_rng(0).random((512, 600)) * 255).astype(np.uint8)
     seg = np.zeros((64, 64), np.float32)
     seg[16:48, 10:28] = 1
-    rp.write_thumbnail(tmp_path / "t.jpg", gray, seg)
+    write_thumbnail(tmp_path / "t.jpg", gray, seg)
     t = cv2.imread(str(tmp_path / "t.jpg"))
-    assert t.shape[0] == rp.THUMB_HEIGHT and t.shape[1] == round(600 * rp.THUMB_HEIGHT / 512)
+    assert t.shape[0] == THUMB_HEIGHT and t.shape[1] == round(600 * THUMB_HEIGHT / 512)
     assert not (tmp_path / "t.jpg.tmp").exists()
 
 
@@ -304,7 +305,7 @@ def test_report_parses_and_links_exist(report_runs, which):
     assert sorted(l for l in page.links if l.startswith("annotated/")) == sorted(r["annotated_png"] for r in rows)
     thumbs = sorted((d / "thumbs").iterdir())
     assert len(thumbs) == 12 and all(t.suffix == ".jpg" for t in thumbs)
-    assert all(cv2.imread(str(t)).shape[0] == rp.THUMB_HEIGHT for t in thumbs)
+    assert all(cv2.imread(str(t)).shape[0] == THUMB_HEIGHT for t in thumbs)
     assert all(t.stat().st_size < 30_000 for t in thumbs)
     assert sorted(l for l in page.links if l.startswith("thumbs/")) == sorted(f"thumbs/{t.name}" for t in thumbs)
     # self-contained: nothing fetched from the network

@@ -88,7 +88,7 @@ def test_bulk_csv_only_matches_default_rows(syn, tmp_path):
     thumbs = sorted((tmp_path / "csv_rep" / "thumbs").iterdir())
     assert len(thumbs) == 20 and page.count('<figure class="g') == 20
     assert all(f'src="thumbs/{t.name}"' in page for t in thumbs)
-    from cxrkit.inference.report import write_gallery_thumbnails
+    from cxrkit.inference.thumbs import write_gallery_thumbnails
     rows = [dict(r) for r in rows_csv]
     assert write_gallery_thumbnails(tmp_path / "capped", rows, cap=5) == 5
     assert len(list((tmp_path / "capped" / "thumbs").iterdir())) == 5 and sum("thumb" in r for r in rows) == 5

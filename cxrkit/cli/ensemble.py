@@ -21,7 +21,7 @@ def main(argv=None) -> int:
                         "predictions fit the temperature; one per member seed")
     p.add_argument("--data_dir", default=None,
                    help="the labelled data the members were trained on: fit the out-of-distribution gate (needs --oof)")
-    p.add_argument("--cache_dir", default=None, help="decoded-image cache for --data_dir (default: ./cache)")
+    p.add_argument("--cache_dir", default=None, help="decoded-image cache for --data_dir (default: <folder of --out>/cache)")
     p.add_argument("--ood_holdout_fold", type=int, default=0,
                    help="the gate's threshold comes from this fold's images, its statistics from the others")
     p.add_argument("--out", required=True, help="the ensemble checkpoint to write")
@@ -42,7 +42,8 @@ def _build(a) -> int:
         if not a.oof:
             raise CxrkitError("--data_dir (the out-of-distribution gate) needs --oof: its folds say which "
                               "images set the threshold")
-        ck["ood"] = fit_gate(model, ck, a.data_dir, a.oof, a.cache_dir, a.ood_holdout_fold)
+        cache = a.cache_dir or out.parent / "cache"  # beside the outputs, like training's <output_dir>/cache
+        ck["ood"] = fit_gate(model, ck, a.data_dir, a.oof, cache, a.ood_holdout_fold)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(ck, out)
     cal = ck.get("calibration")

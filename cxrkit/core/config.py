@@ -179,6 +179,8 @@ def _from_namespace(cls, ns):
 
 
 # ------------------------------------------------------------------ shipped files, inference, export
+DISCLAIMER = "Research use only - not for diagnosis."  # on every overlay, report and summary.json
+
 CHECKPOINT_PATH = "model_checkpoints/best_covid_model.pth"  # the shipped checkpoint (paths relative to the repo)
 ONNX_PATH = "models/covid_multitask.onnx"                   # the shipped ONNX model (+ .meta.json beside it)
 

@@ -18,7 +18,7 @@ import threading
 import uuid
 from pathlib import Path
 
-from .errors import UsageError, os_error  # noqa: F401  (UsageError re-exported)
+from .errors import os_error
 
 # ONNX graph contract (see cxrkit.training.export): one input, two outputs
 INPUT_NAME = "image"

@@ -4,7 +4,7 @@ what it wrote, unique temp names.
     run = claim_save_dir(save_dir, overwrite=False)
     run.plan(["predictions.csv", "summary.json", "annotated/a.png", ...])   # what it will write
     with run:                                                               # lock, checks, manifest
-        ...write the files (tmp_name() for temporary names)...
+        ...write the files (io_utils.tmp_name() for temporary names)...
         run.finish()                                                        # manifest: complete
 
 * Lock: `<save_dir>/.cxrkit.lock`, an exclusive advisory lock (flock) held for the whole run; the OS
@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from .errors import SaveDirError, os_error
-from .io_utils import sha256_file, tmp_name, write_json_atomic  # noqa: F401  (tmp_name re-exported)
+from .io_utils import sha256_file, write_json_atomic
 
 try:  # the lock primitive, chosen once: flock on POSIX, msvcrt byte-range locks on Windows
     import fcntl

@@ -63,7 +63,9 @@ def _decode(item: InputItem, size: int, display_h: int) -> _Decoded:
 
 def planned_outputs(items, save_masks=False, save_cams=False, report=False, annotate=True) -> list[str]:
     """Every file a run will write (relative to save_dir), for the manifest (cxrkit.core.outdir)."""
-    from .report import GALLERY_CAP, REPORT_NAME, gallery_thumb_relpath, thumb_relpath
+    from .report import REPORT_NAME
+    from .thumbs import GALLERY_CAP
+    from .thumbs import gallery_thumb_relpath, thumb_relpath
     out = ["predictions.csv", "summary.json"] + ([REPORT_NAME] if report else [])
     if report and not annotate:  # bulk mode: thumbnails only for the gallery's rows (write_gallery_thumbnails)
         out += [gallery_thumb_relpath(r) for r in range(min(len(items), GALLERY_CAP))]
@@ -240,7 +242,7 @@ def run_pipeline(backend, items: list[InputItem], save_dir, opts: PipelineOption
 
 def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOptions) -> _Run:
     """Options checked, output stems, save_dir claimed (locked, manifest "running") and its folders made."""
-    from .report import THUMB_DIR
+    from .thumbs import THUMB_DIR
     names, size, temp = list(backend.class_names), int(backend.img_size), float(backend.temperature)
     cam_idx = _check_run(names, size, items, opts)
     if not items[0].out_stem:
@@ -270,7 +272,7 @@ def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOpti
 
 def _write_job(run: _Run):
     """The writer thread's job: one image's annotated PNG, mask, Grad-CAM map and thumbnail."""
-    from .report import thumb_relpath, write_thumbnail
+    from .thumbs import thumb_relpath, write_thumbnail
     opts, save_dir = run.opts, run.save_dir
 
     def write_job(job):
@@ -384,7 +386,8 @@ def _batch_loop(run: _Run, items) -> None:
 def _finish(run: _Run, items, t0: float) -> dict:
     """predictions.csv, summary.json, the report, and the manifest (every file this run wrote, with
     size and SHA-256, status complete); returns the summary."""
-    from .report import model_info, write_gallery_thumbnails, write_report
+    from .report import model_info, write_report
+    from .thumbs import write_gallery_thumbnails
     opts, tally, save_dir = run.opts, run.tally, run.save_dir
     try:
         cols = csv_columns(run.names, opts.save_masks, opts.cam is not None)

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 
 from ..core.errors import InferenceError
+from ..core.config import DISCLAIMER
 from ..core.io_utils import write_bytes_atomic
 from ..core.model_input import lung_mask
 
@@ -18,7 +19,6 @@ from ..core.model_input import lung_mask
 log = logging.getLogger("cxrkit")
 
 
-DISCLAIMER = "research use only - not for diagnosis"
 
 
 # ------------------------------------------------------------------------------------- rendering
@@ -54,19 +54,36 @@ def normalise_cam(cam: np.ndarray) -> np.ndarray:
     return (cam - lo) / (hi - lo) if hi - lo > 1e-12 else np.zeros_like(cam, dtype=np.float32)
 
 
+CAPTION_H, TEXT_PANEL_W = 30, 380
+
+
 def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, probs, true_class=None,
                       cam=None, cam_label: str = "", title: str = "", notes=(), flags=()) -> np.ndarray:
     """One BGR uint8 panel: X-ray with the predicted lungs tinted + outlined | optional Grad-CAM
     overlay | text panel with the predicted class, true class and one bar per class probability.
-    flags (cxrkit.core.quality codes): a red frame around the whole panel and a red note naming them."""
+    flags (cxrkit.core.quality codes): a red frame around the whole panel and a red note naming them;
+    a gate flag (cxrkit.core.ood) makes the headline say why the image was not judged."""
     from ..core.ood import OOD_REASON
     reasons = [OOD_REASON[f] for f in flags if f in OOD_REASON]
     others = [f for f in flags if f not in OOD_REASON]
     flag_note = "; ".join(([f"NOT JUDGED: {', '.join(reasons)}"] if reasons else [])
                           + ([f"CHECK INPUT: {'; '.join(others)}"] if others else [])) or None
     notes = [*notes, flag_note] if flag_note else list(notes)
+    cols = _image_columns(display, seg_prob, cam, cam_label, title)
+    panel = np.full((display.shape[0] + CAPTION_H, TEXT_PANEL_W, 3), 24, np.uint8)
+    probs = np.asarray(probs, np.float64)
+    y = _headline(panel, class_names, probs, true_class, reasons)
+    _bars(panel, class_names, probs, y, footer_h=22 + 20 * len(notes))
+    _footer(panel, notes, flag_note)
+    out = np.hstack(cols + [panel])
+    if flags:
+        cv2.rectangle(out, (0, 0), (out.shape[1] - 1, out.shape[0] - 1), FLAG_BGR, FLAG_FRAME_PX)
+    return out
+
+
+def _image_columns(display, seg_prob, cam, cam_label: str, title: str) -> list[np.ndarray]:
+    """The X-ray with the predicted lungs tinted and outlined, and the Grad-CAM overlay, each under a caption."""
     h, w = display.shape[:2]
-    cap = 30
     base = cv2.cvtColor(display, cv2.COLOR_GRAY2BGR)
     lung = lung_mask(seg_prob, (h, w))
     xray = base.copy()
@@ -81,16 +98,17 @@ def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, pr
         panels.append((cv2.addWeighted(base, 0.55, heat, 0.45, 0), _fit(f"Grad-CAM: {cam_label}", w - 12, 0.5)))
     cols = []
     for img, caption in panels:
-        strip = np.full((cap, w, 3), 32, np.uint8)
+        strip = np.full((CAPTION_H, w, 3), 32, np.uint8)
         _text(strip, caption, (6, 20))
         cols.append(np.vstack([strip, img]))
-    # text panel
-    pw, ph = 380, h + cap
-    panel = np.full((ph, pw, 3), 24, np.uint8)
-    probs = np.asarray(probs, np.float64)
-    pred = int(probs.argmax())
-    y = 34
-    if reasons:  # the gate set it aside: the headline says why, the model's output is shown as not to be read
+    return cols
+
+
+def _headline(panel, class_names, probs, true_class, reasons) -> int:
+    """Predicted class and confidence (or, for a gated image, why it was not judged, the model's output
+    below it as not to be read), then the true class; returns the y where the bars start."""
+    pw, pred, y = panel.shape[1], int(probs.argmax()), 34
+    if reasons:
         _text(panel, _fit(f"NOT JUDGED: {', '.join(reasons)}", pw - 20, 0.6), (12, y), 0.6, FLAG_BGR, 2)
         y += 28
         _text(panel, _fit(f"(model output {class_names[pred]} {probs[pred] * 100:.1f}%, not to be read)",
@@ -106,9 +124,13 @@ def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, pr
         ok = true_class == class_names[pred]
         _text(panel, _fit(f"True: {true_class}", pw - 120, 0.55), (12, y), 0.55)
         _text(panel, "correct" if ok else "WRONG", (pw - 100, y), 0.55, (80, 220, 80) if ok else (60, 60, 255), 2)
-    y += 18
-    n = len(class_names)
-    footer_h = 22 + 20 * len(notes)
+    return y + 18
+
+
+def _bars(panel, class_names, probs, y: int, footer_h: int) -> None:
+    """One bar per class probability, as many as fit above the footer."""
+    ph, pw = panel.shape[:2]
+    n, pred = len(class_names), int(probs.argmax())
     step = int(np.clip((ph - y - footer_h - 10) / max(n, 1), 22, 46))
     bar_w = pw - 90
     for j, cname in enumerate(class_names):
@@ -126,15 +148,15 @@ def render_annotation(display: np.ndarray, seg_prob: np.ndarray, class_names, pr
             cv2.rectangle(panel, (bx, by), (bx + fill, by + 10), (0, 170, 255) if j == pred else (190, 190, 190), -1)
         _text(panel, f"{probs[j] * 100:5.1f}%", (bx + bw + 8, by + 10), 0.45)
         y += step
-    fy = ph - footer_h + 6
+
+
+def _footer(panel, notes, flag_note) -> None:
+    ph, pw = panel.shape[:2]
+    fy = ph - (22 + 20 * len(notes)) + 6
     for s in notes:
         _text(panel, _fit(s, pw - 20, 0.45), (12, fy + 10), 0.45, FLAG_BGR if s == flag_note else (200, 200, 200))
         fy += 20
     _text(panel, DISCLAIMER, (12, ph - 8), 0.42, (150, 150, 150))
-    out = np.hstack(cols + [panel])
-    if flags:
-        cv2.rectangle(out, (0, 0), (out.shape[1] - 1, out.shape[0] - 1), FLAG_BGR, FLAG_FRAME_PX)
-    return out
 
 
 # --------------------------------------------------------------------------------------- writing

@@ -37,86 +37,16 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
-import cv2
 import numpy as np
 
+from ..core.config import DISCLAIMER
 from ..core.io_utils import write_bytes_atomic
-from ..core.model_input import lung_mask
 from .report_assets import CSS as _CSS, JS as _JS
+from .thumbs import GALLERY_CAP, gallery_order, is_error, thumb_relpath
 
 log = logging.getLogger("cxrkit")
 
 REPORT_NAME = "report.html"
-THUMB_DIR = "thumbs"
-THUMB_HEIGHT = 160
-GALLERY_CAP = 300
-DISCLAIMER = "Research use only - not for diagnosis."
-
-
-# ----------------------------------------------------------------------------------- thumbnails
-def gallery_thumb_relpath(rank: int) -> str:
-    """The thumbnail of the gallery's rank-th row in a report made from the CSV alone (no annotated
-    PNG names it): write_gallery_thumbnails writes it, the pipeline plans it for the manifest."""
-    return thumb_relpath(f"g{rank:05d}")
-
-
-def thumb_relpath(stem: str) -> str:
-    """The thumbnail of the image whose outputs are named `stem`, relative to save_dir."""
-    return f"{THUMB_DIR}/{stem}.jpg"
-
-
-def make_thumbnail(gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_HEIGHT) -> np.ndarray:
-    """A small BGR uint8 image: the X-ray at `height` px (aspect ratio kept) with the predicted lung
-    outline (preprocess.lung_mask) drawn."""
-    h, w = gray.shape[:2]
-    tw = max(1, int(round(w * height / h)))
-    interp = cv2.INTER_AREA if h > height else cv2.INTER_LINEAR
-    small = cv2.resize(gray, (tw, height), interpolation=interp)
-    bgr = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR) if small.ndim == 2 else small
-    lung = lung_mask(seg_prob, (height, tw))
-    contours, _ = cv2.findContours(lung.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(bgr, contours, -1, (0, 230, 255), 1, cv2.LINE_AA)
-    return bgr
-
-
-def write_thumbnail(path, gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_HEIGHT,
-                    quality: int = 82) -> None:
-    """make_thumbnail as a JPEG, written atomically (tmp file + os.replace)."""
-    ok, buf = cv2.imencode(".jpg", make_thumbnail(gray, seg_prob, height), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise OSError(f"JPEG encoding failed for {path}")
-    write_bytes_atomic(path, buf.tobytes())
-
-
-def write_gallery_thumbnails(save_dir, rows: list[dict], cap: int = GALLERY_CAP, thumb_dirs=()) -> int:
-    """A report from the CSV alone (bulk mode, or a merge of shard runs): thumbnails for the rows
-    the gallery shows (gallery_order, the first `cap`) and no others. Each is copied from the first
-    folder in thumb_dirs whose thumbs/ holds one for the row's annotated_png, else made from the
-    source file (`image_path`; no lung outline: the CSV has no mask). Sets row["thumb"] (relative to
-    save_dir; not a CSV column) on every row that got one; an unreadable source leaves the gallery's
-    "no image" placeholder. Returns the number written."""
-    import shutil
-
-    from ..core.decode import read_gray
-    save_dir, n = Path(save_dir), 0
-    for rank, row in enumerate(gallery_order(rows)[:max(0, int(cap))]):
-        stem = Path(str(row.get("annotated_png") or "")).stem
-        rel = thumb_relpath(stem) if stem else gallery_thumb_relpath(rank)
-        dst = save_dir / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        src = next((Path(d) / thumb_relpath(stem) for d in thumb_dirs
-                    if stem and (Path(d) / thumb_relpath(stem)).is_file()), None)
-        try:
-            if src is not None:
-                shutil.copyfile(src, dst)
-            else:
-                g = read_gray(row["image_path"])
-                write_thumbnail(dst, g, np.zeros(g.shape[:2], np.float32))
-        except Exception as e:  # noqa: BLE001 - a thumbnail never fails the report
-            log.warning("no thumbnail for %s: %s", row.get("image_path"), e)
-            continue
-        row["thumb"], n = rel, n + 1
-    return n
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -128,15 +58,6 @@ def model_info(backend) -> dict:
 
 
 # -------------------------------------------------------------------------------------- gallery
-def is_error(row: dict) -> bool:
-    return str(row.get("correct", "")) == "0"
-
-
-def gallery_order(rows: list[dict]) -> list[dict]:
-    """Misclassified first, then everything else; each group by ascending confidence (stable)."""
-    return sorted(rows, key=lambda r: (0 if is_error(r) else 1, float(r.get("confidence") or 0.0)))
-
-
 def row_flags(row: dict) -> list[str]:
     """Quality flags of a predictions row (a list, or a string separated by ';' '|' or ',')."""
     v = row.get("quality_flags", row.get("flags", ""))
@@ -232,8 +153,14 @@ def _cm_colour(frac: float, diag: bool) -> str:
 
 
 def _metrics(summary: dict) -> str:
-    c, seg = summary.get("classification"), summary.get("segmentation")
-    names = list(summary.get("class_names") or [])
+    c, names = summary.get("classification"), list(summary.get("class_names") or [])
+    cards = _cards(c, summary.get("segmentation"))
+    parts = [f'<div class="cards">{"".join(cards)}</div>'] if cards else []
+    parts += [_confusion(c, names), _per_class(c, names)] if c else [_predicted_counts(summary, names)]
+    return f'<section class="row" id="metrics">{"".join(parts)}</section>'
+
+
+def _cards(c: dict | None, seg: dict | None) -> list[str]:
     cards = []
     if c:
         n = c.get("n_labelled", "?")
@@ -259,45 +186,49 @@ def _metrics(summary: dict) -> str:
                      + _num("segmentation/mean_dice", dice, _f3(dice)) + '</div><div class="ci">IoU '
                      + _num("segmentation/mean_iou", iou, _f3(iou))
                      + f' &middot; {_num("segmentation/n_masks", nm, str(nm))} masks</div></div>')
-    parts = []
-    if cards:
-        parts.append(f'<div class="cards">{"".join(cards)}</div>')
-    if c:
-        cm = np.asarray(c["confusion_matrix"])
-        head = "".join(f'<th class="cl" title="{_e(nm)}">{_e(nm).replace("_", "_<wbr>")}</th>' for nm in names)
-        body = []
-        for i, nm in enumerate(names):
-            tot = int(cm[i].sum())
-            cells = []
-            for j in range(len(names)):
-                v = int(cm[i, j])
-                frac = v / tot if tot else 0.0
-                cells.append(f'<td style="{_cm_colour(frac, i == j)}" title="true {_e(nm)}, predicted '
-                             f'{_e(names[j])}: {v} of {tot} ({frac * 100:.0f}%)">'
-                             f'{_num(f"classification/confusion_matrix/{i}/{j}", v, str(v))}</td>')
-            body.append(f'<tr><th class="l rl">{_e(nm)}</th>{"".join(cells)}</tr>')
-        parts.append('<div class="panel cm"><h2>Confusion matrix</h2><table><tr><th class="ax l">true &darr; / '
-                     f'predicted &rarr;</th>{head}</tr>{"".join(body)}</table></div>')
-        rows = []
-        for nm in names:
-            pc = c["per_class"][nm]
-            k = f"classification/per_class/{nm}"
-            rows.append(f'<tr><td class="l">{_e(nm)}</td>'
-                        + "".join(f"<td>{_num(f'{k}/{m}', pc[m], _f3(pc[m]))}</td>"
-                                  for m in ("precision", "recall", "f1"))
-                        + f"<td>{_num(k + '/support', pc['support'], str(pc['support']))}</td>"
-                        + f"<td>{_num(k + '/roc_auc', pc.get('roc_auc'), _f3(pc.get('roc_auc')))}</td></tr>")
-        parts.append('<div class="panel pc"><h2>Per class</h2><table><tr><th class="l">class</th><th>precision</th>'
-                     f'<th>recall</th><th>F1</th><th>support</th><th>ROC-AUC</th></tr>{"".join(rows)}</table></div>')
-    else:
-        counts = summary.get("predicted_counts") or {}
-        rows = "".join(f'<tr><td class="l">{_e(k)}</td><td>{_num("predicted_counts/" + k, v, str(v))}</td></tr>'
-                       for k, v in counts.items())
-        parts.append('<div class="panel pc"><h2>Predicted classes</h2><table><tr><th class="l">class</th>'
-                     f'<th>images</th></tr>{rows}</table><p class="note">No true classes known: put images in '
-                     f'folders named after the model classes ({_e(", ".join(names))}) to get accuracy, '
-                     f'F1 and a confusion matrix.</p></div>')
-    return f'<section class="row" id="metrics">{"".join(parts)}</section>'
+    return cards
+
+
+def _confusion(c: dict, names: list) -> str:
+    cm = np.asarray(c["confusion_matrix"])
+    head = "".join(f'<th class="cl" title="{_e(nm)}">{_e(nm).replace("_", "_<wbr>")}</th>' for nm in names)
+    body = []
+    for i, nm in enumerate(names):
+        tot = int(cm[i].sum())
+        cells = []
+        for j in range(len(names)):
+            v = int(cm[i, j])
+            frac = v / tot if tot else 0.0
+            cells.append(f'<td style="{_cm_colour(frac, i == j)}" title="true {_e(nm)}, predicted '
+                         f'{_e(names[j])}: {v} of {tot} ({frac * 100:.0f}%)">'
+                         f'{_num(f"classification/confusion_matrix/{i}/{j}", v, str(v))}</td>')
+        body.append(f'<tr><th class="l rl">{_e(nm)}</th>{"".join(cells)}</tr>')
+    return ('<div class="panel cm"><h2>Confusion matrix</h2><table><tr><th class="ax l">true &darr; / '
+                 f'predicted &rarr;</th>{head}</tr>{"".join(body)}</table></div>')
+
+
+def _per_class(c: dict, names: list) -> str:
+    rows = []
+    for nm in names:
+        pc = c["per_class"][nm]
+        k = f"classification/per_class/{nm}"
+        rows.append(f'<tr><td class="l">{_e(nm)}</td>'
+                    + "".join(f"<td>{_num(f'{k}/{m}', pc[m], _f3(pc[m]))}</td>"
+                              for m in ("precision", "recall", "f1"))
+                    + f"<td>{_num(k + '/support', pc['support'], str(pc['support']))}</td>"
+                    + f"<td>{_num(k + '/roc_auc', pc.get('roc_auc'), _f3(pc.get('roc_auc')))}</td></tr>")
+    return ('<div class="panel pc"><h2>Per class</h2><table><tr><th class="l">class</th><th>precision</th>'
+                 f'<th>recall</th><th>F1</th><th>support</th><th>ROC-AUC</th></tr>{"".join(rows)}</table></div>')
+
+
+def _predicted_counts(summary: dict, names: list) -> str:
+    counts = summary.get("predicted_counts") or {}
+    rows = "".join(f'<tr><td class="l">{_e(k)}</td><td>{_num("predicted_counts/" + k, v, str(v))}</td></tr>'
+                   for k, v in counts.items())
+    return ('<div class="panel pc"><h2>Predicted classes</h2><table><tr><th class="l">class</th>'
+                 f'<th>images</th></tr>{rows}</table><p class="note">No true classes known: put images in '
+                 f'folders named after the model classes ({_e(", ".join(names))}) to get accuracy, '
+                 f'F1 and a confusion matrix.</p></div>')
 
 
 def _figure(row: dict, base_dir: Path | None) -> str:

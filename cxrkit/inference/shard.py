@@ -73,7 +73,8 @@ def select_shard(items: list, k: int, n: int, model: dict | None = None) -> tupl
 
 def write_empty_shard(save_dir, backend, columns: list[str], extra: dict, overwrite: bool = False) -> dict:
     """A shard that got no inputs: an empty predictions.csv and a summary.json the merge accepts."""
-    from .render import DISCLAIMER, write_csv_atomic
+    from ..core.config import DISCLAIMER
+    from .render import write_csv_atomic
     from ..core.io_utils import write_json_atomic
     from ..core.outdir import claim_save_dir
     save_dir = Path(save_dir)
@@ -190,7 +191,8 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
     from .render import write_csv_atomic
     from ..core.io_utils import write_json_atomic
     from ..core.outdir import claim_save_dir
-    from .report import write_gallery_thumbnails, write_report
+    from .report import write_report
+    from .thumbs import write_gallery_thumbnails
 
     dirs = [Path(d) for d in dirs]
     if not dirs:

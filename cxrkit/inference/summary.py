@@ -6,7 +6,7 @@ import numpy as np
 
 from ..core import ood, quality
 from ..core.config import LUNG_THRESHOLD
-from .render import DISCLAIMER
+from ..core.config import DISCLAIMER
 
 
 def classification_summary(y_true, y_probs, names, flagged=None) -> dict:

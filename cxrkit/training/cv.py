@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.metrics import CI_RESAMPLES as METRICS_CI_RESAMPLES, CI_SEED
 from ..core.metrics import classification_metrics, expected_calibration_error, nll, softmax
 
 OOF_FILE = "oof_predictions.npz"
-CI_RESAMPLES, CI_SEED = 2000, 0
+# pooled CV figures go into the model card: twice the per-run reports' resamples, for steadier interval ends
+CI_RESAMPLES = 2 * METRICS_CI_RESAMPLES
 
 
 def parse_fold(value: str, folds: int):

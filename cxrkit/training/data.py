@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.config import OUTSIDE_LUNG_FILLS  # noqa: F401  (re-exported for callers)
+from ..core.config import OUTSIDE_LUNG_FILLS
 from ..core.device import barrier
 from ..core.errors import DataError
 from ..core.io_utils import atomic_path, write_json_atomic

@@ -42,7 +42,7 @@ def oof_temperature(oof_dirs) -> dict:
     return cal
 
 
-def fit_gate(model, ck: dict, data_dir, oof_dirs, cache_dir=None, holdout_fold: int = 0, workers: int = 2) -> dict:
+def fit_gate(model, ck: dict, data_dir, oof_dirs, cache_dir, holdout_fold: int = 0, workers: int = 2) -> dict:
     """ck["ood"] for the ensemble (see the module docstring); returns it."""
     from .cv import OOF_FILE
     from .data import load_data
@@ -51,7 +51,7 @@ def fit_gate(model, ck: dict, data_dir, oof_dirs, cache_dir=None, holdout_fold: 
     held = Path(oof_dirs[0]) / f"fold{holdout_fold}" / "test_results"
     if not (held / OOF_FILE).is_file():
         raise CxrkitError(f"{held / OOF_FILE} not found: --ood_holdout_fold names a fold of the first --oof run")
-    data = load_data(data_dir, ck["img_size"], Path(cache_dir or "cache"), workers, 0, 1, progress=False)
+    data = load_data(data_dir, ck["img_size"], Path(cache_dir), workers, 0, 1, progress=False)
     if data.classes != ck["class_names"]:
         raise DataError(f"{data_dir} has classes {data.classes}, the members {ck['class_names']}")
     held_paths = set(str(p) for p in np.load(held / OOF_FILE)["paths"])

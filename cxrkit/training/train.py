@@ -28,7 +28,8 @@ from .engine import (NO_VALIDATION, Engine, Progress, Session, make_engine, sele
                      train_one_epoch, validate)
 from ..core.errors import DataError
 from .finalize import finalize
-from ..core.io_utils import UsageError, write_json_atomic
+from ..core.errors import UsageError
+from ..core.io_utils import write_json_atomic
 from ..core.model import build_model, check_img_size, count_gflops, count_parameters
 from ..core.outdir import holds_output_dir
 

@@ -1,0 +1,93 @@
+"""Thumbnails for report.html's gallery: the X-ray small with its predicted lung outline, written by
+the pipeline per image, or afterwards for a report made from the CSV alone (bulk mode, a merge)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..core.io_utils import write_bytes_atomic
+from ..core.model_input import lung_mask
+
+log = logging.getLogger("cxrkit")
+
+THUMB_DIR = "thumbs"
+THUMB_HEIGHT = 160
+GALLERY_CAP = 300   # report.html shows at most this many images
+
+
+def is_error(row: dict) -> bool:
+    return str(row.get("correct", "")) == "0"
+
+
+def gallery_order(rows: list[dict]) -> list[dict]:
+    """Misclassified first, then everything else; each group by ascending confidence (stable)."""
+    return sorted(rows, key=lambda r: (0 if is_error(r) else 1, float(r.get("confidence") or 0.0)))
+
+
+def gallery_thumb_relpath(rank: int) -> str:
+    """The thumbnail of the gallery's rank-th row in a report made from the CSV alone (no annotated
+    PNG names it): write_gallery_thumbnails writes it, the pipeline plans it for the manifest."""
+    return thumb_relpath(f"g{rank:05d}")
+
+
+def thumb_relpath(stem: str) -> str:
+    """The thumbnail of the image whose outputs are named `stem`, relative to save_dir."""
+    return f"{THUMB_DIR}/{stem}.jpg"
+
+
+def make_thumbnail(gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_HEIGHT) -> np.ndarray:
+    """A small BGR uint8 image: the X-ray at `height` px (aspect ratio kept) with the predicted lung
+    outline (model_input.lung_mask) drawn."""
+    h, w = gray.shape[:2]
+    tw = max(1, int(round(w * height / h)))
+    interp = cv2.INTER_AREA if h > height else cv2.INTER_LINEAR
+    small = cv2.resize(gray, (tw, height), interpolation=interp)
+    bgr = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR) if small.ndim == 2 else small
+    lung = lung_mask(seg_prob, (height, tw))
+    contours, _ = cv2.findContours(lung.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(bgr, contours, -1, (0, 230, 255), 1, cv2.LINE_AA)
+    return bgr
+
+
+def write_thumbnail(path, gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_HEIGHT,
+                    quality: int = 82) -> None:
+    """make_thumbnail as a JPEG, written atomically (tmp file + os.replace)."""
+    ok, buf = cv2.imencode(".jpg", make_thumbnail(gray, seg_prob, height), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise OSError(f"JPEG encoding failed for {path}")
+    write_bytes_atomic(path, buf.tobytes())
+
+
+def write_gallery_thumbnails(save_dir, rows: list[dict], cap: int | None = None, thumb_dirs=()) -> int:
+    """A report from the CSV alone (bulk mode, or a merge of shard runs): thumbnails for the rows
+    the gallery shows (gallery_order, the first `cap`) and no others. Each is copied from the first
+    folder in thumb_dirs whose thumbs/ holds one for the row's annotated_png, else made from the
+    source file (`image_path`; no lung outline: the CSV has no mask). Sets row["thumb"] (relative to
+    save_dir; not a CSV column) on every row that got one; an unreadable source leaves the gallery's
+    "no image" placeholder. Returns the number written."""
+    import shutil
+
+    from ..core.decode import read_gray
+    cap = GALLERY_CAP if cap is None else cap
+    save_dir, n = Path(save_dir), 0
+    for rank, row in enumerate(gallery_order(rows)[:max(0, int(cap))]):
+        stem = Path(str(row.get("annotated_png") or "")).stem
+        rel = thumb_relpath(stem) if stem else gallery_thumb_relpath(rank)
+        dst = save_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src = next((Path(d) / thumb_relpath(stem) for d in thumb_dirs
+                    if stem and (Path(d) / thumb_relpath(stem)).is_file()), None)
+        try:
+            if src is not None:
+                shutil.copyfile(src, dst)
+            else:
+                g = read_gray(row["image_path"])
+                write_thumbnail(dst, g, np.zeros(g.shape[:2], np.float32))
+        except Exception as e:  # noqa: BLE001 - a thumbnail never fails the report
+            log.warning("no thumbnail for %s: %s", row.get("image_path"), e)
+            continue
+        row["thumb"], n = rel, n + 1
+    return n
