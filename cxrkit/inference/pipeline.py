@@ -325,7 +325,8 @@ def _predict_batch(run: _Run, batch: list[_Decoded]) -> list[tuple]:
     x = to_model_input_np(np.stack([d.model_u8 for d in batch]))
     tm = time.perf_counter()
     seg, probs, scores = tta_predict(backend.forward_ood, x, opts.tta, run.temp, with_ood=True)  # numpy in and out
-    scores = scores if gate is not None else None  # the identity view's score; None: no gate, or a graph without the score
+    # the identity view's score; None: no gate, or a graph without the score
+    scores = scores if gate is not None else None
     views = [{}] * len(batch) if scores is None else gate.score_views(lambda xv: backend.forward_ood(xv)[2], x, scores)
     seg = seg[:, 0]
     probs = probs.astype(np.float64)

@@ -63,8 +63,9 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
                                    **({ood.FLAG_NOT_CXR: f"ood_score > {gate.threshold:.4g} ({gate.source})"}
                                       if gate is not None else {})},
                     "lung_area_range": tally.area_rng,
-                    "ood": gate.to_dict() if gate is not None else {"note": "the model carries no out-of-distribution gate: not_chest_xray, "
-                                                  "inverted and rotated are not checked"},
+                    "ood": gate.to_dict() if gate is not None else {
+                        "note": "the model carries no out-of-distribution gate: not_chest_xray, inverted and rotated "
+                                "are not checked"},
                     "note": "flagged images got an answer the model cannot back: check them by eye; not judged "
                             "= not_chest_xray, inverted, rotated or extreme_aspect (probabilities kept in the CSV)"},
         "notes": tally.input_notes,

@@ -8,7 +8,7 @@ Graph contract (what `OnnxBackend` and any other runtime feed / read):
                             with the temperature stored in the meta file.
 The graph's own metadata_props bind it to its meta file: cxrkit_meta_id (a random id, also in the
 meta), cxrkit_class_names (JSON, model order), cxrkit_img_size, cxrkit_temperature and
-cxrkit_lung_area_range; OnnxBackend refuses a meta file that disagrees (cxrkit.core.io_utils.graph_binding).
+cxrkit_lung_area_range; OnnxBackend refuses a meta file that disagrees (cxrkit.core.model_meta.ModelMeta.graph_binding).
 
 Exporter choice (torch 2.13): the TorchScript-based exporter (`dynamo=False`) is tried first. It
 still works and honours opset 17, but torch marks it deprecated (DeprecationWarning "The feature
