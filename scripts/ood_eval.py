@@ -125,16 +125,16 @@ def xray_transforms(xrays: list[np.ndarray], seed=0) -> dict:
     return t, shifted
 
 
-def gate_flags(backend, gate: dict, imgs: list[np.ndarray], batch=32) -> tuple[list[list[str]], np.ndarray]:
+def gate_flags(backend, gate: ood.GateSpec, imgs: list[np.ndarray], batch=32) -> tuple[list[list[str]], np.ndarray]:
     """Gate flags and scores of native-resolution grey images, as the pipeline decides them."""
     size, flags, scores = int(backend.img_size), [], []
     for s in range(0, len(imgs), batch):
         chunk = imgs[s:s + batch]
         x = to_model_input_np(np.stack([resize_gray(a, size) for a in chunk]))
         sc = backend.forward_ood(x)[2]
-        views = ood.score_views(lambda xv: backend.forward_ood(xv)[2], x, sc, gate["threshold"])
+        views = gate.score_views(lambda xv: backend.forward_ood(xv)[2], x, sc)
         for a, v, w in zip(chunk, sc, views):
-            flags.append(ood.decide(float(v), gate["threshold"], w) + ood.aspect_flags(a.shape))
+            flags.append(gate.decide(v, w) + ood.aspect_flags(a.shape))
         scores.append(sc)
     return flags, np.concatenate(scores)
 
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     from cxrkit.training.split import load_or_make_split
     from cxrkit.inference import OnnxBackend, TorchBackend
     backend = TorchBackend(args.checkpoint, "cpu") if args.checkpoint else OnnxBackend(args.onnx_path)
-    gate = ood.resolve(backend.ood, args.ood_threshold)
+    gate = backend.meta.resolve_gate(args.ood_threshold)
     if gate is None:
         print("the model carries no out-of-distribution gate")
         return 1
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
             ("random crops of the pictures", random_crops(pics), ood.FLAG_NOT_CXR, "ood"),
             ("faces (LFW subset, skimage)", faces(), ood.FLAG_NOT_CXR, "ood"),
             *[(f"X-ray {k}", v, want, "ood") for k, (v, want) in transforms.items()]]
-    print(f"gate: threshold {gate['threshold']:.4f} ({gate.get('rule', gate.get('source'))}); backend {backend.name}")
+    print(f"gate: threshold {gate.threshold:.4f} ({gate.rule or gate.source}); backend {backend.name}")
     print(f"| set | n | flagged (any gate flag) | named as expected | median ood_score |")
     print("|---|---|---|---|---|")
     for name, imgs, want, kind in rows:

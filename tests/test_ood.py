@@ -40,11 +40,11 @@ def test_decide_names_the_view_that_looks_like_a_chest_xray():
 def test_aspect_flag_and_threshold_override():
     assert ood.aspect_flags((100, 301)) == [ood.FLAG_ASPECT]
     assert ood.aspect_flags((300, 100)) == []
-    assert ood.resolve(None) is None
-    g = ood.resolve({"threshold": 2.0, "class_means": "x"}, 5.0)
+    assert ood.GateSpec().resolve() is None
+    g = ood.GateSpec.from_dict({"threshold": 2.0, "class_means": "x"}).resolve(5.0).to_dict()
     assert g["threshold"] == 5.0 and g["stored_threshold"] == 2.0 and "class_means" not in g
     with pytest.raises(ValueError):
-        ood.resolve({"threshold": 2.0}, -1.0)
+        ood.GateSpec(threshold=2.0).resolve(-1.0)
 
 
 # ------------------------------------------------------------------------------------- EXIF

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..core.checkpoint import atomic_torch_save
 from ..core.errors import CxrkitError
+from ..core.model_meta import ModelMeta
 from ..training.ensemble import build_ensemble, fit_gate
 from .common import run_command
 
@@ -46,11 +47,11 @@ def _build(a) -> int:
         ck["ood"] = fit_gate(model, ck, a.data_dir, a.oof, cache, a.ood_holdout_fold)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(ck, out)
-    cal = ck.get("calibration")
+    cal, gate = ck.get("calibration"), ModelMeta.from_checkpoint(ck, str(out)).gate
     print(f"wrote {out}: {len(a.members)} members"
           + (f", T = {cal['temperature']:.3f} (ECE on OOF {cal['ece_before']:.4f} -> {cal['ece_after']:.4f})"
              if cal else ", T = 1 (no --oof)")
-          + (f", out-of-distribution threshold {ck['ood']['threshold']:.3f}" if ck.get("ood") else ", no gate"))
+          + (f", out-of-distribution threshold {gate.threshold:.3f}" if gate is not None else ", no gate"))
     return 0
 
 

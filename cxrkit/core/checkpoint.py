@@ -32,8 +32,13 @@ def clean_state_dict(sd: dict) -> dict:
     return out
 
 
-def make_checkpoint(model: torch.nn.Module, cfg: ModelConfig, class_names, img_size: int, **extra) -> dict:
-    sd = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
+def make_checkpoint(model: torch.nn.Module | dict, cfg: ModelConfig, class_names, img_size: int, **extra) -> dict:
+    """THE checkpoint layout (uncalibrated: temperature 1); `model`: the network, or its state dict
+    (an ensemble's, assembled from its members'); `extra` adds or overrides entries."""
+    if isinstance(model, dict):
+        sd = model
+    else:
+        sd = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
     ck = {"format": FORMAT, "model_config": cfg.to_dict(), "class_names": list(class_names),
           "img_size": int(img_size), "normalization": {"mean": list(cfg.mean), "std": list(cfg.std)},
           "temperature": 1.0, "state_dict": {k: v.detach().cpu() for k, v in clean_state_dict(sd).items()}}
@@ -115,20 +120,6 @@ def check_finite_weights(ck: dict, where: str = "checkpoint") -> None:
             if bad:
                 raise CheckpointError(f"{where}: weight {k} has {bad} non-finite value(s) (NaN or inf): the training "
                                       f"diverged or the file is damaged; use another checkpoint or retrain")
-
-
-def checkpoint_temperature(ck: dict, where: str = "checkpoint") -> float:
-    """The calibration temperature, which must be a finite number > 0 (probabilities are
-    softmax(logits / T)); the ONNX meta loader refuses the same values."""
-    t = ck.get("temperature", 1.0)
-    try:
-        t = float(t)
-    except (TypeError, ValueError):
-        t = float("nan")
-    if not (t > 0 and t < float("inf")):
-        raise CheckpointError(f"{where}: temperature must be a finite number > 0, got {ck.get('temperature')!r}; "
-                              f"refit it with model_arch.py --evaluate CHECKPOINT --calibrate")
-    return t
 
 
 def strip_for_release(ck: dict) -> dict:

@@ -87,55 +87,9 @@ def meta_path_for(onnx_path) -> Path:
 
 
 # ----------------------------------------------------------------- ONNX graph <-> meta file binding
-# export_to_onnx writes these into the graph's own metadata_props (ONNX key/value strings), and the
-# meta file gets the same random meta_id: the loader (cxrkit.inference.OnnxBackend, reading them with
+# export_to_onnx writes cxrkit_* entries into the graph's own metadata_props (ONNX key/value strings), and
+# the meta file gets the same random meta_id: the loader (cxrkit.inference.OnnxBackend, reading them with
 # onnxruntime's get_modelmeta(), no onnx / torch import) refuses a meta file whose class names, their
-# order, image size, temperature, lung-area range or identity disagree with the graph's.
+# order, image size, temperature, lung-area range or identity disagree with the graph's
+# (cxrkit.core.model_meta.ModelMeta.graph_binding / binding_mismatches).
 GRAPH_KEY_PREFIX = "cxrkit_"
-
-
-def graph_binding(meta: dict) -> dict[str, str]:
-    """The metadata_props an export writes, from its meta dict."""
-    out = {"cxrkit_meta_id": str(meta["meta_id"]),
-           "cxrkit_class_names": json.dumps([str(c) for c in meta["class_names"]]),
-           "cxrkit_img_size": str(int(meta["img_size"])),
-           "cxrkit_temperature": repr(float(meta["temperature"]))}
-    if meta.get("lung_area_range") is not None:
-        out["cxrkit_lung_area_range"] = json.dumps(meta["lung_area_range"], sort_keys=True)
-    if (meta.get("ood") or {}).get("threshold") is not None:
-        out["cxrkit_ood_threshold"] = repr(float(meta["ood"]["threshold"]))
-    return out
-
-
-def binding_mismatches(props: dict, meta: dict) -> list[str]:
-    """What a meta dict says differently from the graph's cxrkit_* metadata_props; [] when they agree.
-    Each entry is a short phrase, e.g. "class names (graph ['A', 'B'], meta ['B', 'A'])"."""
-    def parse(key, raw):
-        if key in ("cxrkit_class_names", "cxrkit_lung_area_range"):
-            return json.loads(raw)
-        if key == "cxrkit_img_size":
-            return int(raw)
-        if key in ("cxrkit_temperature", "cxrkit_ood_threshold"):
-            return float(raw)
-        return raw
-
-    graph = {k: v for k, v in props.items() if k.startswith(GRAPH_KEY_PREFIX)}
-    try:
-        want = graph_binding({**meta, "meta_id": meta.get("meta_id", "")})
-    except (KeyError, TypeError, ValueError):
-        return ["its fields (unreadable class_names / img_size / temperature)"]
-    labels = {"cxrkit_meta_id": "identity (meta_id)", "cxrkit_class_names": "class names or their order",
-              "cxrkit_img_size": "image size", "cxrkit_temperature": "temperature",
-              "cxrkit_lung_area_range": "lung-area range", "cxrkit_ood_threshold": "OOD threshold"}
-    out = []
-    for key in sorted(set(graph) | set(want)):
-        if key not in labels:
-            continue
-        try:
-            g = parse(key, graph[key]) if key in graph else None
-            m = parse(key, want[key]) if key in want else None
-        except (ValueError, TypeError):
-            g, m = graph.get(key), want.get(key)
-        if g != m:
-            out.append(f"{labels[key]} (graph {g!r}, meta {m!r})")
-    return out

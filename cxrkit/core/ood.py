@@ -21,6 +21,8 @@ How the numbers were chosen (scripts/ood_eval.py re-measures them; README "Out-o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields, replace
+
 import numpy as np
 
 OOD_FORMAT = "cxrkit-ood-v1"
@@ -126,22 +128,72 @@ def threshold_from_scores(val_scores, percentile: float = DEFAULT_PERCENTILE, ma
     return out
 
 
-def resolve(stored: dict | None, override: float | None = None) -> dict | None:
-    """The gate a model carries (checkpoint / meta "ood"), with an --ood_threshold override; None: no gate."""
-    if override is not None:
-        if not override > 0:
-            raise ValueError(f"--ood_threshold must be > 0, got {override}")
-        if not stored:
-            return {"threshold": float(override), "source": "--ood_threshold (the model has no stored gate)"}
-        return {**public(stored), "threshold": float(override), "stored_threshold": float(stored["threshold"]),
-                "source": "--ood_threshold"}
-    if not stored or "threshold" not in stored:
-        return None
-    return {**public(stored), "threshold": float(stored["threshold"]), "source": "model"}
+@dataclass(frozen=True)
+class GateSpec:
+    """The out-of-distribution gate a model carries (ck["ood"], the ONNX meta's "ood", summary.json's
+    quality.ood): the one reader of its keys. Fields in on-disk order; None = absent (omitted by to_dict).
+    fit_ood writes format .. n_train, threshold_from_scores threshold .. val_view_flagged_fraction,
+    resolve adds stored_threshold and source."""
+    format: str | None = None
+    layers: list | None = None
+    pool: str | None = None
+    class_means: object = None              # tensor (checkpoint only; public() drops it)
+    whitening: object = None                # tensor (checkpoint only; public() drops it)
+    feature_dim: int | None = None
+    n_train: int | None = None
+    threshold: float | None = None          # ood_score above it: not judged
+    percentile: float | None = None
+    margin: float | None = None
+    n_val: int | None = None
+    val_score_quantiles: dict | None = None
+    val_flagged_fraction: float | None = None
+    rule: str | None = None
+    score: str | None = None
+    view_hint: float | None = None
+    view_margin: float | None = None
+    val_view_flagged_fraction: float | None = None
+    stored_threshold: float | None = None   # the model's own threshold, under an --ood_threshold override
+    source: str | None = None               # "model" or "--ood_threshold ..." (resolved gates only)
+    extra: dict = field(default_factory=dict)  # keys this version does not know, kept for the round trip
 
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "GateSpec | None":
+        """None for a model without a gate (no dict, or an empty one)."""
+        if not d:
+            return None
+        names = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in names},
+                   extra={k: v for k, v in d.items() if k not in names})
 
-def public(stats: dict | None) -> dict | None:
-    """ck["ood"] without its tensors (what the ONNX meta and summary.json carry)."""
-    if stats is None:
-        return None
-    return {k: v for k, v in stats.items() if k not in ("class_means", "whitening")}
+    def to_dict(self) -> dict:
+        """The on-disk dict (same keys, same order as written)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in out.items() if v is not None}, **self.extra}
+
+    def public(self) -> "GateSpec":
+        """Without its tensors (what the ONNX meta and summary.json carry)."""
+        return replace(self, class_means=None, whitening=None)
+
+    def resolve(self, threshold_override: float | None = None) -> "GateSpec | None":
+        """The gate a run uses, with an --ood_threshold override; None: no gate (no stored threshold and
+        no override). An empty GateSpec() stands for a model without a gate."""
+        if threshold_override is not None:
+            if not threshold_override > 0:
+                raise ValueError(f"--ood_threshold must be > 0, got {threshold_override}")
+            if self.threshold is None:
+                return GateSpec(threshold=float(threshold_override),
+                                source="--ood_threshold (the model has no stored gate)")
+            return replace(self.public(), threshold=float(threshold_override),
+                           stored_threshold=float(self.threshold), source="--ood_threshold")
+        if self.threshold is None:
+            return None
+        return replace(self.public(), threshold=float(self.threshold), source="model")
+
+    def decide(self, score: float, view_scores: dict | None = None) -> list[str]:
+        """The gate's flag of one image ([] when it passes): not_chest_xray above the threshold, unless
+        a view (inverse, turned) scores as a chest X-ray, which names the reason instead."""
+        return decide(float(score), self.threshold, view_scores or {})
+
+    def score_views(self, score_fn, x: np.ndarray, scores: np.ndarray) -> list[dict]:
+        """{view: score} per image of the views this gate needs (see score_views)."""
+        return score_views(score_fn, x, scores, self.threshold)

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ood import DEFAULT_PERCENTILE, MIN_VAL_IMAGES, OOD_FORMAT, THRESHOLD_MARGIN, threshold_from_scores
+from .ood import (DEFAULT_PERCENTILE, MIN_VAL_IMAGES, OOD_FORMAT, THRESHOLD_MARGIN, GateSpec,
+                  threshold_from_scores)
 
 log = logging.getLogger("cxrkit")
 
@@ -88,8 +89,9 @@ def attach_ood(model: nn.Module, stats: dict | None) -> nn.Module:
     if old is not None:
         old.unhook()
         del model.ood_head
-    if stats:
-        head = OODHead(stats["layers"], torch.as_tensor(stats["class_means"]), torch.as_tensor(stats["whitening"]))
+    gate = GateSpec.from_dict(stats)
+    if gate is not None:
+        head = OODHead(gate.layers, torch.as_tensor(gate.class_means), torch.as_tensor(gate.whitening))
         p = next(model.parameters(), None)
         if p is not None:
             head.to(p.device)

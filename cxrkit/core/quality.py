@@ -116,20 +116,3 @@ def thresholds(rng: dict) -> dict:
             FLAG_LOW_CONTRAST: f"1st..99th percentile grey range < {LOW_CONTRAST_RANGE:.3g} (model input)",
             FLAG_LUNG_AREA: f"predicted lung area fraction outside [{rng['low']:.3g}, {rng['high']:.3g}] "
                             f"({rng.get('source', '')})"}
-
-
-def calibration_problem(d: dict) -> str | None:
-    """Why the probabilities of a checkpoint (or ONNX meta) dict are not calibrated, or None.
-
-    finalize (cxrkit.training.evaluate) adds a prior correction and fits a temperature on validation; a best
-    checkpoint saved during training has neither (temperature 1, no prior_correction)."""
-    t = float(d.get("temperature", 1.0) or 1.0)
-    if t != 1.0:
-        return None
-    if not d.get("prior_correction"):
-        return ("it has not been calibrated (temperature 1, no prior correction): an intermediate checkpoint "
-                "saved during training, before the final prior correction and temperature scaling. "
-                "Probabilities are raw softmax; finish training or run model_arch.py --evaluate CHECKPOINT "
-                "--calibrate")
-    return ("its temperature is 1 (not fitted: too few validation images?), so probabilities are not "
-            "temperature-calibrated")

@@ -41,38 +41,45 @@ def _warp(x, m3):
 
 
 def _tta_torch(forward, x, n: int, temperature: float):
+    """(mean seg, mean probs, the identity view's third output or None when forward gives two)."""
     import torch
-    seg_sum, prob_sum = None, None
+    seg_sum, prob_sum, score = None, None, None
     for view in _VIEWS[:n]:
         m3 = _theta(*view)
         xi = x if view == _VIEWS[0] else _warp(x, m3)
-        seg, logits = forward(xi)
+        seg, logits, *rest = forward(xi)
         seg, logits = torch.as_tensor(seg).float(), torch.as_tensor(logits).float()
         if view != _VIEWS[0]:
             seg = _warp(seg, torch.linalg.inv(m3))
+        elif rest:
+            score = rest[0]
         probs = torch.softmax(logits / temperature, dim=1)
         seg_sum = seg if seg_sum is None else seg_sum + seg
         prob_sum = probs if prob_sum is None else prob_sum + probs
-    return seg_sum / n, prob_sum / n
+    return seg_sum / n, prob_sum / n, score
 
 
-def tta_predict(forward, x, n: int = 1, temperature: float = 1.0):
+def tta_predict(forward, x, n: int = 1, temperature: float = 1.0, with_ood: bool = False):
     """Returns (seg_prob (B,1,S,S), class probabilities (B,C) = mean softmax(logits / T)), as torch
-    tensors when x is a tensor, as float32 numpy arrays when x is a numpy array."""
+    tensors when x is a tensor, as float32 numpy arrays when x is a numpy array.
+    with_ood: forward returns (seg, logits, ood_score or None), and so does this, the score being the
+    identity view's (the gate judges the image itself, not its augmented views)."""
     if not 1 <= n <= MAX_TTA:
         raise ValueError(f"--tta must be between 1 and {MAX_TTA}, got {n}")
     if not isinstance(x, np.ndarray):
-        return _tta_torch(forward, x, n, temperature)
+        seg, probs, score = _tta_torch(forward, x, n, temperature)
+        return (seg, probs, score) if with_ood else (seg, probs)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if n == 1:  # plain inference: numpy only, no torch import
-        seg, logits = forward(x)
+        seg, logits, *rest = forward(x)
         seg, logits = np.asarray(seg, np.float32), np.asarray(logits, np.float32)
-        return seg, _softmax_np(logits, temperature).astype(np.float32, copy=False)
+        probs = _softmax_np(logits, temperature).astype(np.float32, copy=False)
+        return (seg, probs, rest[0] if rest else None) if with_ood else (seg, probs)
     import torch  # the affine warps of N > 1 views use torch's grid_sample (CPU)
 
     def fwd(t):
-        seg, logits = forward(t.numpy())
-        return torch.from_numpy(np.asarray(seg, np.float32)), torch.from_numpy(np.asarray(logits, np.float32))
+        seg, logits, *rest = forward(t.numpy())
+        return torch.from_numpy(np.asarray(seg, np.float32)), torch.from_numpy(np.asarray(logits, np.float32)), *rest
 
-    seg, probs = _tta_torch(fwd, torch.from_numpy(x), n, temperature)
-    return seg.numpy(), probs.numpy()
+    seg, probs, score = _tta_torch(fwd, torch.from_numpy(x), n, temperature)
+    return (seg.numpy(), probs.numpy(), score) if with_ood else (seg.numpy(), probs.numpy())

@@ -9,7 +9,8 @@ split_report. The names below are re-exported here (loaded on first use), so `fr
     items = gather_inputs(data_dir="DIR", class_names=backend.class_names)
     summary = run_pipeline(backend, items, "out/preds", PipelineOptions(batch_size=16, tta=1))
 
-A backend meets the `Backend` protocol (backends.py): model_file, preset, class_names, img_size,
+A backend meets the `Backend` protocol (backends.py): model_file, meta (cxrkit.core.model_meta.ModelMeta)
+and its shorthands preset, class_names, img_size,
 temperature and calibration_problem, lung_area_range, describe(), explainer() (Grad-CAM) and
 `forward(x) -> (seg_prob (B,1,S,S), cls_logits (B,C))` on float32 numpy arrays (x: (B,3,S,S) from
 `cxrkit.core.model_input.to_model_input_np`), which is what `cxrkit.core.tta.tta_predict` runs; so

@@ -11,10 +11,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..core.errors import InferenceError
-from ..core import quality
-from ..core.io_utils import (INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, binding_mismatches, meta_path_for,
-                             sha256_file)
-from ..core.ood import public as ood_public
+from ..core.io_utils import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, meta_path_for, sha256_file
+from ..core.model_meta import ModelMeta
 from ..core.model_input import check_input
 from ..core.gradcam import GradCamExplainer
 
@@ -34,6 +32,8 @@ class Backend(Protocol):
 
     name: str                         # "pytorch" or "onnxruntime" (summary.json "backend")
     model_file: Path                  # the checkpoint or ONNX file it runs
+    meta: ModelMeta                   # what the model carries: classes, size, temperature, gate, config
+    # shorthands of meta's fields (_MetaView)
     preset: str | None                # the model's preset (ModelConfig.preset), None when not recorded
     class_names: list[str]            # model class order
     img_size: int                     # S of the (B, 3, S, S) input
@@ -58,6 +58,39 @@ class Backend(Protocol):
 
 
 # ------------------------------------------------------------------------------------- backends
+class _MetaView:
+    """The Backend shorthands, each read from self.meta (the one ModelMeta)."""
+    meta: ModelMeta
+
+    @property
+    def preset(self) -> str | None:
+        return self.meta.preset
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.class_names)
+
+    @property
+    def img_size(self) -> int:
+        return self.meta.img_size
+
+    @property
+    def temperature(self) -> float:
+        return self.meta.temperature
+
+    @property
+    def calibration_problem(self) -> str | None:
+        return self.meta.calibration_problem()
+
+    @property
+    def lung_area_range(self) -> dict | None:
+        return self.meta.lung_area_range
+
+    @property
+    def ood(self) -> dict | None:
+        return None if self.meta.gate is None else self.meta.gate.public().to_dict()
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-threads counted once); >= 1."""
     try:
@@ -88,27 +121,21 @@ def physical_cores() -> int:
     return max(1, len(allowed))
 
 
-class TorchBackend:
+class TorchBackend(_MetaView):
     """A cxrkit checkpoint run by PyTorch (eval mode, no autograd); numpy in, numpy out."""
 
     name = "pytorch"
 
     def __init__(self, checkpoint, device=None):
         # torch / MONAI come in here, when a PyTorch backend is made (the package is torch-free on import)
-        from ..core.checkpoint import checkpoint_temperature, model_from_checkpoint
+        from ..core.checkpoint import model_from_checkpoint
         from ..core.device import pick_device
         self.checkpoint_path = self.model_file = Path(checkpoint)
         model, ck = model_from_checkpoint(checkpoint)  # FileNotFoundError / CheckpointError
+        self.meta = ModelMeta.from_checkpoint(ck, str(checkpoint))  # CheckpointError
         self.device = pick_device(device or "auto")
         self.model = model.to(self.device).eval()
         self.ck = ck
-        self.preset = (ck.get("model_config") or {}).get("preset")
-        self.class_names = list(ck["class_names"])
-        self.img_size = int(ck["img_size"])
-        self.temperature = checkpoint_temperature(ck, str(checkpoint))
-        self.lung_area_range = ck.get("lung_area_range")  # None: older checkpoint, quality's default applies
-        self.calibration_problem = quality.calibration_problem(ck)
-        self.ood = ood_public(ck.get("ood"))  # None: no out-of-distribution gate stored with the model
 
     def forward(self, x: np.ndarray):
         """(B,3,S,S) float32 numpy (a CPU tensor also works) -> (seg_prob (B,1,S,S), logits (B,C)) as
@@ -179,7 +206,7 @@ def resolve_providers(providers=None, use_cuda: bool = False, available=None) ->
 _UNBOUND_WARNED: set[str] = set()  # ONNX files without a graph binding already warned about (once each)
 
 
-class OnnxBackend:
+class OnnxBackend(_MetaView):
     """An exported model run by ONNX Runtime; class names, size and temperature from the meta file."""
 
     name = "onnxruntime"
@@ -204,20 +231,8 @@ class OnnxBackend:
             meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise InferenceError(f"{self.meta_path}: not valid JSON ({e}); re-export with export_to_onnx.py") from None
-        need = ("class_names", "img_size", "temperature")
-        if not isinstance(meta, dict) or any(k not in meta for k in need):
-            raise InferenceError(f"{self.meta_path}: not a cxrkit ONNX meta file (needs {', '.join(need)}); "
-                                 f"re-export with export_to_onnx.py")
-        self.meta = meta
-        self.preset = (meta.get("model_config") or {}).get("preset")
-        self.class_names = [str(c) for c in meta["class_names"]]
-        self.img_size = int(meta["img_size"])
-        self.temperature = float(meta["temperature"])
-        if not self.temperature > 0:
-            raise InferenceError(f"{self.meta_path}: temperature must be > 0, got {meta['temperature']}")
-        self.lung_area_range = meta.get("lung_area_range")  # None: older export, quality's default applies
-        self.calibration_problem = quality.calibration_problem(meta)
-        self.ood = meta.get("ood")  # None: exported without an out-of-distribution gate
+        self.meta_file = meta  # the whole file: provenance (onnx_sha256, source_checkpoint, opset) too
+        self.meta = ModelMeta.from_onnx_meta(meta, str(self.meta_path))  # InferenceError
         self.providers = resolve_providers(providers, use_cuda)
         so = ort.SessionOptions()
         # a small CPU: one op at a time, each using every physical core; full graph optimisation
@@ -260,7 +275,7 @@ class OnnxBackend:
                                  f"export; re-export or pass the matching --meta_path")
         self.static_batch = shp[0] if isinstance(shp[0], int) else None
         self.outputs = list(OUTPUT_NAMES) + ([OOD_OUTPUT] if OOD_OUTPUT in outs else [])
-        if self.ood and OOD_OUTPUT not in outs:
+        if self.meta.gate is not None and OOD_OUTPUT not in outs:
             raise InferenceError(f"{self.meta_path} describes an out-of-distribution gate but {self.onnx_path} has no "
                                  f"'{OOD_OUTPUT}' output: the meta file belongs to another export; re-export")
         self._check_binding()
@@ -272,7 +287,7 @@ class OnnxBackend:
         without them are read with one warning (only the checksum can be checked)."""
         fix = ("use the meta file written with this model (re-export with export_to_onnx.py, or pass the matching "
                "--meta_path)")
-        want = self.meta.get("onnx_sha256")
+        want = self.meta_file.get("onnx_sha256")
         if want and want != sha256_file(self.onnx_path):
             raise InferenceError(f"{self.meta_path} was written for another ONNX file (its onnx_sha256 is not "
                                  f"{self.onnx_path}'s): {fix}")
@@ -285,7 +300,7 @@ class OnnxBackend:
                             "class order and temperature come from %s unchecked%s; re-export to bind them",
                             self.onnx_path, self.meta_path, "" if want else ", and the meta has no onnx_sha256")
             return
-        bad = binding_mismatches(props, self.meta)
+        bad = self.meta.binding_mismatches(props)
         if bad:
             raise InferenceError(f"{self.meta_path} disagrees with {self.onnx_path} on {'; '.join(bad)}: {fix}")
 
@@ -317,7 +332,7 @@ class OnnxBackend:
         return {"backend": self.name, "onnx_path": str(self.onnx_path), "meta_path": str(self.meta_path),
                 "providers": self.active_providers, "intra_op_threads": self.intra_op_threads,
                 "graph_optimization": "ORT_ENABLE_ALL", "onnxruntime": ort.__version__,
-                "opset": self.meta.get("opset"), "dynamic_batch": self.static_batch is None}
+                "opset": self.meta_file.get("opset"), "dynamic_batch": self.static_batch is None}
 
     def explainer(self, checkpoint=None, mismatch_ok: bool = False) -> GradCamExplainer:
         """Grad-CAM from `checkpoint` (ONNX Runtime gives no gradients), on CUDA with --use_cuda when
@@ -333,7 +348,7 @@ class OnnxBackend:
         return cam
 
     def _cam_mismatch(self, checkpoint, allow: bool) -> str | None:
-        src = (self.meta.get("source_checkpoint") or {}).get("sha256")
+        src = (self.meta_file.get("source_checkpoint") or {}).get("sha256")
         if not src:
             why = f"{self.meta_path} records no source checkpoint, so {checkpoint} cannot be checked against the model"
             log.warning("Grad-CAM: %s: the maps may not explain these predictions", why)

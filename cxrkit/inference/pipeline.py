@@ -14,6 +14,7 @@ from ..core.config import InferConfig
 from ..core.errors import InferenceError, os_error
 from ..core.io_utils import MAX_BATCH_SIZE, write_json_atomic
 from ..core import ood, quality
+from ..core.ood import GateSpec
 from ..core.outdir import claim_save_dir
 from ..core.decode import ImageReadError, read_gray_info, read_mask
 from ..core.model_input import lung_mask, resize_gray, resize_mask, to_model_input_np
@@ -183,8 +184,7 @@ class _Tally:
                "lung_area_fraction": f"{lung.mean():.6f}",
                "true_class": tc or "", "correct": "" if tc is None else str(int(tc == names[pred])),
                "dice": "", "iou": "", "annotated_png": f"annotated/{d.item.out_stem}.png" if self.annotate else ""}
-        gate_flags = ([] if self.gate is None or ood_score is None
-                      else ood.decide(float(ood_score), self.gate["threshold"], view_scores or {}))
+        gate_flags = [] if self.gate is None or ood_score is None else self.gate.decide(ood_score, view_scores)
         d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), self.area_rng)
                         + gate_flags + ood.aspect_flags(d.orig_shape))
         row["quality_flags"] = ";".join(d.flags)
@@ -224,7 +224,7 @@ class _Run:
     size: int
     temp: float
     cam_idx: int | None           # the Grad-CAM class; None: the predicted class
-    gate: dict | None             # None: the model carries no out-of-distribution gate
+    gate: GateSpec | None         # None: the model carries no out-of-distribution gate
     claim: object                 # cxrkit.core.outdir's claim on save_dir
     tally: _Tally
     notes: list                   # the overlay's notes (calibration, TTA)
@@ -250,7 +250,7 @@ def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOpti
     claim = claim_save_dir(save_dir, opts.overwrite, tool=f"cxrkit inference ({backend.name})")
     claim.plan(planned_outputs(items, opts.save_masks, opts.save_cams, opts.report, opts.annotate))
     try:
-        gate = ood.resolve(backend.ood, opts.ood_threshold)  # None: the model carries no gate
+        gate = backend.meta.resolve_gate(opts.ood_threshold)  # None: the model carries no gate
     except ValueError as e:
         raise InferenceError(str(e)) from None
     claim.acquire()  # lock; earlier outputs refused or (overwrite) removed; manifest "running"
@@ -326,18 +326,10 @@ def _predict_batch(run: _Run, batch: list[_Decoded]) -> list[tuple]:
     backend, opts, gate, cam_idx = run.backend, run.opts, run.gate, run.cam_idx
     x = to_model_input_np(np.stack([d.model_u8 for d in batch]))
     tm = time.perf_counter()
-    first_ood = []
-
-    def fwd(xx):  # the identity view (TTA's first) also gives the OOD score
-        sg, lg, sc = backend.forward_ood(xx)
-        if not first_ood:
-            first_ood.append(sc)
-        return sg, lg
-
-    seg, probs = tta_predict(fwd, x, opts.tta, run.temp)  # numpy in, numpy out
-    scores = first_ood[0] if first_ood and first_ood[0] is not None and gate else None
-    views = ([{}] * len(batch) if scores is None else
-             ood.score_views(lambda xv: backend.forward_ood(xv)[2], x, scores, gate["threshold"]))
+    seg, probs, scores = tta_predict(backend.forward_ood, x, opts.tta, run.temp, with_ood=True)  # numpy in and out
+    # the identity view's score; None: no gate, or a graph without the score
+    scores = scores if gate is not None else None
+    views = [{}] * len(batch) if scores is None else gate.score_views(lambda xv: backend.forward_ood(xv)[2], x, scores)
     seg = seg[:, 0]
     probs = probs.astype(np.float64)
     run.tally.model_seconds += time.perf_counter() - tm

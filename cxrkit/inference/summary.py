@@ -31,6 +31,7 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
     tally: the run's pipeline._Tally; opts: its PipelineOptions (workers resolved)."""
     n_done, calib_problem, cam = tally.n_done, backend.calibration_problem, opts.cam
     names, size, temp, rows = tally.names, tally.size, float(backend.temperature), tally.rows
+    gate = tally.gate  # the resolved GateSpec, None: no gate
     summary = {
         "n_inputs": len(items), "n_processed": n_done, "n_skipped": len(tally.skipped), "skipped": tally.skipped,
         "backend": backend.name, "backend_info": backend.describe(),
@@ -59,11 +60,12 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
                     "meaning": {**quality.FLAG_MEANING, **ood.OOD_FLAG_MEANING},
                     "thresholds": {**quality.thresholds(tally.area_rng),
                                    ood.FLAG_ASPECT: f"longer side > {ood.EXTREME_ASPECT:g} x shorter (decoded image)",
-                                   **({ood.FLAG_NOT_CXR: f"ood_score > {tally.gate['threshold']:.4g} "
-                                                         f"({tally.gate.get('source')})"} if tally.gate else {})},
+                                   **({ood.FLAG_NOT_CXR: f"ood_score > {gate.threshold:.4g} ({gate.source})"}
+                                      if gate is not None else {})},
                     "lung_area_range": tally.area_rng,
-                    "ood": tally.gate or {"note": "the model carries no out-of-distribution gate: not_chest_xray, "
-                                                  "inverted and rotated are not checked"},
+                    "ood": gate.to_dict() if gate is not None else {
+                        "note": "the model carries no out-of-distribution gate: not_chest_xray, inverted and rotated "
+                                "are not checked"},
                     "note": "flagged images got an answer the model cannot back: check them by eye; not judged "
                             "= not_chest_xray, inverted, rotated or extreme_aspect (probabilities kept in the CSV)"},
         "notes": tally.input_notes,

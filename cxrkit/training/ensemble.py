@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.checkpoint import FORMAT, load_checkpoint
+from ..core.checkpoint import load_checkpoint, make_checkpoint
 from ..core.config import ModelConfig
 from ..core.errors import CheckpointError, CxrkitError
 from ..core.io_utils import sha256_file
@@ -76,14 +76,13 @@ def build_ensemble(member_paths, oof_dirs=None) -> dict:
         raise CheckpointError(f"{member_paths[0]} is already an ensemble; pass single-model checkpoints")
     cfg = dataclasses.replace(ModelConfig.from_dict(first["model_config"]), ensemble_size=len(cks))
     sd = {f"members.{i}.{k}": v for i, ck in enumerate(cks) for k, v in ck["state_dict"].items()}
-    ck = {"format": FORMAT, "model_config": cfg.to_dict(), "class_names": first["class_names"],
-          "img_size": first["img_size"], "normalization": first["normalization"], "temperature": 1.0,
-          "state_dict": sd, "recipe": first.get("recipe"),
-          "prior_correction": first.get("prior_correction"), "lung_area_range": first.get("lung_area_range"),
-          "history": first.get("history"),
-          "ensemble": {"members": [{"file": str(p), "sha256": sha256_file(p), "recipe": c.get("recipe"),
-                                    "epochs_run": len(c.get("history") or [])} for p, c in zip(member_paths, cks)],
-                       "combine": "mean of member probabilities (lung sigmoid, class softmax)"}}
+    members = [{"file": str(p), "sha256": sha256_file(p), "recipe": c.get("recipe"),
+                "epochs_run": len(c.get("history") or [])} for p, c in zip(member_paths, cks)]
+    ck = make_checkpoint(sd, cfg, first["class_names"], first["img_size"], normalization=first["normalization"],
+                         recipe=first.get("recipe"), prior_correction=first.get("prior_correction"),
+                         lung_area_range=first.get("lung_area_range"), history=first.get("history"),
+                         ensemble={"members": members,
+                                   "combine": "mean of member probabilities (lung sigmoid, class softmax)"})
     if oof_dirs:
         cal = oof_temperature(oof_dirs)
         ck["temperature"] = cal["temperature"]

@@ -17,6 +17,7 @@ from ..core.metrics import (SegAccumulator, classification_metrics, expected_cal
                             native_resolution_dice, nll, softmax)
 from ..core.model import predict
 from ..core.model_input import to_model_input
+from ..core.model_meta import ModelMeta
 from ..core.tta import tta_predict
 
 
@@ -111,13 +112,14 @@ def evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype=None
         log.warning("test split is empty: no test report written")
         return {}
     r = result if result is not None else predict_split(model, data, te_idx, device, 64, amp_dtype, native_dice=True)
-    rep = write_test_report(res_dir, ck["class_names"], r, ck.get("temperature", 1.0),
+    t = ModelMeta.from_checkpoint(ck).temperature
+    rep = write_test_report(res_dir, ck["class_names"], r, t,
                             extra={"checkpoint_epoch": ck.get("epoch", -1) + 1})
     s = rep["segmentation"]
     sn = (rep.get("segmentation_native") or {}).get("dice")
     print(f"test | acc {rep['accuracy']:.4f} macro-F1 {rep['macro_f1']:.4f} Dice {s['dice'] or 0:.4f} "
           f"(at the masks' own size: {'n/a' if sn is None else f'{sn:.4f}'}) "
           f"IoU {s['iou'] or 0:.4f} | ECE {rep['calibration']['ece_before']:.4f} -> "
-          f"{rep['calibration']['ece_after']:.4f} (T={ck.get('temperature', 1.0):.3f}) | report in {res_dir}",
+          f"{rep['calibration']['ece_after']:.4f} (T={t:.3f}) | report in {res_dir}",
           flush=True)
     return rep

@@ -8,7 +8,7 @@ Graph contract (what `OnnxBackend` and any other runtime feed / read):
                             with the temperature stored in the meta file.
 The graph's own metadata_props bind it to its meta file: cxrkit_meta_id (a random id, also in the
 meta), cxrkit_class_names (JSON, model order), cxrkit_img_size, cxrkit_temperature and
-cxrkit_lung_area_range; OnnxBackend refuses a meta file that disagrees (cxrkit.core.io_utils.graph_binding).
+cxrkit_lung_area_range; OnnxBackend refuses a meta file that disagrees (cxrkit.core.model_meta.ModelMeta.graph_binding).
 
 Exporter choice (torch 2.13): the TorchScript-based exporter (`dynamo=False`) is tried first. It
 still works and honours opset 17, but torch marks it deprecated (DeprecationWarning "The feature
@@ -23,6 +23,7 @@ import datetime as _dt
 import logging
 import uuid
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +38,9 @@ from ..core.device import pick_device
 from ..core.io_utils import (INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, meta_path_for, sha256_file,
                              write_json_atomic)  # noqa: F401
 from ..core.errors import UsageError
-from ..core.io_utils import atomic_path, graph_binding
+from ..core.io_utils import atomic_path
 from ..core.model import check_img_size, predict
-from ..core.ood import public as ood_public
+from ..core.model_meta import ModelMeta
 
 log = logging.getLogger("cxrkit")
 
@@ -158,9 +159,7 @@ class _Source:
     model: nn.Module
     size: int                     # the export size
     trained_size: int
-    temperature: float
-    class_names: list
-    binding: dict                 # what the graph's metadata_props and the meta file both hold
+    meta: ModelMeta               # what the meta file and (its binding) the graph's metadata_props hold
 
 
 @dataclass
@@ -176,7 +175,7 @@ class _Exported:
 
 def _validate(checkpoint_path, onnx_path: Path, img_size, opset, exporter, overwrite) -> _Source:
     """The options and the checkpoint, checked before anything is written."""
-    from ..core.checkpoint import (checkpoint_temperature, load_checkpoint, model_from_checkpoint)  # imports MONAI: kept out
+    from ..core.checkpoint import load_checkpoint, model_from_checkpoint  # imports MONAI: kept out
     meta_p = meta_path_for(onnx_path)
     if not overwrite and (onnx_path.is_file() or meta_p.is_file()):
         which = " and ".join(str(q) for q in (onnx_path, meta_p) if q.is_file())
@@ -196,11 +195,11 @@ def _validate(checkpoint_path, onnx_path: Path, img_size, opset, exporter, overw
         raise ValueError(f"exporter must be auto, torchscript or dynamo, got {exporter!r}")
     if size != trained_size:
         log.warning("exporting at %dpx although the model was trained at %dpx: accuracy may drop", size, trained_size)
-    temperature = checkpoint_temperature(ck, str(checkpoint_path))  # inference would refuse the model otherwise
-    class_names = list(ck["class_names"])
-    binding = {"meta_id": uuid.uuid4().hex, "class_names": class_names, "img_size": size, "temperature": temperature,
-               "lung_area_range": ck.get("lung_area_range"), "ood": ood_public(ck.get("ood"))}
-    return _Source(checkpoint_path, ck, model, size, trained_size, temperature, class_names, binding)
+    meta = ModelMeta.from_checkpoint(ck, str(checkpoint_path))  # inference would refuse the model otherwise
+    meta = dataclasses.replace(meta, img_size=size, meta_id=uuid.uuid4().hex,
+                               normalization=meta.normalization or {"mean": list(model.cfg.mean),
+                                                                    "std": list(model.cfg.std)})
+    return _Source(checkpoint_path, ck, model, size, trained_size, meta)
 
 
 def _export(src: _Source, onnx_path: Path, opset: int, exporter: str, dynamic_batch: bool, device) -> _Exported:
@@ -211,9 +210,9 @@ def _export(src: _Source, onnx_path: Path, opset: int, exporter: str, dynamic_ba
     dummy = torch.rand(2 if dynamic_batch else 1, 3, src.size, src.size, device=dev)
     with atomic_path(onnx_path) as tmp:
         used, errors = _run_exporters(wrapper, dummy, tmp, opset, exporter, dynamic_batch)
-        _bind_graph(tmp, graph_binding(src.binding))
+        _bind_graph(tmp, src.meta.graph_binding())
         real_opset, in_shape = _check_graph(tmp, wrapper)
-        parity = _check_parity(tmp, wrapper.to("cpu"), src.size, dynamic_batch, src.temperature)
+        parity = _check_parity(tmp, wrapper.to("cpu"), src.size, dynamic_batch, src.meta.temperature)
     return _Exported(used, errors, real_opset, in_shape, parity, wrapper.with_ood)
 
 
@@ -282,7 +281,7 @@ def _io_meta(src: _Source, ex: _Exported, dynamic_batch: bool) -> tuple[dict, di
     outputs = {
         "segmentation": {"shape": [batch, 1, size, size], "dtype": "float32",
                          "meaning": f"lung probability per pixel (sigmoid applied); lung = prob > {LUNG_THRESHOLD}"},
-        "classification": {"shape": [batch, len(src.class_names)], "dtype": "float32",
+        "classification": {"shape": [batch, len(src.meta.class_names)], "dtype": "float32",
                            "meaning": "raw logits in class_names order; probabilities = "
                                       "softmax(logits / temperature)"},
         **({OOD_OUTPUT: {"shape": [batch], "dtype": "float32",
@@ -296,28 +295,18 @@ def _write_meta(src: _Source, ex: _Exported, onnx_path: Path, opset: int, dynami
     """`<onnx_path>.meta.json`: what the graph holds, where it came from, and its parity; returns it."""
     import onnx
     import onnxruntime
-    ck, class_names, cfg = src.ck, src.class_names, src.model.cfg
+    ck = src.ck
     inp, outputs = _io_meta(src, ex, dynamic_batch)
+    model = src.meta.to_onnx_meta()
     meta = {
         "format": META_FORMAT,
         "onnx_file": onnx_path.name,
         "onnx_sha256": sha256_file(onnx_path),
-        "meta_id": src.binding["meta_id"],
+        "meta_id": model.pop("meta_id"),
         "graph_metadata": "the graph's metadata_props repeat meta_id, class_names, img_size, temperature and "
                           "lung_area_range; a meta file that disagrees with them is refused",
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "class_names": class_names,
-        "num_classes": len(class_names),
-        "img_size": src.size,
-        "trained_img_size": src.trained_size,
-        "normalization": ck.get("normalization", {"mean": list(cfg.mean), "std": list(cfg.std)}),
-        "normalization_applied_in_graph": True,
-        "temperature": src.temperature,
-        "prior_correction": ck.get("prior_correction"),
-        "lung_area_range": ck.get("lung_area_range"),
-        "ood": ood_public(ck.get("ood")),
-        "calibration": "class probabilities = softmax(classification / temperature) (temperature scaling "
-                       "fitted on the validation split)",
+        **model,
         "input": inp,
         "outputs": outputs,
         "opset": ex.opset,
@@ -325,7 +314,6 @@ def _write_meta(src: _Source, ex: _Exported, onnx_path: Path, opset: int, dynami
         "exporter": "torch.onnx TorchScript (dynamo=False)" if ex.used == "torchscript"
                     else "torch.onnx torch.export (dynamo=True)",
         "dynamic_batch": bool(dynamic_batch),
-        "model_config": ck["model_config"],
         "source_checkpoint": {"file": src.path.name, "sha256": sha256_file(src.path),
                               "epoch": int(ck.get("epoch", -1)) + 1, "metrics": ck.get("metrics")},
         "parity": {"reference": "PyTorch eval on CPU vs ONNX Runtime CPUExecutionProvider, uniform random inputs "
