@@ -15,7 +15,8 @@ from ..inference.shard import parse_shard, select_shard, write_empty_shard
 from ..core.tta import MAX_TTA
 from ..inference.backends import CAM_NEEDS_CHECKPOINT, Backend
 from ..inference.inputs import gather_inputs
-from ..inference.pipeline import PipelineOptions, check_options, csv_columns, run_pipeline
+from ..inference.pipeline import PipelineOptions, check_options, run_pipeline
+from ..inference.rows import PredictionRow
 from .common import fail, run_command
 
 log = logging.getLogger("cxrkit")
@@ -147,7 +148,7 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
     if shard is not None:  # this run's share, and what cxrkit.inference.shard.merge needs to rebuild the single run
         items, extra["shard"] = select_shard(items, *shard, model=model_info(backend))
         if not items:
-            write_empty_shard(args.save_dir, backend, csv_columns(backend.class_names, outs["save_masks"], gradcam),
+            write_empty_shard(args.save_dir, backend, PredictionRow.columns(backend.class_names, outs["save_masks"], gradcam),
                               dict(extra, tta=args.tta), args.overwrite)
             print(f"shard {args.shard}: no inputs ({extra['shard']['n_inputs_all']} in the whole run); wrote an "
                   f"empty predictions.csv for the merge | outputs in {args.save_dir}")

@@ -44,7 +44,8 @@ _EXPORTS = {
     **dict.fromkeys(["Backend", "OnnxBackend", "TorchBackend", "physical_cores", "resolve_providers"], ".backends"),
     **dict.fromkeys(["GradCamExplainer"], "..core.gradcam"),
     **dict.fromkeys(["InputItem", "assign_output_stems", "gather_inputs"], ".inputs"),
-    **dict.fromkeys(["PipelineOptions", "csv_columns", "planned_outputs", "run_pipeline"], ".pipeline"),
+    **dict.fromkeys(["PipelineOptions", "planned_outputs", "run_pipeline"], ".pipeline"),
+    **dict.fromkeys(["PredictionRow"], ".rows"),
     **dict.fromkeys(["DISCLAIMER", "display_image", "normalise_cam", "render_annotation", "write_csv_atomic", "write_npy", "write_png"], ".render"),
 }
 __all__ = sorted(_EXPORTS)

@@ -21,6 +21,7 @@ from ..core.model_input import lung_mask, resize_gray, resize_mask, to_model_inp
 from ..core.tta import MAX_TTA, tta_predict
 from ..core.gradcam import GradCamExplainer
 from .inputs import InputItem, assign_output_stems
+from .rows import PredictionRow
 from .summary import build_summary
 from .render import _Writer, display_image, render_annotation, write_csv_atomic, write_npy, write_png
 
@@ -80,17 +81,6 @@ def planned_outputs(items, save_masks=False, save_cams=False, report=False, anno
         if report:
             out.append(thumb_relpath(it.out_stem))
     return out
-
-
-def csv_columns(class_names, save_masks=False, gradcam=False) -> list[str]:
-    cols = ["image_path", "predicted_class", "confidence", *[f"prob_{c}" for c in class_names],
-            "lung_area_fraction", "true_class", "correct", "quality_flags", "ood_score", "dice", "iou",
-            "annotated_png"]
-    if save_masks:
-        cols.append("mask_png")
-    if gradcam:
-        cols += ["cam_class", "cam_file"]
-    return cols
 
 
 @dataclass
@@ -176,40 +166,28 @@ class _Tally:
 
     def add(self, d, seg, probs, cam_name, ood_score=None, view_scores=None) -> dict:
         from ..core.metrics import binary_dice_iou
-        names, pred = self.names, int(probs.argmax())
-        lung = lung_mask(seg)
-        tc = d.item.true_class
-        row = {"image_path": str(d.item.path), "predicted_class": names[pred], "confidence": f"{probs[pred]:.6f}",
-               **{f"prob_{c}": f"{probs[j]:.6f}" for j, c in enumerate(names)},
-               "lung_area_fraction": f"{lung.mean():.6f}",
-               "true_class": tc or "", "correct": "" if tc is None else str(int(tc == names[pred])),
-               "dice": "", "iou": "", "annotated_png": f"annotated/{d.item.out_stem}.png" if self.annotate else ""}
+        lung, tc, stem = lung_mask(seg), d.item.true_class, d.item.out_stem
         gate_flags = [] if self.gate is None or ood_score is None else self.gate.decide(ood_score, view_scores)
         d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), self.area_rng)
                         + gate_flags + ood.aspect_flags(d.orig_shape))
-        row["quality_flags"] = ";".join(d.flags)
-        row["ood_score"] = "" if ood_score is None else f"{float(ood_score):.6f}"
+        r = PredictionRow(str(d.item.path), self.names, probs, float(lung.mean()), tc, d.flags, ood_score,
+                          annotated_png=f"annotated/{stem}.png" if self.annotate else "",
+                          mask_png=f"masks/{stem}_mask.png" if self.save_masks else None, cam_class=cam_name or None,
+                          cam_file=f"cams/{stem}_cam.npy" if cam_name and self.save_cams else None)
         for f in d.flags:
             self.flag_counts[f] += 1
+        if d.gt_mask is not None:  # Dice at the mask's own resolution (and, labelled, at the model input)
+            r.dice, r.iou = binary_dice_iou(lung_mask(seg, d.gt_mask.shape[:2]), d.gt_mask)
+            self.dices.append(r.dice)
+            self.ious.append(r.iou)
+            self.dices_model.append(binary_dice_iou(lung, resize_mask(d.gt_mask, self.size))[0])
+        row = r.to_csv()
         if tc is not None:
-            self.y_true.append(names.index(tc))
+            self.y_true.append(self.names.index(tc))
             # metrics use the probabilities exactly as predictions.csv holds them, so the CSV alone (e.g. a
             # merge of shard runs, cxrkit.inference.shard) reproduces every metric of this run
-            self.y_probs.append(np.array([float(row[f"prob_{c}"]) for c in names]))
+            self.y_probs.append(np.array([float(row[f"prob_{c}"]) for c in self.names]))
             self.y_flagged.append(bool(d.flags))
-        if d.gt_mask is not None:  # Dice at the mask's own resolution (and, labelled, at the model input)
-            gh, gw = d.gt_mask.shape[:2]
-            lung_native = lung_mask(seg, (gh, gw))
-            dc, io_ = binary_dice_iou(lung_native, d.gt_mask)
-            self.dices.append(dc)
-            self.ious.append(io_)
-            self.dices_model.append(binary_dice_iou(lung, resize_mask(d.gt_mask, self.size))[0])
-            row["dice"], row["iou"] = f"{dc:.6f}", f"{io_:.6f}"
-        if self.save_masks:
-            row["mask_png"] = f"masks/{d.item.out_stem}_mask.png"
-        if cam_name:
-            row["cam_class"] = cam_name
-            row["cam_file"] = f"cams/{d.item.out_stem}_cam.npy" if self.save_cams else ""
         self.rows.append(row)
         return row
 
@@ -382,7 +360,7 @@ def _finish(run: _Run, items, t0: float) -> dict:
     from .thumbs import write_gallery_thumbnails
     opts, tally, save_dir = run.opts, run.tally, run.save_dir
     try:
-        cols = csv_columns(run.names, opts.save_masks, opts.cam is not None)
+        cols = PredictionRow.columns(run.names, opts.save_masks, opts.cam is not None)
         write_csv_atomic(save_dir / "predictions.csv", cols, tally.rows)
         summary = build_summary(run.backend, items, tally, opts, time.perf_counter() - t0)
         write_json_atomic(save_dir / "summary.json", summary)

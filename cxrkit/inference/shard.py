@@ -73,8 +73,8 @@ def select_shard(items: list, k: int, n: int, model: dict | None = None) -> tupl
 
 def write_empty_shard(save_dir, backend, columns: list[str], extra: dict, overwrite: bool = False) -> dict:
     """A shard that got no inputs: an empty predictions.csv and a summary.json the merge accepts."""
-    from ..core.config import DISCLAIMER
     from .render import write_csv_atomic
+    from .summary import empty_shard_summary
     from ..core.io_utils import write_json_atomic
     from ..core.outdir import claim_save_dir
     save_dir = Path(save_dir)
@@ -82,11 +82,7 @@ def write_empty_shard(save_dir, backend, columns: list[str], extra: dict, overwr
     try:
         claim.plan(["predictions.csv", "summary.json"])
         write_csv_atomic(save_dir / "predictions.csv", columns, [])
-        summary = {"n_inputs": 0, "n_processed": 0, "n_skipped": 0, "skipped": [], "backend": backend.name,
-                   "backend_info": backend.describe(), "class_names": list(backend.class_names),
-                   "img_size": int(backend.img_size), "temperature": float(backend.temperature),
-                   "calibrated": backend.calibration_problem is None, "empty_shard": True,
-                   "note": DISCLAIMER, **extra}
+        summary = empty_shard_summary(backend, extra)
         write_json_atomic(save_dir / "summary.json", summary)
         claim.finish()
     finally:

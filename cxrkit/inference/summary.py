@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core import ood, quality
-from ..core.config import LUNG_THRESHOLD
-from ..core.config import DISCLAIMER
+from ..core.config import DISCLAIMER, LUNG_THRESHOLD
 
 
 def classification_summary(y_true, y_probs, names, flagged=None) -> dict:
@@ -26,56 +25,47 @@ def classification_summary(y_true, y_probs, names, flagged=None) -> dict:
     return m
 
 
+CSV_NOTES = {"prob_<class>": "calibrated class probabilities, model class order",
+             "confidence": "probability of predicted_class",
+             "lung_area_fraction": f"fraction of model-input pixels with lung probability > {LUNG_THRESHOLD}",
+             "true_class/correct": "from the folder name when it is a model class (correct: 1/0), else empty",
+             "dice/iou": f"vs the ground-truth mask (masks/ folder) at {LUNG_THRESHOLD}, at the mask's own "
+                         "resolution, when there is one",
+             "quality_flags": "empty when all is well, else ';'-joined codes (see quality)",
+             "ood_score": "out-of-distribution score (cxrkit.core.ood); above quality.ood.threshold the "
+                          "image is not judged; empty when the model has no gate"}
+
+
+def model_block(backend, n_inputs: int, n_processed: int, skipped: list) -> dict:
+    """The head of every summary.json, a run's or an empty shard's: counts and the model."""
+    problem = backend.calibration_problem
+    return {"n_inputs": n_inputs, "n_processed": n_processed, "n_skipped": len(skipped), "skipped": skipped,
+            "backend": backend.name, "backend_info": backend.describe(),
+            "class_names": list(backend.class_names), "img_size": int(backend.img_size),
+            "calibrated": problem is None, "temperature": float(backend.temperature),
+            **({"calibration_problem": f"the model: {problem}"} if problem else {})}
+
+
+def empty_shard_summary(backend, extra: dict) -> dict:
+    """summary.json of a shard that got no inputs (the merge accepts it)."""
+    return {**model_block(backend, 0, 0, []), "empty_shard": True, "note": DISCLAIMER, **extra}
+
+
 def build_summary(backend, items, tally, opts, seconds: float) -> dict:
     """summary.json: counts, skips, throughput, quality flags, and metrics where ground truth exists.
     tally: the run's pipeline._Tally; opts: its PipelineOptions (workers resolved)."""
-    n_done, calib_problem, cam = tally.n_done, backend.calibration_problem, opts.cam
-    names, size, temp, rows = tally.names, tally.size, float(backend.temperature), tally.rows
-    gate = tally.gate  # the resolved GateSpec, None: no gate
+    rows, n_done = tally.rows, tally.n_done
     summary = {
-        "n_inputs": len(items), "n_processed": n_done, "n_skipped": len(tally.skipped), "skipped": tally.skipped,
-        "backend": backend.name, "backend_info": backend.describe(),
-        "class_names": names, "img_size": size,
-        "calibrated": calib_problem is None, "temperature": temp,
-        **({"calibration_problem": f"the model: {calib_problem}"} if calib_problem else {}),
+        **model_block(backend, len(items), n_done, tally.skipped),
         "calibration": "probabilities in predictions.csv = softmax(logits / temperature), averaged over TTA views",
         "tta": int(opts.tta), "batch_size": int(opts.batch_size), "decode_workers": opts.workers,
         "throughput": {"seconds": seconds, "images_per_second": n_done / seconds if seconds > 0 else None,
                        "model_seconds": tally.model_seconds,
                        "note": "seconds = wall clock of the whole pipeline (decode, model, overlays, files); "
                                "model_seconds = time in the backend incl. TTA"},
-        "predicted_counts": {c: int(sum(r["predicted_class"] == c for r in rows)) for c in names},
-        "csv_notes": {"prob_<class>": "calibrated class probabilities, model class order",
-                      "confidence": "probability of predicted_class",
-                      "lung_area_fraction": f"fraction of model-input pixels with lung probability > {LUNG_THRESHOLD}",
-                      "true_class/correct": "from the folder name when it is a model class (correct: 1/0), "
-                                            "else empty",
-                      "dice/iou": f"vs the ground-truth mask (masks/ folder) at {LUNG_THRESHOLD}, at the mask's own "
-                                  "resolution, when there is one",
-                      "quality_flags": "empty when all is well, else ';'-joined codes (see quality)",
-                      "ood_score": "out-of-distribution score (cxrkit.core.ood); above quality.ood.threshold the "
-                                   "image is not judged; empty when the model has no gate"},
-        "quality": {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": tally.flag_counts,
-                    "n_not_judged": int(sum(ood.not_judged(r["quality_flags"]) for r in rows)),
-                    "meaning": {**quality.FLAG_MEANING, **ood.OOD_FLAG_MEANING},
-                    "thresholds": {**quality.thresholds(tally.area_rng),
-                                   ood.FLAG_ASPECT: f"longer side > {ood.EXTREME_ASPECT:g} x shorter (decoded image)",
-                                   **({ood.FLAG_NOT_CXR: f"ood_score > {gate.threshold:.4g} ({gate.source})"}
-                                      if gate is not None else {})},
-                    "lung_area_range": tally.area_rng,
-                    "ood": gate.to_dict() if gate is not None else {
-                        "note": "the model carries no out-of-distribution gate: not_chest_xray, inverted and rotated "
-                                "are not checked"},
-                    "note": "flagged images got an answer the model cannot back: check them by eye; not judged "
-                            "= not_chest_xray, inverted, rotated or extreme_aspect (probabilities kept in the CSV)"},
-        "notes": tally.input_notes,
-        "classification": None, "segmentation": None,
-        "gradcam": None if cam is None else {
-            "target": opts.cam_class or "predicted class", "layer": cam.layer, "method": "monai.visualize.GradCAM",
-            "checkpoint_mismatch": cam.mismatch,
-            "maps_saved": bool(opts.save_cams), "input": "the un-augmented image (also with --tta)",
-            "map_format": "float32 .npy (S x S, model input size), raw ReLU'd Grad-CAM (not normalised); the "
-                          "annotated PNG shows it min-max normalised per image"},
+        "predicted_counts": {c: int(sum(r["predicted_class"] == c for r in rows)) for c in tally.names},
+        "csv_notes": CSV_NOTES, "quality": _quality(tally), "notes": tally.input_notes,
+        "classification": None, "segmentation": None, "gradcam": _gradcam(opts),
         "outputs": {"csv": "predictions.csv", "annotated": "annotated/" if tally.annotate else None,
                     "masks": "masks/ (0/255 PNG at the original image resolution)" if opts.save_masks else None,
                     "cams": "cams/" if opts.save_cams else None},
@@ -84,15 +74,46 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
     if tally.mask_problems:
         summary["mask_problems"] = tally.mask_problems
     if tally.y_true:
-        summary["classification"] = classification_summary(tally.y_true, tally.y_probs, names, tally.y_flagged)
+        summary["classification"] = classification_summary(tally.y_true, tally.y_probs, tally.names, tally.y_flagged)
     if tally.dices:
-        summary["segmentation"] = {"mean_dice": float(np.mean(tally.dices)), "mean_iou": float(np.mean(tally.ious)),
-                                   "n_masks": len(tally.dices), "threshold": LUNG_THRESHOLD,
-                                   "resolution": "each ground-truth mask's own size (lung probabilities resized "
-                                                 "bilinearly to it, then thresholded)",
-                                   "mean_dice_model_input": float(np.mean(tally.dices_model)),
-                                   "model_input_resolution": f"{size}x{size}"}
+        summary["segmentation"] = _segmentation(tally)
     if opts.extra_summary:
         summary.update(opts.extra_summary)
     summary["outputs"]["report"] = "report.html (thumbnails in thumbs/)" if opts.report else None
     return summary
+
+
+def _quality(tally) -> dict:
+    rows, gate = tally.rows, tally.gate  # gate: the resolved GateSpec, None: no gate
+    return {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": tally.flag_counts,
+            "n_not_judged": int(sum(ood.not_judged(r["quality_flags"]) for r in rows)),
+            "meaning": {**quality.FLAG_MEANING, **ood.OOD_FLAG_MEANING},
+            "thresholds": {**quality.thresholds(tally.area_rng),
+                           ood.FLAG_ASPECT: f"longer side > {ood.EXTREME_ASPECT:g} x shorter (decoded image)",
+                           **({ood.FLAG_NOT_CXR: f"ood_score > {gate.threshold:.4g} ({gate.source})"}
+                              if gate is not None else {})},
+            "lung_area_range": tally.area_rng,
+            "ood": gate.to_dict() if gate is not None else {
+                "note": "the model carries no out-of-distribution gate: not_chest_xray, inverted and rotated "
+                        "are not checked"},
+            "note": "flagged images got an answer the model cannot back: check them by eye; not judged "
+                    "= not_chest_xray, inverted, rotated or extreme_aspect (probabilities kept in the CSV)"}
+
+
+def _gradcam(opts) -> dict | None:
+    cam = opts.cam
+    return None if cam is None else {
+        "target": opts.cam_class or "predicted class", "layer": cam.layer, "method": "monai.visualize.GradCAM",
+        "checkpoint_mismatch": cam.mismatch,
+        "maps_saved": bool(opts.save_cams), "input": "the un-augmented image (also with --tta)",
+        "map_format": "float32 .npy (S x S, model input size), raw ReLU'd Grad-CAM (not normalised); the "
+                      "annotated PNG shows it min-max normalised per image"}
+
+
+def _segmentation(tally) -> dict:
+    return {"mean_dice": float(np.mean(tally.dices)), "mean_iou": float(np.mean(tally.ious)),
+            "n_masks": len(tally.dices), "threshold": LUNG_THRESHOLD,
+            "resolution": "each ground-truth mask's own size (lung probabilities resized bilinearly to it, then "
+                          "thresholded)",
+            "mean_dice_model_input": float(np.mean(tally.dices_model)),
+            "model_input_resolution": f"{tally.size}x{tally.size}"}
