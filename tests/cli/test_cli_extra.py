@@ -13,7 +13,7 @@ from cxrkit.cli import train as model_arch
 from cxrkit.cli import infer_pth as run_model_pth_inference
 from cxrkit.core.checkpoint import load_checkpoint, model_from_checkpoint
 from cxrkit.core.decode import read_gray
-from test_inference import _make_dicom
+from tests.inference.test_inference import _make_dicom
 
 
 def test_pth_cli_gradcam_and_tta(tiny_model, cxr_eval_dir, tmp_path):

@@ -45,7 +45,7 @@ from cxrkit.cli import infer_pth as pth_cli
 from cxrkit.cli import infer_onnx as onnx_cli
 from cxrkit.core.decode import ImageReadError, read_gray
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 
 

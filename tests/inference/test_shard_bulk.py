@@ -18,7 +18,7 @@ from cxrkit.inference import gather_inputs
 from cxrkit.inference.shard import InferenceError, merge, parse_shard, select_shard, shard_of
 from cxrkit.training.synthetic import generate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 
 

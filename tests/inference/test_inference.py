@@ -24,7 +24,7 @@ from cxrkit.core.model_input import load_for_model, to_model_input, to_model_inp
 from cxrkit.core.decode import read_gray
 from cxrkit.core.tta import tta_predict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 REQUIRED_PREFIX = (["image_path", "predicted_class", "confidence"] + [f"prob_{c}" for c in CLASSES]
                    + ["lung_area_fraction", "true_class", "correct"])

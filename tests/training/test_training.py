@@ -27,7 +27,7 @@ from cxrkit.core.metrics import classification_metrics, softmax
 from cxrkit.core.model import build_model
 from cxrkit.training.calibration import apply_prior_correction
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 TIMING_KEYS = {"train_images_per_s", "epoch_seconds"}
 
