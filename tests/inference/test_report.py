@@ -388,6 +388,7 @@ def _console_lines(stderr: str) -> list[str]:
 
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} not installed (Debian package `chromium`): "
                                                     f"no headless rendering check")
+@pytest.mark.slow
 def test_report_renders_in_chromium(report_runs, tmp_path):
     page = report_runs / "onnx" / "report.html"
     shot = tmp_path / "shot.png"
