@@ -25,7 +25,7 @@ demo: install
 	@echo "demo done: see demo_out/ (SYNTHETIC data: the numbers mean nothing clinically; the last line is the held-out set)"
 
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -rs
 
 predict: install
 	$(PY) run_onnx_inference.py --data_dir $(DATA) --save_dir $(OUT)/predictions --num_samples 48 --overwrite

@@ -14,13 +14,32 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# =============================================================================================
+# Markers (registered in pyproject.toml): every test that uses a real-data fixture is `realdata`,
+# so `pytest -m "not realdata and not slow"` is the quick unit run that needs no data.
+# =============================================================================================
+# Tests that train or start subprocesses in their body carry @pytest.mark.slow; these fixtures train (or
+# run a CLI over a folder) once per module/session, so every test using them is `slow` too.
+REALDATA_FIXTURES = {"cxr_data_available", "tiny_model", "cxr_eval_dir", "mdt_subset", "mdt_cache"}
+SLOW_FIXTURES = {"tiny_model", "run_1epoch", "resume_runs", "fold_runs", "evaluated", "cli_runs", "report_runs",
+                 "bad_input_runs", "shipped_runs", "misuse_files"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if REALDATA_FIXTURES & used:
+            item.add_marker(pytest.mark.realdata)
+        if SLOW_FIXTURES & used:
+            item.add_marker(pytest.mark.slow)
+
 
 # =============================================================================================
 # Inference / ONNX export fixtures: ONE tiny checkpoint trained on real X-rays and exported once
 # per test session. Images are copied from the shared database into pytest's tmp folders at test
 # time (never into the repository).
 # =============================================================================================
-CXR_DATA = Path(os.environ.get("CXR_DATA_DIR", REPO.parent / "shared" / "data" / "cxr4"))
+from tests.helpers import CXR_DATA, NO_DATA_REASON  # noqa: E402  (CXR_DATA_DIR, else ../shared/data/cxr4)
 CXR_CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 TRAIN_PER_CLASS = 14   # "a dozen+" per class for the 1-epoch tiny model
 EVAL_PER_CLASS = 3     # 12 inference images, disjoint from the training ones
@@ -48,22 +67,21 @@ def copy_real_subset(dst: Path, per_class: int, offset: int = 0, masks: bool = T
 @pytest.fixture(scope="session")
 def cxr_data_available():
     if not all((CXR_DATA / c / "images").is_dir() for c in CXR_CLASSES):
-        pytest.skip(f"real chest X-ray data not found at {CXR_DATA} (set CXR_DATA_DIR)")
+        pytest.skip(NO_DATA_REASON)
     return CXR_DATA
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, cxr_data_available):
     """Train arch 'tiny' at 64 px for 1 epoch (model_arch.py, in-process) and export it to ONNX."""
-    from cxrkit.cli import train as model_arch
     from cxrkit.training.export import export_to_onnx, meta_path_for
+    from tests.helpers import train_tiny
 
     root = tmp_path_factory.mktemp("cxr_tiny")
     data = root / "data"
     copy_real_subset(data, TRAIN_PER_CLASS)
     out = root / "train_out"
-    rc = model_arch.main(["--data_dir", str(data), "--arch", "tiny", "--img_size", "64", "--num_epochs", "1",
-                          "--batch_size", "8", "--output_dir", str(out), "--workers", "0", "--quiet"])
+    rc = train_tiny(data, out, img_size=64, device=None)
     assert rc == 0, "training the tiny test checkpoint failed"
     ck = out / "model_checkpoints" / "best_covid_model.pth"
     # 8 validation images are too few to fit a temperature (it stays 1): set a known one, so the
@@ -105,7 +123,7 @@ def mdt_subset(tmp_path_factory):
     and parentheses), plus the quirks training must survive: one corrupt image and one image
     without a mask. Treat as read-only."""
     if not all((CXR_DATA / c / "images").is_dir() for c in CXR_CLASSES):
-        pytest.skip(f"real chest X-ray data not found at {CXR_DATA} (../shared/data/cxr4; set CXR_DATA_DIR)")
+        pytest.skip(NO_DATA_REASON)
     root = tmp_path_factory.mktemp("mdt") / "data"
     copy_real_subset(root, MDT_PER_CLASS, offset=MDT_OFFSET)
     (root / MDT_CORRUPT).write_bytes(b"\x89PNG\r\n\x1a\n truncated, not an image")

@@ -165,6 +165,7 @@ def test_native_resolution_dice_resizes_the_prediction_to_the_mask():
     assert native_resolution_dice(shifted[None], [gt])["dice"] < 0.9
 
 
+@pytest.mark.slow
 def test_tiny_pretrained_training_run_end_to_end(mdt_subset, tmp_path):
     """model_arch.py with the lite0 preset (ImageNet start, outside-lung noise) trains, finalises and
     writes Dice at the masks' own resolution into the test report."""

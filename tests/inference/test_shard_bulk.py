@@ -18,7 +18,7 @@ from cxrkit.inference import gather_inputs
 from cxrkit.inference.shard import InferenceError, merge, parse_shard, select_shard, shard_of
 from cxrkit.training.synthetic import generate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 
 
@@ -70,6 +70,7 @@ def test_shard_rule_is_stable_and_order_free(syn):
         assert {it.rel for it in select_shard(rev, k, 4)[0]} == {it.rel for it in parts[k]}
 
 
+@pytest.mark.slow
 def test_bulk_csv_only_matches_default_rows(syn, tmp_path):
     s_def, rows_def = _infer(syn, tmp_path / "default")
     s_csv, rows_csv = _infer(syn, tmp_path / "csv", "--outputs", "csv")
@@ -99,6 +100,7 @@ def test_bulk_csv_only_matches_default_rows(syn, tmp_path):
                                     str(tmp_path / "bad")]) == 2
 
 
+@pytest.mark.slow
 def test_four_shard_processes_merge_to_the_single_run(syn, tmp_path):
     single, rows_single = _infer(syn, tmp_path / "single")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

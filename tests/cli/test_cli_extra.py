@@ -13,7 +13,8 @@ from cxrkit.cli import train as model_arch
 from cxrkit.cli import infer_pth as run_model_pth_inference
 from cxrkit.core.checkpoint import load_checkpoint, model_from_checkpoint
 from cxrkit.core.decode import read_gray
-from test_inference import _make_dicom
+from tests.helpers import train_tiny
+from tests.inference.test_inference import _make_dicom
 
 
 def test_pth_cli_gradcam_and_tta(tiny_model, cxr_eval_dir, tmp_path):
@@ -49,10 +50,10 @@ def test_dicom_voi_window_is_applied(tmp_path):
 
 
 def _train(data, out, *extra):
-    return model_arch.main(["--data_dir", str(data), "--output_dir", str(out), "--arch", "tiny", "--img_size", "32",
-                            "--batch_size", "8", "--workers", "0", "--quiet", "--device", "cpu", *extra])
+    return train_tiny(data, out, *extra)   # every call passes its own --num_epochs
 
 
+@pytest.mark.slow
 def test_max_minutes_stops_cleanly_and_still_reports(mdt_subset, tmp_path, capsys):
     out = tmp_path / "mm"
     assert _train(mdt_subset, out, "--num_epochs", "3", "--max_minutes", "0.0001") == 0
@@ -62,6 +63,7 @@ def test_max_minutes_stops_cleanly_and_still_reports(mdt_subset, tmp_path, capsy
     assert (out / "test_results" / "classification_report.json").is_file()
 
 
+@pytest.mark.slow
 def test_existing_best_checkpoint_is_not_overwritten(mdt_subset, tmp_path, capsys):
     out = tmp_path / "ow"
     assert _train(mdt_subset, out, "--num_epochs", "1") == 0
@@ -76,6 +78,7 @@ def test_existing_best_checkpoint_is_not_overwritten(mdt_subset, tmp_path, capsy
     assert best.read_bytes() != before
 
 
+@pytest.mark.slow
 def test_init_from_removes_the_prior_correction_first(mdt_subset, tmp_path):
     a = tmp_path / "a"
     assert _train(mdt_subset, a, "--num_epochs", "1") == 0

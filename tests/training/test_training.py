@@ -27,7 +27,7 @@ from cxrkit.core.metrics import classification_metrics, softmax
 from cxrkit.core.model import build_model
 from cxrkit.training.calibration import apply_prior_correction
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 TIMING_KEYS = {"train_images_per_s", "epoch_seconds"}
 
@@ -289,6 +289,7 @@ def test_resume_with_another_arch_is_refused_in_one_line(run_1epoch, tmp_path, c
     assert "Traceback" not in "\n".join(err)
 
 
+@pytest.mark.slow
 def test_classification_only_flat_layout_with_three_classes(mdt_subset, tmp_path):
     """<Class>/*.png with no masks folders: the class count comes from the data, the segmentation
     loss is skipped, and the report says there was no mask to score."""
@@ -352,6 +353,7 @@ def test_resumed_run_is_bit_identical_to_the_straight_run(resume_runs):
 
 
 # ========================================================================================== DDP
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(mdt_subset, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -20,7 +20,7 @@ from cxrkit.inference import report as rp
 from cxrkit.inference.thumbs import THUMB_HEIGHT, write_thumbnail
 from cxrkit.core.metrics import classification_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -389,6 +389,7 @@ def _console_lines(stderr: str) -> list[str]:
 
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} not installed (Debian package `chromium`): "
                                                     f"no headless rendering check")
+@pytest.mark.slow
 def test_report_renders_in_chromium(report_runs, tmp_path):
     page = report_runs / "onnx" / "report.html"
     shot = tmp_path / "shot.png"

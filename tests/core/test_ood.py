@@ -16,10 +16,10 @@ import pytest
 
 from cxrkit.core import ood
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CK = REPO / "model_checkpoints" / "best_covid_model.pth"
 SHIPPED_ONNX = REPO / "models" / "covid_multitask.onnx"
-CXR_DATA = REPO.parent / "shared" / "data" / "cxr4"
+from tests.helpers import CXR_DATA  # noqa: E402  (honours CXR_DATA_DIR like the fixtures)
 
 
 # ------------------------------------------------------------------------------ rules (no model)

@@ -1,7 +1,6 @@
 """Batch inference: both CLIs, backend agreement, file formats, TTA, Grad-CAM, error handling."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import shutil
@@ -23,17 +22,16 @@ from cxrkit.core.metrics import softmax
 from cxrkit.core.model_input import load_for_model, to_model_input, to_model_input_np
 from cxrkit.core.decode import read_gray
 from cxrkit.core.tta import tta_predict
+from tests.helpers import assert_one_line_error, read_predictions
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 REQUIRED_PREFIX = (["image_path", "predicted_class", "confidence"] + [f"prob_{c}" for c in CLASSES]
                    + ["lung_area_fraction", "true_class", "correct"])
 
 
 def read_csv(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        r = csv.DictReader(f)
-        return r.fieldnames, list(r)
+    return read_predictions(path, header=True)
 
 
 def probs_of(row):
@@ -41,12 +39,7 @@ def probs_of(row):
 
 
 def one_line_error(capsys, *needles):
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: "), err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-    return err
+    return assert_one_line_error(capsys, *needles)   # strict: nothing else on stderr
 
 
 # ----------------------------------------------------------------------------- both CLIs, one folder
@@ -217,6 +210,7 @@ print(json.dumps({"rc": rc, "heavy": heavy}))
 """
 
 
+@pytest.mark.slow
 def test_onnx_cli_never_imports_torch(tiny_model, cxr_eval_dir, tmp_path):
     """The CPU ONNX path (no Grad-CAM, --tta 1) must not import torch or MONAI: importing torch is
     ~1.5 s of a ~3.4 s whole-process run over 48 images (start-up time of run_onnx_inference.py)."""

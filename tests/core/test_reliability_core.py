@@ -1,0 +1,47 @@
+"""Reliability findings (issue 9 F1-F8, issue 15 R1-R8; index in tests/inference/test_reliability_inference.py)
+that protect cxrkit.core: the output-folder claim (core.outdir) and image decoding (core.decode)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from cxrkit.core.decode import ImageReadError, read_gray
+from tests.helpers import png_header_only
+
+
+def test_f2_a_crashed_runs_outputs_are_known_and_refused_until_overwrite(tmp_path):
+    """The manifest is written before the first output: a run killed half-way leaves a list of what it
+    wrote, and the next run needs --overwrite, which removes exactly those files."""
+    from cxrkit.core.outdir import SaveDirError, claim_save_dir
+    out = tmp_path / "out"
+    dead = claim_save_dir(out).acquire()
+    dead.plan(["predictions.csv", "annotated/a.png", "annotated/b.png"])
+    (out / "annotated").mkdir()
+    (out / "annotated" / "a.png").write_bytes(b"half")       # b.png was never written
+    dead.release()                                           # what the OS does when the process dies
+    with pytest.raises(SaveDirError, match="did not finish.*--overwrite"):
+        claim_save_dir(out).acquire()
+    with claim_save_dir(out, overwrite=True) as again:
+        assert again.removed == ["annotated/a.png"] and not (out / "annotated").exists()
+
+
+def test_f6_pixel_limit_is_decided_before_decoding(tmp_path, monkeypatch):
+    huge = png_header_only(tmp_path / "huge.png", 40000, 40000)
+
+    def no_decoding(*_a, **_k):
+        raise AssertionError("decoded although the header says it is too large")
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    with pytest.raises(ImageReadError) as e:
+        read_gray(huge)
+    assert e.value.reason == "image is 40000x40000 px, over the 100 MP limit"
+
+
+def test_f8_multi_page_tiff_is_noted(tmp_path):
+    from PIL import Image
+
+    from cxrkit.core.decode import read_gray_info
+    u8 = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    Image.fromarray(u8).save(tmp_path / "m.tiff", save_all=True, append_images=[Image.fromarray(255 - u8)])
+    arr, notes = read_gray_info(tmp_path / "m.tiff")
+    assert np.array_equal(arr, u8) and notes == ["multi-page TIFF (2 pages): only the first page was used"]
