@@ -14,7 +14,7 @@ from cxrkit.core.errors import CheckpointError, CxrkitError, InferenceError
 from cxrkit.core.model_meta import ModelMeta
 from cxrkit.core.ood import GateSpec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_PTH = ROOT / "model_checkpoints" / "best_covid_model.pth"
 SHIPPED_META = ROOT / "models" / "covid_multitask.onnx.meta.json"
 META = {"class_names": ["A", "B"], "img_size": 64, "temperature": 1.5}
