@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from ..core import shift_check
 from ..core.config import InferConfig
 from ..core.errors import InferenceError
 from ..core.io_utils import HelpFormatter
@@ -172,4 +173,7 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
         line += f" | {q['n_flagged']} flagged (quality_flags: " + ", ".join(
             f"{k} {v}" for k, v in q["counts"].items() if v) + ")"
     print(line + f" | outputs in {args.save_dir}")
+    warning = shift_check.warning_line(summary.get("shift_check"))
+    if warning:  # the last line a user sees
+        print(warning)
     return 0

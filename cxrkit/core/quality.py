@@ -55,17 +55,18 @@ DEFAULT_LUNG_AREA_RANGE = {"low": 0.0868, "high": 0.5708,
 
 
 def image_stats(u8: np.ndarray) -> dict:
-    """Grey-level std and 1st / 99th percentiles of a uint8 image, from its histogram (~0.1 ms at
+    """Grey-level mean, std and 1st / 99th percentiles of a uint8 image, from its histogram (~0.1 ms at
     128 px: cheap enough for every inference input)."""
     h = np.bincount(np.asarray(u8, np.uint8).ravel(), minlength=256).astype(np.float64)
     n = h.sum()
     if n == 0:
-        return {"std": 0.0, "p1": 0, "p99": 0}
+        return {"mean": 0.0, "std": 0.0, "p1": 0, "p99": 0}
     v = np.arange(256, dtype=np.float64)
     mean = float(h @ v) / n
     var = max(0.0, float(h @ (v * v)) / n - mean * mean)
     c = np.cumsum(h)
-    return {"std": var ** 0.5, "p1": int(np.searchsorted(c, 0.01 * n)), "p99": int(np.searchsorted(c, 0.99 * n))}
+    return {"mean": mean, "std": var ** 0.5, "p1": int(np.searchsorted(c, 0.01 * n)),
+            "p99": int(np.searchsorted(c, 0.99 * n))}
 
 
 def image_flags(stats: dict) -> list[str]:

@@ -13,7 +13,7 @@ import numpy as np
 from ..core.config import InferConfig
 from ..core.errors import InferenceError, os_error
 from ..core.io_utils import MAX_BATCH_SIZE, write_json_atomic
-from ..core import ood, quality
+from ..core import ood, quality, shift_check
 from ..core.ood import GateSpec
 from ..core.outdir import claim_save_dir
 from ..core.decode import ImageReadError, read_gray_info, read_mask
@@ -147,7 +147,8 @@ class _Tally:
         self.annotate, self.save_masks, self.save_cams = opts.annotate, opts.save_masks, opts.save_cams
         self.rows, self.y_true, self.y_probs, self.y_flagged = [], [], [], []
         self.dices, self.ious, self.dices_model = [], [], []
-        self.flag_counts = {c: 0 for c in quality.FLAG_CODES + ood.OOD_FLAG_CODES}
+        self.flag_counts = {c: 0 for c in quality.FLAG_CODES + ood.OOD_FLAG_CODES + (shift_check.FLAG_FOLDER_SHIFT,)}
+        self.shift_rows, self.shift_block = [], None  # shift_check's features per image; its verdict
         self.skipped, self.mask_problems, self.input_notes = [], [], []
         self.n_done, self.model_seconds = 0, 0.0
 
@@ -176,6 +177,8 @@ class _Tally:
                           cam_file=f"cams/{stem}_cam.npy" if cam_name and self.save_cams else None)
         for f in d.flags:
             self.flag_counts[f] += 1
+        self.shift_rows.append([np.nan if ood_score is None else float(ood_score), float(lung.mean()),
+                                d.stats["mean"], d.stats["std"]])
         if d.gt_mask is not None:  # Dice at the mask's own resolution (and, labelled, at the model input)
             r.dice, r.iou = binary_dice_iou(lung_mask(seg, d.gt_mask.shape[:2]), d.gt_mask)
             self.dices.append(r.dice)
@@ -353,6 +356,20 @@ def _batch_loop(run: _Run, items) -> None:
             run.claim.release()
 
 
+def _folder_shift(backend, tally: _Tally) -> None:
+    """The run-level shift warning (core.shift_check): when it fires, every row says so (folder_shift)."""
+    ref = backend.meta.shift_reference
+    if ref is None:
+        tally.shift_block = {"tested": False, "reason": "the model carries no shift reference"}
+        return
+    tally.shift_block = shift_check.folder_check(np.array(tally.shift_rows).reshape(-1, len(shift_check.FEATURES)), ref)
+    if tally.shift_block.get("fires"):
+        for row in tally.rows:
+            row["quality_flags"] = ";".join(filter(None, [row["quality_flags"], shift_check.FLAG_FOLDER_SHIFT]))
+        tally.flag_counts[shift_check.FLAG_FOLDER_SHIFT] = len(tally.rows)
+        tally.y_flagged = [True] * len(tally.y_flagged)
+
+
 def _finish(run: _Run, items, t0: float) -> dict:
     """predictions.csv, summary.json, the report, and the manifest (every file this run wrote, with
     size and SHA-256, status complete); returns the summary."""
@@ -360,6 +377,7 @@ def _finish(run: _Run, items, t0: float) -> dict:
     from .thumbs import write_gallery_thumbnails
     opts, tally, save_dir = run.opts, run.tally, run.save_dir
     try:
+        _folder_shift(run.backend, tally)
         cols = PredictionRow.columns(run.names, opts.save_masks, opts.cam is not None)
         write_csv_atomic(save_dir / "predictions.csv", cols, tally.rows)
         summary = build_summary(run.backend, items, tally, opts, time.perf_counter() - t0)

@@ -39,6 +39,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from ..core import shift_check
 from ..core.config import DISCLAIMER
 from ..core.io_utils import write_bytes_atomic
 from .report_assets import CSS as _CSS, JS as _JS
@@ -141,8 +142,10 @@ def _header(summary: dict, model: dict | None, generated: str) -> str:
     meta = "".join(f"<span><b>{k}</b>{v}</span>" for k, v in items)
     heading = f"{str(inp['split']).capitalize()} split report" if inp.get("split") else "Batch report"
     title = f"{_e(heading)} <small>{_e(s.get('n_processed', 0))} images &middot; {_e(s.get('backend', ''))}</small>"
-    return (f'<header><h1>{title}</h1><p class="meta">{meta}<span class="warn">{_e(DISCLAIMER)}</span></p>'
-            f"</header>")
+    shift = shift_check.warning_line(s.get("shift_check"))  # the run-level shift warning leads when it fires
+    shift_html = f'<p class="shift warn" id="shift-warning">{_e(shift)}</p>' if shift else ""
+    return (f'<header><h1>{title}</h1>{shift_html}<p class="meta">{meta}<span class="warn">{_e(DISCLAIMER)}</span>'
+            f"</p></header>")
 
 
 def _cm_colour(frac: float, diag: bool) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core import ood, quality
+from ..core import ood, quality, shift_check
 from ..core.config import DISCLAIMER, LUNG_THRESHOLD
 
 
@@ -64,7 +64,7 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
                        "note": "seconds = wall clock of the whole pipeline (decode, model, overlays, files); "
                                "model_seconds = time in the backend incl. TTA"},
         "predicted_counts": {c: int(sum(r["predicted_class"] == c for r in rows)) for c in tally.names},
-        "csv_notes": CSV_NOTES, "quality": _quality(tally), "notes": tally.input_notes,
+        "csv_notes": CSV_NOTES, "quality": _quality(tally), "shift_check": tally.shift_block, "notes": tally.input_notes,
         "classification": None, "segmentation": None, "gradcam": _gradcam(opts),
         "outputs": {"csv": "predictions.csv", "annotated": "annotated/" if tally.annotate else None,
                     "masks": "masks/ (0/255 PNG at the original image resolution)" if opts.save_masks else None,
@@ -87,7 +87,7 @@ def _quality(tally) -> dict:
     rows, gate = tally.rows, tally.gate  # gate: the resolved GateSpec, None: no gate
     return {"n_flagged": int(sum(bool(r["quality_flags"]) for r in rows)), "counts": tally.flag_counts,
             "n_not_judged": int(sum(ood.not_judged(r["quality_flags"]) for r in rows)),
-            "meaning": {**quality.FLAG_MEANING, **ood.OOD_FLAG_MEANING},
+            "meaning": {**quality.FLAG_MEANING, **ood.OOD_FLAG_MEANING, **shift_check.FLAG_MEANING},
             "thresholds": {**quality.thresholds(tally.area_rng),
                            ood.FLAG_ASPECT: f"longer side > {ood.EXTREME_ASPECT:g} x shorter (decoded image)",
                            **({ood.FLAG_NOT_CXR: f"ood_score > {gate.threshold:.4g} ({gate.source})"}

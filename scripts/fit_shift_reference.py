@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Fit and measure the run-level shift warning (cxrkit.core.shift_check) of a model.
+
+    python scripts/fit_shift_reference.py --roots ../shared/data/cxr4 ../shared/data/db_extra \
+        --per_group 200 --out docs/shift_warning/shipped            # measure: false alarms, detection
+    python scripts/fit_shift_reference.py ... --write               # and store the reference in the model
+
+Groups = <root folder>/<class folder>. Measurement: each group's images are split in half; the
+reference is fitted on one half and in-source folders of 50 / 200 / 1,000 images are drawn from the
+other half (random group mix; drawn with replacement where a folder is larger than the half), the
+false-alarm rate being the share of those folders on which the warning fires. Detection: the same
+draws of 200 images, every image shifted (cxrkit.training.shifts, level 1.0 and 0.5). --write fits on
+all images and stores the reference in the checkpoint (--checkpoint) and the ONNX meta (--onnx_path's
+.meta.json), where both backends read it."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cxrkit.core import quality, shift_check  # noqa: E402
+from cxrkit.core.config import CHECKPOINT_PATH, ONNX_PATH  # noqa: E402
+from cxrkit.core.decode import list_images, read_gray  # noqa: E402
+from cxrkit.core.model_input import lung_mask, resize_gray, to_model_input_np  # noqa: E402
+from cxrkit.training.shifts import apply_shift  # noqa: E402
+
+SHIFTS = ("gamma", "contrast", "blur", "sharpen", "noise", "jpeg", "downup", "border_text", "collimation", "clahe")
+
+
+def sample(roots, per_group: int, seed: int):
+    rng = np.random.default_rng(seed)
+    paths, groups = [], []
+    for root in map(Path, roots):
+        for cls in sorted(d for d in root.iterdir() if d.is_dir()):
+            files = [p for p in list_images(cls) if "masks" not in p.relative_to(cls).parts]
+            pick = sorted(rng.permutation(len(files))[:per_group])
+            paths += [files[i] for i in pick]
+            groups += [f"{root.name}/{cls.name}"] * len(pick)
+    return paths, np.array(groups)
+
+
+def features(backend, images, batch: int = 64) -> np.ndarray:
+    """The rows shift_check compares, computed exactly as the pipeline computes them."""
+    rows = []
+    for s in range(0, len(images), batch):
+        u8 = np.stack([resize_gray(im, backend.img_size) for im in images[s:s + batch]])
+        seg, _, score = backend.forward_ood(to_model_input_np(u8))
+        for i in range(len(u8)):
+            st = quality.image_stats(u8[i])
+            rows.append([np.nan if score is None else float(score[i]), float(lung_mask(seg[i, 0]).mean()),
+                         st["mean"], st["std"]])
+    return np.array(rows)
+
+
+def rate(values, groups, reference, n: int, folders: int, rng) -> float:
+    names = sorted(set(groups))
+    members = [np.flatnonzero(groups == g) for g in names]
+    fired = 0
+    for _ in range(folders):
+        counts = rng.multinomial(n, rng.dirichlet(np.ones(len(names))))
+        idx = np.concatenate([rng.choice(m, c) for m, c in zip(members, counts) if c])
+        fired += shift_check.folder_check(values[idx], reference, seed=int(rng.integers(1 << 30)))["fires"]
+    return fired / folders
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--roots", nargs="+", required=True)
+    p.add_argument("--onnx_path", default=str(ROOT / ONNX_PATH))
+    p.add_argument("--checkpoint", default=str(ROOT / CHECKPOINT_PATH))
+    p.add_argument("--per_group", type=int, default=200)
+    p.add_argument("--folders", type=int, default=100, help="simulated folders per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="writes <out>.json and <out>.md (the measurement)")
+    p.add_argument("--write", action="store_true", help="store the reference (fitted on all images) in the model")
+    a = p.parse_args(argv)
+    from cxrkit.inference.backends import OnnxBackend
+    backend = OnnxBackend(a.onnx_path)
+    paths, groups = sample(a.roots, a.per_group, a.seed)
+    images = [read_gray(q) for q in paths]
+    values = features(backend, images)
+    rng = np.random.default_rng(a.seed)
+    half = np.zeros(len(paths), bool)
+    for g in set(groups):
+        m = np.flatnonzero(groups == g)
+        half[rng.permutation(m)[: len(m) // 2]] = True
+    ref = shift_check.make_reference(values[half], groups[half])
+    rep = {"model": a.onnx_path, "roots": a.roots, "per_group": a.per_group, "groups": sorted(set(groups)),
+           "n_reference": int(half.sum()), "n_eval": int((~half).sum()), "folders_per_cell": a.folders,
+           "false_alarm": {}, "detection_n200": {}}
+    ev_v, ev_g = values[~half], groups[~half]
+    for n in (50, 200, 1000):
+        rep["false_alarm"][str(n)] = rate(ev_v, ev_g, ref, n, a.folders, rng)
+    ev_imgs = [images[i] for i in np.flatnonzero(~half)]
+    for name in SHIFTS:
+        for lv in (1.0, 0.5):
+            sv = features(backend, [apply_shift(im, name, lv, seed=i) for i, im in enumerate(ev_imgs)])
+            rep["detection_n200"][f"{name}@{lv:g}"] = rate(sv, ev_g, ref, 200, a.folders // 2, rng)
+    md = [f"Shift warning of `{Path(a.onnx_path).name}`: reference {rep['n_reference']} images, evaluation "
+          f"{rep['n_eval']} (groups {', '.join(rep['groups'])}); {a.folders} simulated folders per cell", "",
+          "| in-source folder size | false-alarm rate |", "|---|---|"]
+    md += [f"| {n} | {r:.3f} |" for n, r in rep["false_alarm"].items()]
+    md += ["", "| shift (every image, n = 200) | detection rate |", "|---|---|"]
+    md += [f"| {k} | {r:.3f} |" for k, r in rep["detection_n200"].items()]
+    print("\n".join(md))
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(rep, indent=1))
+        out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    if a.write:
+        write_reference(shift_check.make_reference(values, groups), a.checkpoint, a.onnx_path)
+    return 0
+
+
+def write_reference(ref: dict, checkpoint, onnx_path) -> None:
+    """Store the reference in the checkpoint (atomically) and in the ONNX meta file beside the model."""
+    from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint
+    from cxrkit.core.io_utils import meta_path_for, write_json_atomic
+    ck = load_checkpoint(checkpoint)
+    ck["shift_reference"] = ref
+    atomic_torch_save(ck, checkpoint)
+    meta_p = meta_path_for(onnx_path)
+    meta = json.loads(Path(meta_p).read_text())
+    meta["shift_reference"] = ref
+    write_json_atomic(meta_p, meta)
+    print(f"wrote the shift reference ({len(ref['values'])} images) into {checkpoint} and {meta_p}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
