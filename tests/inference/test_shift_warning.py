@@ -2,7 +2,6 @@
 site's look) against a reference of the same films unprocessed."""
 import json
 
-import numpy as np
 import pytest
 
 from cxrkit.core.decode import read_gray
