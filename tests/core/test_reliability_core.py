@@ -45,3 +45,14 @@ def test_f8_multi_page_tiff_is_noted(tmp_path):
     Image.fromarray(u8).save(tmp_path / "m.tiff", save_all=True, append_images=[Image.fromarray(255 - u8)])
     arr, notes = read_gray_info(tmp_path / "m.tiff")
     assert np.array_equal(arr, u8) and notes == ["multi-page TIFF (2 pages): only the first page was used"]
+
+
+# ---------------------------------------------------------------- issue 25 (round 4), core findings
+@pytest.mark.parametrize("name, frames", [("SC_rgb_rle_2frame.dcm", 2), ("examples_ybr_color.dcm", 30)])
+def test_r4_01_multiframe_colour_dicom_decodes_its_first_frame_with_a_note(name, frames):
+    from pydicom.data import get_testdata_file
+
+    from cxrkit.core.decode import read_gray_info
+    g, notes = read_gray_info(get_testdata_file(name))
+    assert g.ndim == 2 and g.dtype.name == "uint8"
+    assert notes == [f"multi-frame DICOM ({frames} frames): only the first frame was used"]
