@@ -181,14 +181,21 @@ def _merge_metrics(summary: dict, loaded, rows: list, names: list) -> None:
         summary["segmentation"] = None
 
 
+def _check_out_not_a_shard(out: Path, dirs) -> None:
+    """--out must not be one of the shard folders (the merge would replace that shard's files)."""
+    for d in dirs:
+        if out.resolve() == d.resolve():
+            raise InferenceError(f"--out {out} is one of the shard folders; choose another folder for the merge")
+
+
 def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dict:
     """Combine the N shard folders of one run into out_dir (predictions.csv, summary.json,
     report.html) as a single run over the same inputs writes them; returns the summary."""
     from .render import write_csv_atomic
     from ..core.io_utils import write_json_atomic
     from ..core.outdir import claim_save_dir
-    from .report import write_report
-    from .thumbs import write_gallery_thumbnails
+    from .report import REPORT_NAME, write_report
+    from .thumbs import gallery_thumb_relpaths, write_gallery_thumbnails
 
     dirs = [Path(d) for d in dirs]
     if not dirs:
@@ -228,9 +235,12 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
                               "note": "annotated/, masks/ and cams/ (when written) stay in the shard folders"}
 
     out = Path(out_dir)
-    claim = claim_save_dir(out, overwrite, tool="cxrkit merge").acquire()
+    _check_out_not_a_shard(out, dirs)
+    claim = claim_save_dir(out, overwrite, flag="--out", tool="cxrkit merge")
+    claim.plan(["predictions.csv", "summary.json"]  # everything the merge writes: checked before it writes
+               + ([REPORT_NAME] + gallery_thumb_relpaths(rows) if report else []))
+    claim.acquire()
     try:
-        claim.plan(["predictions.csv", "summary.json"])
         write_csv_atomic(out / "predictions.csv", header, rows)
         write_json_atomic(out / "summary.json", summary)
         if report:

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from tests.helpers import read_predictions, real_images
+from tests.helpers import assert_one_line_error, read_manifest, read_predictions, real_images
 from tests.inference.test_reliability_inference import BACKENDS, run_cli
 
 PYDICOM_COLOUR = ["SC_rgb_rle_2frame.dcm", "examples_ybr_color.dcm"]
@@ -70,3 +70,59 @@ def test_r4_01_any_exception_after_decoding_is_a_counted_skip(backend, tiny_mode
     assert "good.png" in rows and "bad.png" not in rows
     assert "Assertion failed" in skipped["bad.png"] and "\n" not in skipped["bad.png"]
     assert json.loads((out / "summary.json").read_text())["n_skipped"] == 1
+
+
+# ============================================================================ the merge (R4-02 ...)
+@pytest.fixture(scope="module")
+def two_shards(tiny_model, cxr_eval_dir, tmp_path_factory):
+    """Two --shard K/2 runs (ONNX) over 6 real images; tests copy them before changing anything."""
+    root = tmp_path_factory.mktemp("shards")
+    d = root / "in"
+    d.mkdir()
+    for p in real_images(cxr_eval_dir, 6):
+        shutil.copy2(p, d / p.name)
+    for k in range(2):
+        assert run_cli("onnx", tiny_model, ["--data_dir", str(d), "--num_samples", "0", "--shard", f"{k}/2",
+                                            "--save_dir", str(root / f"s{k}")]) == 0
+    return [root / "s0", root / "s1"]
+
+
+def _copies(two_shards, tmp_path) -> list[Path]:
+    out = []
+    for s in two_shards:
+        shutil.copytree(s, tmp_path / s.name)
+        out.append(tmp_path / s.name)
+    return out
+
+
+def merge_cli(*args) -> int:
+    from cxrkit.cli import merge as merge_cli_mod
+    return merge_cli_mod.main([str(a) for a in args])
+
+
+def test_r4_02_merge_refuses_a_users_report_html(two_shards, tmp_path, capsys):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "report.html").write_text("my own report")
+    assert merge_cli(*two_shards, "--out", out) == 2
+    assert_one_line_error(capsys, "report.html", "--out", log_lines_ok=True)
+    assert (out / "report.html").read_text() == "my own report"
+    assert not (out / "predictions.csv").exists()
+
+
+def test_r4_02_merge_lists_report_and_thumbs_in_its_manifest_and_overwrite_removes_them(two_shards, tmp_path):
+    out = tmp_path / "merged"
+    assert merge_cli(*two_shards, "--out", out) == 0
+    files = set(read_manifest(out)["files"])
+    thumbs = {f"thumbs/{p.name}" for p in (out / "thumbs").iterdir()}
+    assert thumbs and {"report.html", "predictions.csv", "summary.json"} | thumbs <= files
+    assert merge_cli(*two_shards, "--out", out, "--overwrite", "--no_report") == 0
+    assert not (out / "report.html").exists() and not (out / "thumbs").exists()
+
+
+def test_r4_02_merge_out_onto_a_shard_folder_is_refused(two_shards, tmp_path, capsys):
+    shards = _copies(two_shards, tmp_path)
+    before = (shards[0] / "predictions.csv").read_bytes()
+    assert merge_cli(*shards, "--out", shards[0], "--overwrite") == 2
+    assert_one_line_error(capsys, "shard folders", log_lines_ok=True)
+    assert (shards[0] / "predictions.csv").read_bytes() == before
