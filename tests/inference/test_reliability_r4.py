@@ -126,3 +126,95 @@ def test_r4_02_merge_out_onto_a_shard_folder_is_refused(two_shards, tmp_path, ca
     assert merge_cli(*shards, "--out", shards[0], "--overwrite") == 2
     assert_one_line_error(capsys, "shard folders", log_lines_ok=True)
     assert (shards[0] / "predictions.csv").read_bytes() == before
+
+
+def _edit_summary(shard: Path, fn) -> None:
+    s = json.loads((shard / "summary.json").read_text())
+    fn(s)
+    (shard / "summary.json").write_text(json.dumps(s))
+
+
+def _merge_error(shards, tmp_path, capsys, *needles) -> str:
+    assert merge_cli(*shards, "--out", tmp_path / "merged") == 2
+    assert not (tmp_path / "merged" / "predictions.csv").exists()
+    return assert_one_line_error(capsys, *needles, log_lines_ok=True)
+
+
+def test_r4_03_shards_of_two_different_models_are_refused(two_shards, tmp_path, capsys):
+    shards = _copies(two_shards, tmp_path)
+    s = json.loads((shards[1] / "summary.json").read_text())
+    assert len(s["shard"]["model"]["sha256"]) == 64
+    _edit_summary(shards[1], lambda s: s["shard"]["model"].update(sha256="0" * 64))
+    (shards[1] / ".cxrkit_outputs.json").unlink()  # as if written by a run of another model
+    _merge_error(shards, tmp_path, capsys, "shard.model", str(shards[1]))
+
+
+def test_r4_04_shards_run_with_different_ood_thresholds_are_refused(two_shards, tmp_path, capsys):
+    shards = _copies(two_shards, tmp_path)
+    assert json.loads((shards[0] / "summary.json").read_text())["shard"]["options"]["ood_threshold"] is None
+    _edit_summary(shards[1], lambda s: s["shard"]["options"].update(ood_threshold=0.5))
+    (shards[1] / ".cxrkit_outputs.json").unlink()
+    _merge_error(shards, tmp_path, capsys, "shard.options", "0.5")
+
+
+def _nonempty(shards) -> Path:
+    return max(shards, key=lambda d: len(read_predictions(d)))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("truncated", "rows, but its summary.json counts"),
+    ("duplicated", "listed more often"),
+    ("cut_mid_line", "too few fields"),
+    ("hand_edited_class", "changed since the shard run wrote it"),
+    ("hand_edited_class_no_manifest", "is not a model class"),
+    ("foreign_path", "not one of the shard's inputs"),
+])
+def test_r4_05_merge_checks_each_shards_predictions_csv(damage, needle, two_shards, tmp_path, capsys):
+    shards = _copies(two_shards, tmp_path)
+    d = _nonempty(shards)
+    csv_p = d / "predictions.csv"
+    lines = csv_p.read_text().splitlines(keepends=True)
+    assert len(lines) >= 3
+    if damage == "truncated":
+        csv_p.write_text("".join(lines[:-1]))
+    elif damage == "duplicated":
+        csv_p.write_text("".join(lines[:-1] + [lines[1]]))
+    elif damage == "cut_mid_line":
+        csv_p.write_text("".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 3] + "\n")
+    elif damage.startswith("hand_edited_class"):
+        import csv
+        header, rows = read_predictions(csv_p, header=True)
+        rows[0]["predicted_class"] = "Kovid"
+        with open(csv_p, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, header, lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+        if damage.endswith("no_manifest"):
+            (d / ".cxrkit_outputs.json").unlink()
+    elif damage == "foreign_path":
+        csv_p.write_text("".join(lines[:-1]) + lines[-1].replace(str(tmp_path.parent), "/elsewhere", 1)
+                         .replace("/in/", "/elsewhere/", 1))
+        (d / ".cxrkit_outputs.json").unlink()
+    if damage in ("truncated", "duplicated", "cut_mid_line"):
+        (d / ".cxrkit_outputs.json").unlink()  # the row checks, not the hash, must catch these
+    line = _merge_error(shards, tmp_path, capsys, needle)
+    assert str(d) in line and "predictions.csv" in line
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("shard_is_a_list", "\"shard\" block"),
+    ("no_inputs", "\"shard\" block"),
+    ("truncated_json", "summary.json"),
+])
+def test_r4_11_12_damaged_shard_summary_is_one_line_naming_the_file(damage, needle, two_shards, tmp_path, capsys):
+    shards = _copies(two_shards, tmp_path)
+    (shards[1] / ".cxrkit_outputs.json").unlink()
+    if damage == "shard_is_a_list":
+        _edit_summary(shards[1], lambda s: s.update(shard=[1]))
+    elif damage == "no_inputs":
+        _edit_summary(shards[1], lambda s: s["shard"].pop("inputs"))
+    else:
+        p = shards[1] / "summary.json"
+        p.write_text(p.read_text()[:60])
+    line = _merge_error(shards, tmp_path, capsys, needle)
+    assert str(shards[1]) in line
