@@ -218,3 +218,14 @@ def test_r4_11_12_damaged_shard_summary_is_one_line_naming_the_file(damage, need
         p.write_text(p.read_text()[:60])
     line = _merge_error(shards, tmp_path, capsys, needle)
     assert str(shards[1]) in line
+
+
+# ================================================================================= R4-06 options
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_r4_06_ood_threshold_on_a_model_without_a_gate_is_refused(backend, tiny_model, cxr_eval_dir, tmp_path,
+                                                                   capsys):
+    out = tmp_path / "out"
+    img = real_images(cxr_eval_dir, 1)[0]
+    assert run_cli(backend, tiny_model, ["--images", str(img), "--save_dir", str(out), "--ood_threshold", "0.5"]) == 2
+    assert_one_line_error(capsys, "--ood_threshold", "no out-of-distribution gate", log_lines_ok=True)
+    assert not (out / "predictions.csv").exists()
