@@ -56,3 +56,20 @@ def test_r4_01_multiframe_colour_dicom_decodes_its_first_frame_with_a_note(name,
     g, notes = read_gray_info(get_testdata_file(name))
     assert g.ndim == 2 and g.dtype.name == "uint8"
     assert notes == [f"multi-frame DICOM ({frames} frames): only the first frame was used"]
+
+
+def test_r4_09_disk_full_while_torch_save_writes_is_the_one_line_os_error(tmp_path, monkeypatch):
+    import torch
+
+    from cxrkit.core.checkpoint import atomic_torch_save
+    from cxrkit.core.errors import OutputWriteError
+
+    def full(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1536 vs 1408\n"
+                           "PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full)
+    target = tmp_path / "best.pth"
+    with pytest.raises(OutputWriteError) as e:
+        atomic_torch_save({"a": 1}, target)
+    assert str(target) in str(e.value) and "\n" not in str(e.value) and "file write failed" in str(e.value)
+    assert not target.exists() and not list(tmp_path.iterdir())  # no temporary file left
