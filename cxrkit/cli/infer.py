@@ -167,7 +167,12 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
             return 0
     cam = backend.explainer(cam_checkpoint, cam_mismatch_ok) if gradcam else None
     summary = run_pipeline(backend, items, args.save_dir, replace(opts, cam=cam, extra_summary=extra))
-    if summary["n_processed"] == 0:
+    if summary["n_processed"] == 0 and shard is not None:  # a complete shard folder: exit 0, so that a
+        # scheduler's afterok dependency starts the merge, which counts these files as skipped
+        log.warning("shard %s: none of its %d inputs could be decoded (reasons in %s); the folder is complete and "
+                    "the merge counts them as skipped", args.shard, summary["n_inputs"],
+                    Path(args.save_dir) / "summary.json")
+    elif summary["n_processed"] == 0:
         return fail(f"none of the {summary['n_inputs']} inputs could be decoded (reasons in "
                     f"{Path(args.save_dir) / 'summary.json'})")
     thr = summary["throughput"]

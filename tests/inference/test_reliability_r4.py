@@ -229,3 +229,22 @@ def test_r4_06_ood_threshold_on_a_model_without_a_gate_is_refused(backend, tiny_
     assert run_cli(backend, tiny_model, ["--images", str(img), "--save_dir", str(out), "--ood_threshold", "0.5"]) == 2
     assert_one_line_error(capsys, "--ood_threshold", "no out-of-distribution gate", log_lines_ok=True)
     assert not (out / "predictions.csv").exists()
+
+
+# ========================================================================= R4-13 exit codes
+def test_r4_13_shard_whose_inputs_are_all_undecodable_exits_0_and_merges(tiny_model, cxr_eval_dir, tmp_path):
+    from cxrkit.inference.shard import shard_of
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy2(real_images(cxr_eval_dir, 1)[0], d / "good.png")
+    k_good = shard_of("good.png", 2)
+    i = 0
+    while shard_of(f"broken{i}.png", 2) == k_good:
+        i += 1
+    (d / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for k in range(2):
+        assert run_cli("onnx", tiny_model, ["--data_dir", str(d), "--num_samples", "0", "--shard", f"{k}/2",
+                                            "--save_dir", str(tmp_path / f"s{k}")]) == 0
+    assert merge_cli(tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "m") == 0
+    s = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert s["n_processed"] == 1 and s["n_skipped"] == 1
