@@ -119,6 +119,17 @@ def parse_outputs(spec: str, save_masks=False, no_report=False) -> dict:
             "report": "report" in parts and not no_report}
 
 
+def _model_identity(backend) -> dict:
+    from ..core.io_utils import sha256_file
+    return {**model_info(backend), "sha256": sha256_file(backend.model_file)}
+
+
+def _shard_options(args, outs: dict, gradcam: bool) -> dict:
+    """The options that change a shard's rows or files: they must agree across the shards of one run."""
+    return {"ood_threshold": args.ood_threshold, "tta": args.tta, "outputs": dict(outs), "gradcam": gradcam,
+            "cam_class": args.cam_class, "save_cams": bool(args.save_cams)}
+
+
 def run_cli(args, make_backend: Callable[[], Backend], cam_checkpoint=None, cam_mismatch_ok: bool = False) -> int:
     """Shared body of the two inference commands; returns the exit code (common.run_command).
     cam_checkpoint: the PyTorch checkpoint Grad-CAM takes its gradients from (ONNX: --checkpoint);
@@ -147,7 +158,8 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
     extra = {"inputs": {"data_dir": args.data_dir, "images": args.images, "num_samples": args.num_samples,
                         "seed": args.seed}}
     if shard is not None:  # this run's share, and what cxrkit.inference.shard.merge needs to rebuild the single run
-        items, extra["shard"] = select_shard(items, *shard, model=model_info(backend))
+        items, extra["shard"] = select_shard(items, *shard, model=_model_identity(backend),
+                                             options=_shard_options(args, outs, gradcam))
         if not items:
             write_empty_shard(args.save_dir, backend, PredictionRow.columns(backend.class_names, outs["save_masks"], gradcam),
                               dict(extra, tta=args.tta), args.overwrite)
@@ -156,7 +168,12 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
             return 0
     cam = backend.explainer(cam_checkpoint, cam_mismatch_ok) if gradcam else None
     summary = run_pipeline(backend, items, args.save_dir, replace(opts, cam=cam, extra_summary=extra))
-    if summary["n_processed"] == 0:
+    if summary["n_processed"] == 0 and shard is not None:  # a complete shard folder: exit 0, so that a
+        # scheduler's afterok dependency starts the merge, which counts these files as skipped
+        log.warning("shard %s: none of its %d inputs could be decoded (reasons in %s); the folder is complete and "
+                    "the merge counts them as skipped", args.shard, summary["n_inputs"],
+                    Path(args.save_dir) / "summary.json")
+    elif summary["n_processed"] == 0:
         return fail(f"none of the {summary['n_inputs']} inputs could be decoded (reasons in "
                     f"{Path(args.save_dir) / 'summary.json'})")
     thr = summary["throughput"]

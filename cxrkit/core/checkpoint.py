@@ -4,6 +4,8 @@ model: config, class names, image size, normalisation and the calibration temper
 """
 from __future__ import annotations
 
+import errno
+
 from pathlib import Path
 
 import torch
@@ -19,7 +21,15 @@ FORMAT = "cxrkit-checkpoint-v1"
 def atomic_torch_save(obj, path) -> None:
     """Write to a temp file in the same folder, then os.replace: a crash never leaves a torn file."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's writer reports a failed write (disk full) as a RuntimeError
+            if isinstance(e.__cause__, OSError) or isinstance(e.__context__, OSError):
+                raise (e.__cause__ or e.__context__) from None
+            if "write" not in str(e).lower():
+                raise
+            raise OSError(errno.EIO, f"torch.save could not write the file ({' '.join(str(e).split())[:200]})",
+                          str(tmp)) from None
 
 
 def clean_state_dict(sd: dict) -> dict:

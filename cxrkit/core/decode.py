@@ -202,8 +202,10 @@ def _read_dicom(path: Path, notes: list | None = None) -> np.ndarray:
         raise
     except Exception as e:
         raise ImageReadError(path, f"unreadable DICOM ({type(e).__name__}: {e})")
-    if arr.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
-        arr = arr[0]  # multi-frame: first frame
+    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if n_frames > 1 and arr.ndim == (4 if spp > 1 else 3):
+        arr = arr[0]  # multi-frame (grey or colour): first frame
         if notes is not None:
             notes.append(f"multi-frame DICOM ({int(getattr(ds, 'NumberOfFrames', 0) or 0)} frames): only the "
                          f"first frame was used")
@@ -213,6 +215,8 @@ def _read_dicom(path: Path, notes: list | None = None) -> np.ndarray:
     _check_finite(path, a)
     if a.ndim == 3:
         a = a.mean(axis=2)
+    if a.ndim != 2 or min(a.shape) < 1:
+        raise ImageReadError(path, f"unsupported DICOM pixel array shape {tuple(np.shape(arr))}")
     lo, hi = float(a.min()), float(a.max())
     a = (a - lo) / (hi - lo + 1e-12)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":

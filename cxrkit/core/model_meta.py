@@ -134,7 +134,12 @@ class ModelMeta:
                 "temperature-calibrated")
 
     def resolve_gate(self, threshold_override: float | None = None) -> GateSpec | None:
-        """The gate a run uses (GateSpec.resolve; a model without one is GateSpec())."""
+        """The gate a run uses (GateSpec.resolve; a model without one is GateSpec()). A threshold for a model
+        that carries no gate is refused: it has no score to compare with the threshold."""
+        if threshold_override is not None and self.gate is None:
+            raise ValueError(f"--ood_threshold {threshold_override:g}: this model carries no out-of-distribution "
+                             f"gate (no OOD score to compare with a threshold; a training with too few validation "
+                             f"images fits none), so nothing would be flagged; leave --ood_threshold out")
         return (self.gate or GateSpec()).resolve(threshold_override)
 
     # ---------------------------------------------------------------------------- graph binding

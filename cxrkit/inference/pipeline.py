@@ -44,23 +44,35 @@ class _Decoded:
 
 
 def _decode(item: InputItem, size: int, display_h: int) -> _Decoded:
+    """Every step from the file's bytes to the model input (decode, colour, frames, resize, display image,
+    image statistics) runs inside one guard: any exception is this file's skip reason, never the run's end."""
     try:
         g, notes = read_gray_info(item.path)
+        if g.ndim != 2 or g.dtype != np.uint8:
+            raise ImageReadError(item.path, f"decoded to an unsupported array {tuple(g.shape)} {g.dtype}")
+        d = _Decoded(item, model_u8=resize_gray(g, size),
+                     display=display_image(g, display_h) if display_h else None, orig_shape=g.shape[:2])
+        d.notes, d.stats = tuple(notes), quality.image_stats(d.model_u8)
     except ImageReadError as e:
         return _Decoded(item, error=e.reason)
     except Exception as e:  # noqa: BLE001 - one bad file never stops the run
-        return _Decoded(item, error=f"{type(e).__name__}: {e}")
-    d = _Decoded(item, model_u8=resize_gray(g, size), display=display_image(g, display_h) if display_h else None,
-                 orig_shape=g.shape[:2])
-    d.notes, d.stats = tuple(notes), quality.image_stats(d.model_u8)
+        return _Decoded(item, error=_one_line(f"{type(e).__name__}: {e}"))
     if item.mask_path is not None:
         try:
             d.gt_mask = read_mask(item.mask_path)  # native resolution: Dice is scored at the mask's own size
         except ImageReadError as e:
             d.mask_error = e.reason
+        except Exception as e:  # noqa: BLE001 - an unusable mask is noted, never the run's end
+            d.mask_error = _one_line(f"{type(e).__name__}: {e}")
         if d.gt_mask is not None and not d.gt_mask.any():  # Dice would be 0 whatever the model does
             d.gt_mask, d.mask_error = None, "empty mask (no lung pixels): Dice / IoU not scored for this image"
     return d
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """An exception's text as one short line (OpenCV's asserts span several)."""
+    t = " ".join(str(text).split())
+    return t if len(t) <= limit else t[:limit - 3] + "..."
 
 
 def planned_outputs(items, save_masks=False, save_cams=False, report=False, annotate=True) -> list[str]:

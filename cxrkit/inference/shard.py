@@ -41,6 +41,9 @@ log = logging.getLogger("cxrkit")
 SHARD_KEY = "sha256 of the input's relative path (POSIX separators), as an integer, mod N"
 # summary.json keys that must agree between the shards of one run
 _SAME = ("class_names", "img_size", "backend", "temperature", "calibrated", "tta", "inputs")
+# and keys of the "shard" block: the model's identity (file, SHA-256, ...) and the run's options (the OOD
+# threshold, TTA, outputs, Grad-CAM)
+_SAME_IN_SHARD = ("model", "options")
 
 
 # ------------------------------------------------------------------------------------ sharding
@@ -62,10 +65,14 @@ def shard_of(rel: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % n
 
 
-def select_shard(items: list, k: int, n: int, model: dict | None = None) -> tuple[list, dict]:
-    """The items of shard k of n (in their order) and the summary.json "shard" block for them."""
+def select_shard(items: list, k: int, n: int, model: dict | None = None,
+                 options: dict | None = None) -> tuple[list, dict]:
+    """The items of shard k of n (in their order) and the summary.json "shard" block for them. model: the
+    model's identity (incl. its SHA-256); options: what the run was asked to do; the merge checks that both
+    agree across the shards."""
     picked = [(i, it) for i, it in enumerate(items) if shard_of(it.rel, n) == k]
     block = {"index": k, "count": n, "key": SHARD_KEY, "n_inputs_all": len(items), "model": model,
+             **({"options": options} if options is not None else {}),
              "inputs": [[i, str(it.path)] for i, it in picked]}
     log.info("shard %d/%d: %d of %d inputs", k, n, len(picked), len(items))
     return [it for _, it in picked], block
@@ -92,17 +99,78 @@ def write_empty_shard(save_dir, backend, columns: list[str], extra: dict, overwr
 
 # --------------------------------------------------------------------------------------- merge
 def _load(d: Path):
+    """A shard folder's summary.json, predictions.csv header and rows, each checked against the others and
+    against the folder's manifest before anything is merged (InferenceError naming the folder and file)."""
     s_path, c_path = d / "summary.json", d / "predictions.csv"
     if not s_path.is_file() or not c_path.is_file():
         raise InferenceError(f"{d}: no summary.json / predictions.csv (not a finished shard run)")
-    summary = json.loads(s_path.read_text())
-    if "shard" not in summary:
+    _check_manifest_hashes(d, (s_path, c_path))
+    try:
+        summary = json.loads(s_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InferenceError(f"{s_path}: not a readable summary.json ({type(e).__name__}: {e})") from None
+    if not isinstance(summary, dict) or "shard" not in summary:
         raise InferenceError(f"{d}: summary.json has no \"shard\" block (a run without --shard K/N)")
-    with open(c_path, newline="", encoding="utf-8") as f:
-        r = csv.DictReader(f)
-        rows = list(r)
-        header = list(r.fieldnames or [])
+    _check_shard_block(s_path, summary)
+    try:
+        with open(c_path, newline="", encoding="utf-8") as f:
+            r = csv.DictReader(f)
+            rows = list(r)
+            header = list(r.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InferenceError(f"{c_path}: not a readable predictions.csv ({type(e).__name__}: {e})") from None
+    _check_rows(c_path, summary, rows)
     return summary, header, rows
+
+
+def _check_manifest_hashes(d: Path, paths) -> None:
+    """Where the shard's manifest records a file's SHA-256, the file must still have it."""
+    from ..core.io_utils import sha256_file
+    from ..core.outdir import MANIFEST_NAME
+    try:
+        files = json.loads((d / MANIFEST_NAME).read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # no (readable) manifest: nothing recorded to check against
+    for p in paths:
+        want = (files.get(p.name) or {}).get("sha256") if isinstance(files, dict) else None
+        if want and sha256_file(p) != want:
+            raise InferenceError(f"{p}: changed since the shard run wrote it (its SHA-256 is not the one in "
+                                 f"{d / MANIFEST_NAME}); rerun that shard")
+
+
+def _check_shard_block(s_path: Path, summary: dict) -> None:
+    b = summary["shard"]
+    ok = (isinstance(b, dict) and all(isinstance(b.get(k), int) and not isinstance(b.get(k), bool)
+                                      for k in ("index", "count", "n_inputs_all"))
+          and isinstance(b.get("inputs"), list)
+          and all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], int) and isinstance(x[1], str)
+                  for x in b["inputs"]))
+    if not ok:
+        raise InferenceError(f"{s_path}: its \"shard\" block is not what a --shard K/N run writes (needs index, "
+                             f"count, n_inputs_all and inputs); rerun that shard")
+    if not isinstance(summary.get("class_names"), list) or not isinstance(summary.get("n_processed", 0), int):
+        raise InferenceError(f"{s_path}: no class_names / n_processed (not a shard run's summary.json)")
+
+
+def _check_rows(c_path: Path, summary: dict, rows: list) -> None:
+    """Row count == n_processed, every row complete, its path one of the shard's inputs, listed once."""
+    from collections import Counter
+    names, left = summary["class_names"], Counter(p for _, p in summary["shard"]["inputs"])
+    if len(rows) != summary.get("n_processed", 0):
+        raise InferenceError(f"{c_path}: {len(rows)} rows, but its summary.json counts {summary.get('n_processed')} "
+                             f"processed images (truncated or edited); rerun that shard")
+    for i, r in enumerate(rows, 2):
+        path = r.get("image_path")
+        if None in r or any(v is None for v in r.values()):
+            raise InferenceError(f"{c_path}: line {i} has {'too many' if None in r else 'too few'} fields "
+                                 f"(cut or edited); rerun that shard")
+        if left[path] < 1:
+            why = "listed more often than it is an input" if path in left else "not one of the shard's inputs"
+            raise InferenceError(f"{c_path}: line {i}: {path!r} is {why}; rerun that shard")
+        if r.get("predicted_class", names[0] if names else None) not in names:
+            raise InferenceError(f"{c_path}: line {i}: predicted_class {r.get('predicted_class')!r} is not a model "
+                                 f"class; rerun that shard")
+        left[path] -= 1
 
 
 def _check(dirs, loaded) -> int:
@@ -123,6 +191,7 @@ def _check(dirs, loaded) -> int:
     for d, (s, header, _) in zip(dirs, loaded):
         pairs = [("n_inputs_all", s["shard"].get("n_inputs_all"), ref["shard"].get("n_inputs_all"))]
         pairs += [(k, s.get(k), ref.get(k)) for k in _SAME]
+        pairs += [(f"shard.{k}", s["shard"].get(k), ref["shard"].get(k)) for k in _SAME_IN_SHARD]
         for key, a, b in pairs:
             if a != b:
                 raise InferenceError(f"{d} and {ref_dir} are not shards of one run: {key} differs ({a!r} vs {b!r})")
@@ -181,14 +250,21 @@ def _merge_metrics(summary: dict, loaded, rows: list, names: list) -> None:
         summary["segmentation"] = None
 
 
+def _check_out_not_a_shard(out: Path, dirs) -> None:
+    """--out must not be one of the shard folders (the merge would replace that shard's files)."""
+    for d in dirs:
+        if out.resolve() == d.resolve():
+            raise InferenceError(f"--out {out} is one of the shard folders; choose another folder for the merge")
+
+
 def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dict:
     """Combine the N shard folders of one run into out_dir (predictions.csv, summary.json,
     report.html) as a single run over the same inputs writes them; returns the summary."""
     from .render import write_csv_atomic
     from ..core.io_utils import write_json_atomic
     from ..core.outdir import claim_save_dir
-    from .report import write_report
-    from .thumbs import write_gallery_thumbnails
+    from .report import REPORT_NAME, write_report
+    from .thumbs import gallery_thumb_relpaths, write_gallery_thumbnails
 
     dirs = [Path(d) for d in dirs]
     if not dirs:
@@ -228,9 +304,12 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
                               "note": "annotated/, masks/ and cams/ (when written) stay in the shard folders"}
 
     out = Path(out_dir)
-    claim = claim_save_dir(out, overwrite, tool="cxrkit merge").acquire()
+    _check_out_not_a_shard(out, dirs)
+    claim = claim_save_dir(out, overwrite, flag="--out", tool="cxrkit merge")
+    claim.plan(["predictions.csv", "summary.json"]  # everything the merge writes: checked before it writes
+               + ([REPORT_NAME] + gallery_thumb_relpaths(rows) if report else []))
+    claim.acquire()
     try:
-        claim.plan(["predictions.csv", "summary.json"])
         write_csv_atomic(out / "predictions.csv", header, rows)
         write_json_atomic(out / "summary.json", summary)
         if report:

@@ -61,6 +61,17 @@ def write_thumbnail(path, gray: np.ndarray, seg_prob: np.ndarray, height: int = 
     write_bytes_atomic(path, buf.tobytes())
 
 
+def gallery_thumb_relpaths(rows: list[dict], cap: int | None = None) -> list[str]:
+    """The thumbnails write_gallery_thumbnails writes for rows (relative to save_dir, gallery order), so
+    that a writer can put them in its manifest before writing them."""
+    cap = GALLERY_CAP if cap is None else cap
+    out = []
+    for rank, row in enumerate(gallery_order(rows)[:max(0, int(cap))]):
+        stem = Path(str(row.get("annotated_png") or "")).stem
+        out.append(thumb_relpath(stem) if stem else gallery_thumb_relpath(rank))
+    return out
+
+
 def write_gallery_thumbnails(save_dir, rows: list[dict], cap: int | None = None, thumb_dirs=()) -> int:
     """A report from the CSV alone (bulk mode, or a merge of shard runs): thumbnails for the rows
     the gallery shows (gallery_order, the first `cap`) and no others. Each is copied from the first
@@ -73,9 +84,8 @@ def write_gallery_thumbnails(save_dir, rows: list[dict], cap: int | None = None,
     from ..core.decode import read_gray
     cap = GALLERY_CAP if cap is None else cap
     save_dir, n = Path(save_dir), 0
-    for rank, row in enumerate(gallery_order(rows)[:max(0, int(cap))]):
+    for row, rel in zip(gallery_order(rows), gallery_thumb_relpaths(rows, cap)):
         stem = Path(str(row.get("annotated_png") or "")).stem
-        rel = thumb_relpath(stem) if stem else gallery_thumb_relpath(rank)
         dst = save_dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         src = next((Path(d) / thumb_relpath(stem) for d in thumb_dirs

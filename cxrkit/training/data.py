@@ -78,11 +78,15 @@ def discover(data_dir) -> tuple[list[str], list[Sample]]:
 # ----------------------------------------------------------------------------------------- cache
 def _decode_one(args):
     root, s, size = args
-    try:
+    try:  # every step from bytes to the cached array: any exception is this file's skip reason
         full = read_gray(Path(root) / s.image)
+        if full.ndim != 2 or full.dtype != np.uint8:
+            raise ImageReadError(s.image, f"decoded to an unsupported array {tuple(full.shape)} {full.dtype}")
         img = resize_gray(full, size)
     except ImageReadError as e:
         return None, None, e.reason, None
+    except Exception as e:  # noqa: BLE001 - one bad file never stops the caching
+        return None, None, " ".join(f"{type(e).__name__}: {e}".split())[:300], None
     mask, mreason, aspect = None, None, None
     if s.mask is not None:
         try:
@@ -91,8 +95,8 @@ def _decode_one(args):
             (ih, iw), (mh, mw) = full.shape[:2], m.shape[:2]
             if abs(iw / ih - mw / mh) > 0.01 * (iw / ih):  # both are stretched to a square: misaligned
                 aspect = f"{s.mask} is {mw}x{mh} for a {iw}x{ih} image"
-        except ImageReadError as e:
-            mreason = f"mask {s.mask}: {e.reason}"
+        except Exception as e:  # noqa: BLE001 - an unusable mask is noted, never the caching's end
+            mreason = f"mask {s.mask}: {getattr(e, 'reason', None) or ' '.join(f'{type(e).__name__}: {e}'.split())}"
     return img, mask, mreason, aspect
 
 

@@ -45,3 +45,31 @@ def test_f8_multi_page_tiff_is_noted(tmp_path):
     Image.fromarray(u8).save(tmp_path / "m.tiff", save_all=True, append_images=[Image.fromarray(255 - u8)])
     arr, notes = read_gray_info(tmp_path / "m.tiff")
     assert np.array_equal(arr, u8) and notes == ["multi-page TIFF (2 pages): only the first page was used"]
+
+
+# ---------------------------------------------------------------- issue 25 (round 4), core findings
+@pytest.mark.parametrize("name, frames", [("SC_rgb_rle_2frame.dcm", 2), ("examples_ybr_color.dcm", 30)])
+def test_r4_01_multiframe_colour_dicom_decodes_its_first_frame_with_a_note(name, frames):
+    from pydicom.data import get_testdata_file
+
+    from cxrkit.core.decode import read_gray_info
+    g, notes = read_gray_info(get_testdata_file(name))
+    assert g.ndim == 2 and g.dtype.name == "uint8"
+    assert notes == [f"multi-frame DICOM ({frames} frames): only the first frame was used"]
+
+
+def test_r4_09_disk_full_while_torch_save_writes_is_the_one_line_os_error(tmp_path, monkeypatch):
+    import torch
+
+    from cxrkit.core.checkpoint import atomic_torch_save
+    from cxrkit.core.errors import OutputWriteError
+
+    def full(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1536 vs 1408\n"
+                           "PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full)
+    target = tmp_path / "best.pth"
+    with pytest.raises(OutputWriteError) as e:
+        atomic_torch_save({"a": 1}, target)
+    assert str(target) in str(e.value) and "\n" not in str(e.value) and "file write failed" in str(e.value)
+    assert not target.exists() and not list(tmp_path.iterdir())  # no temporary file left
