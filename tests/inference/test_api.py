@@ -186,3 +186,19 @@ def test_num_samples_defaults_to_all():
     from cxrkit.cli.infer_onnx import parse_args
     from cxrkit.core.config import InferConfig
     assert InferConfig.num_samples == 0 and parse_args(["--data_dir", "x"]).num_samples == 0
+
+
+@pytest.mark.slow
+def test_explain_gives_a_gradcam_map_at_the_input_size(api_run):
+    """Grad-CAM through the API: from the ONNX model (gradients from the shipped .pth beside it) and from
+    the .pth itself."""
+    import cxrkit
+    from cxrkit.core.config import CHECKPOINT_PATH
+    if not (REPO / CHECKPOINT_PATH).is_file():
+        pytest.skip(f"shipped checkpoint {CHECKPOINT_PATH} not in this checkout")
+    f = api_run["files"][0]
+    shape = cv2.imread(f, cv2.IMREAD_UNCHANGED).shape[:2]
+    cam = cxrkit.load().explain(f)
+    assert cam.shape == shape and cam.dtype == np.float32 and cam.min() >= 0 and np.isfinite(cam).all()
+    maps = cxrkit.load(REPO / CHECKPOINT_PATH, device="cpu").explain([f], target="Normal")
+    assert len(maps) == 1 and maps[0].shape == shape
