@@ -33,7 +33,8 @@ def add_input_args(p):
                           "folder names give the true class and <Class>/masks/* are ground truth (not inputs)")
     src.add_argument("--images", nargs="+", default=None, metavar="FILE",
                      help="explicit image files (or folders); a file's folder name gives its true class")
-    g.add_argument("--num_samples", type=int, default=D.num_samples, help="pick this many inputs at random (0 = all)")
+    g.add_argument("--num_samples", type=int, default=D.num_samples,
+                   help="pick this many inputs at random (default 0 = all)")
     g.add_argument("--seed", type=int, default=D.seed, help="random seed for --num_samples")
     g.add_argument("--shard", default=None, metavar="K/N",
                    help="run only shard K of N (0 <= K < N): the inputs whose relative path hashes to K, the same "
@@ -190,7 +191,22 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
         line += f" | {q['n_flagged']} flagged (quality_flags: " + ", ".join(
             f"{k} {v}" for k, v in q["counts"].items() if v) + ")"
     print(line + f" | outputs in {args.save_dir}")
+    if summary["n_processed"] == 1:
+        print(one_image_line(Path(args.save_dir) / "predictions.csv"))
     warning = shift_check.warning_line(summary.get("shift_check"))
     if warning:  # the last line a user sees
         print(warning)
     return 0
+
+
+def one_image_line(csv_path) -> str:
+    """A one-image run's answer in words: the class and confidence, or why it was not judged; its flags."""
+    import csv
+    from ..core.ood import OOD_REASON
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        r = next(csv.DictReader(f))
+    flags = [x for x in (r.get("quality_flags") or "").split(";") if x]
+    why = [OOD_REASON[x] for x in flags if x in OOD_REASON]
+    head = (f"NOT JUDGED ({', '.join(why)}): no class given" if why
+            else f"{r['predicted_class']} (confidence {float(r['confidence']):.3f})")
+    return f"{r['image_path']}: {head}" + (f" | flags: {', '.join(flags)}" if flags else " | no flags")

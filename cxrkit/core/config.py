@@ -188,7 +188,7 @@ ONNX_PATH = "models/covid_multitask.onnx"                   # the shipped ONNX m
 @dataclass
 class InferConfig:
     """Defaults of the two inference CLIs (cxrkit/inference/cli.py reads them)."""
-    num_samples: int = 12         # a random dozen: a quick look; 0 = every image
+    num_samples: int = 0          # 0 = every image; N > 0 = a random N (a quick look)
     seed: int = 42                # for --num_samples
     batch_size: int = 16          # images per model call (ONNX Runtime is at its throughput plateau by 16)
     tta: int = 1                  # views; 4 bought 0.2 points for the shipped model (README)

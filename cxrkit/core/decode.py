@@ -20,6 +20,9 @@ import numpy as np
 from .errors import DataError, ImageReadError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
+DICOM_MAGIC_OFFSET = 128  # a DICOM Part 10 file: a 128-byte preamble, then b"DICM" (whatever its name)
+# the DICOM header fields predictions.csv carries for DICOM inputs (empty for other files)
+DICOM_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ViewPosition", "PatientAge")
 
 # Larger images are skipped, decided from the file header BEFORE decoding (a 40000x40000 PNG is under
 # 1 MB on disk but 1.6 GB decoded); chest films are at most ~4300x4300 (18 MP)
@@ -185,7 +188,35 @@ def _check_finite(path, a: np.ndarray) -> None:
                                        f"cannot be judged")
 
 
-def _read_dicom(path: Path, notes: list | None = None) -> np.ndarray:
+def is_dicom_bytes(buf) -> bool:
+    """Whether encoded bytes start like a DICOM Part 10 file (b"DICM" after the 128-byte preamble)."""
+    b = memoryview(np.ascontiguousarray(buf, dtype=np.uint8)).cast("B")
+    return len(b) >= DICOM_MAGIC_OFFSET + 4 and bytes(b[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4]) == b"DICM"
+
+
+def is_dicom(path) -> bool:
+    """Whether the file is DICOM by its content (the preamble), not its name: PACS exports are named
+    like IM000001. False for anything unreadable."""
+    try:
+        if not os.path.isfile(path):  # a FIFO or device would block or never end
+            return False
+        with open(path, "rb") as f:
+            head = f.read(DICOM_MAGIC_OFFSET + 4)
+    except OSError:
+        return False
+    return len(head) == DICOM_MAGIC_OFFSET + 4 and head[DICOM_MAGIC_OFFSET:] == b"DICM"
+
+
+def _dicom_tags(ds) -> dict:
+    """DICOM_TAGS of a dataset as strings ("" when absent); nothing else of the header is kept."""
+    out = {}
+    for k in DICOM_TAGS:
+        v = getattr(ds, k, None)
+        out[k] = "" if v is None else str(v).strip()
+    return out
+
+
+def _read_dicom(path: Path, notes: list | None = None, tags: dict | None = None) -> np.ndarray:
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -197,6 +228,8 @@ def _read_dicom(path: Path, notes: list | None = None) -> np.ndarray:
         too_large = _too_large_reason(cols, rows)  # from the header, before the pixel data is decoded
         if too_large:
             raise ImageReadError(path, too_large)
+        if tags is not None:
+            tags.update(_dicom_tags(ds))
         arr = ds.pixel_array
     except ImageReadError:
         raise
@@ -229,23 +262,28 @@ def read_gray(path) -> np.ndarray:
     return read_gray_info(path)[0]
 
 
-def read_gray_info(path) -> tuple[np.ndarray, list[str]]:
+def read_gray_info(path, tags: dict | None = None) -> tuple[np.ndarray, list[str]]:
     """read_gray, plus notes on what was not used (a multi-page TIFF's later pages, a multi-frame
     DICOM's later frames). Raises ImageReadError for a file over MAX_PIXELS (from its header, before
-    decoding) and for non-finite pixel values."""
+    decoding) and for non-finite pixel values. DICOM is recognised by its .dcm name or by its content
+    (the DICM preamble); tags: a dict that, for a DICOM file, gets its DICOM_TAGS (cleared otherwise)."""
     path = Path(path)
     notes: list[str] = []
     if not path.is_file():  # before any read: opening a FIFO would block, a device never end
         raise ImageReadError(path, "file not found" if not path.exists() else
                              "not a regular file (a FIFO, device or folder with an image name): not read")
+    if tags is not None:
+        tags.clear()
     if path.suffix.lower() == ".dcm":
-        return _read_dicom(path, notes), notes
+        return _read_dicom(path, notes, tags), notes
     try:
         buf = np.fromfile(str(path), dtype=np.uint8)
     except OSError as e:
         raise ImageReadError(path, f"cannot read file ({e})")
     if buf.size == 0:
         raise ImageReadError(path, "empty file")
+    if is_dicom_bytes(buf[:DICOM_MAGIC_OFFSET + 4]):  # DICOM by content: PACS exports carry no extension
+        return _read_dicom(path, notes, tags), notes
     w, h, pages = header_info(buf)
     if w is not None and h is not None:
         too_large = _too_large_reason(w, h)
@@ -322,7 +360,8 @@ def mask_for_image(image) -> Path | None:
 
 
 def list_images(root, skip_dir=None) -> list[Path]:
-    """Every supported image under root, recursively, sorted (hidden files skipped). Symlinked
+    """Every supported image under root, recursively, sorted (hidden files skipped): a file with an
+    image extension, or any other file that is DICOM by content (is_dicom: PACS exports like IM000001). Symlinked
     sub-folders are followed; a folder reached twice (a symlink loop, or two links to one folder) is
     searched once. skip_dir(Path) -> True prunes a folder (and what is below it). A folder that cannot
     be read raises DataError (its images would otherwise be left out without a word)."""
@@ -347,6 +386,9 @@ def list_images(root, skip_dir=None) -> list[Path]:
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
-            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTS:
-                out.append(Path(dirpath) / f)
+            if f.startswith("."):
+                continue
+            p = Path(dirpath) / f
+            if p.suffix.lower() in IMAGE_EXTS or is_dicom(p):
+                out.append(p)
     return out

@@ -7,6 +7,8 @@ Flags (added to predictions.csv's quality_flags; see cxrkit.core.quality for the
                   lower than the image itself (< VIEW_MARGIN x its score): reversed grey levels
   rotated         the same for the image turned by 90, 180 or 270 degrees
   extreme_aspect  the decoded image is longer than EXTREME_ASPECT:1 (a strip, not a film)
+  lateral_view    a DICOM input whose ViewPosition says lateral (LL, RL, LATERAL, ...): decided from the
+                  header alone, whatever the model says (the model was trained on frontal films only)
 
 How the numbers were chosen (scripts/ood_eval.py re-measures them; README "Out-of-distribution gate"):
 - ood_score: min over classes of the squared Mahalanobis distance of the spatial mean and standard
@@ -30,16 +32,20 @@ FLAG_NOT_CXR = "not_chest_xray"
 FLAG_INVERTED = "inverted"
 FLAG_ROTATED = "rotated"
 FLAG_ASPECT = "extreme_aspect"
-OOD_FLAG_CODES = (FLAG_NOT_CXR, FLAG_INVERTED, FLAG_ROTATED, FLAG_ASPECT)
+FLAG_LATERAL = "lateral_view"
+OOD_FLAG_CODES = (FLAG_NOT_CXR, FLAG_INVERTED, FLAG_ROTATED, FLAG_ASPECT, FLAG_LATERAL)
 OOD_FLAG_MEANING = {
     FLAG_NOT_CXR: "does not look like a frontal chest X-ray (ood_score over the model's threshold)",
     FLAG_INVERTED: "grey levels look reversed (its inverse scores as a chest X-ray): a MONOCHROME1 film saved "
                    "without its header?",
     FLAG_ROTATED: "the image looks turned by 90 or 180 degrees (a turned copy scores as a chest X-ray)",
     FLAG_ASPECT: "the image is a strip (longer side over 3 x the shorter), not a whole film",
+    FLAG_LATERAL: "a lateral view (its DICOM ViewPosition): the model reads frontal films only",
 }
 OOD_REASON = {FLAG_NOT_CXR: "not a chest X-ray", FLAG_INVERTED: "inverted grey levels",
-              FLAG_ROTATED: "rotated", FLAG_ASPECT: "extreme aspect ratio"}
+              FLAG_ROTATED: "rotated", FLAG_ASPECT: "extreme aspect ratio", FLAG_LATERAL: "lateral view"}
+# DICOM ViewPosition values (upper-cased, spaces and '_' / '-' removed) that mean a lateral projection
+LATERAL_VIEW_POSITIONS = frozenset({"LL", "RL", "LAT", "LATERAL", "LEFTLATERAL", "RIGHTLATERAL", "LLAT", "RLAT"})
 
 DEFAULT_PERCENTILE = 99.0
 THRESHOLD_MARGIN = 1.2
@@ -62,6 +68,17 @@ def make_view(x: np.ndarray, view: str) -> np.ndarray:
         return np.ascontiguousarray(np.float32(1.0) - x)
     k = {"rot90": 1, "rot180": 2, "rot270": 3}[view]
     return np.ascontiguousarray(np.rot90(x, k, axes=(2, 3)))
+
+
+def is_gated(flags) -> bool:
+    """Whether any of these flag codes is a gate flag (the image is not judged)."""
+    return any(f in OOD_FLAG_CODES for f in flags)
+
+
+def view_position_flags(view_position) -> list[str]:
+    """[lateral_view] when a DICOM ViewPosition names a lateral projection; [] otherwise (or absent)."""
+    v = "".join(ch for ch in str(view_position or "").upper() if ch.isalnum())
+    return [FLAG_LATERAL] if v in LATERAL_VIEW_POSITIONS else []
 
 
 def aspect_flags(shape) -> list[str]:

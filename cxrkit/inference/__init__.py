@@ -4,6 +4,11 @@ Modules: backends (the Backend contract; TorchBackend, OnnxBackend) · inputs (f
 PNG, writers) · pipeline (run_pipeline) · summary · report (report.html) · shard (--shard K/N and the merge) ·
 split_report. The names below are re-exported here (loaded on first use), so `from cxrkit.inference import run_pipeline` is the public API.
 
+    model = cxrkit.load()                       # the Python API (api.py): the shipped ONNX model, wherever
+    model.predict("x.png")                      # it is installed; one Prediction per image
+
+The batch pipeline underneath:
+
     backend = TorchBackend("model_checkpoints/best_covid_model.pth")        # or
     backend = OnnxBackend("models/covid_multitask.onnx")                   # + <model>.onnx.meta.json
     items = gather_inputs(data_dir="DIR", class_names=backend.class_names)
@@ -41,6 +46,7 @@ import importlib
 # load the pipeline, and `import cxrkit.inference` alone loads nothing heavy.
 _EXPORTS = {
     **dict.fromkeys(["CxrkitError", "InferenceError"], "..core.errors"),
+    **dict.fromkeys(["Model", "Prediction", "load"], ".api"),
     **dict.fromkeys(["Backend", "OnnxBackend", "TorchBackend", "physical_cores", "resolve_providers"], ".backends"),
     **dict.fromkeys(["GradCamExplainer"], "..core.gradcam"),
     **dict.fromkeys(["InputItem", "assign_output_stems", "gather_inputs"], ".inputs"),

@@ -107,6 +107,9 @@ def gather_inputs(data_dir=None, images=None, class_names=(), num_samples: int =
             raise InferenceError(f"--images: none of the {len(items)} files exist (first: {items[0].path})")
     elif data_dir is not None:
         root = Path(data_dir)
+        if root.is_file():
+            raise InferenceError(f"--data_dir {root} is a file, not a folder: to run on one image use --images "
+                                 f"{root}")
         if not root.is_dir():
             raise InferenceError(f"--data_dir {root}: not a folder (point it at a folder of images, or the database "
                                  f"root <Class>/images/*.png)")

@@ -41,18 +41,20 @@ class _Decoded:
     notes: tuple = ()              # what of the file was not used (later TIFF pages / DICOM frames)
     stats: dict | None = None      # cxrkit.core.quality.image_stats of model_u8
     flags: tuple = ()              # quality flag codes (set once the model has run)
+    dicom: dict | None = None      # a DICOM input's header fields (cxrkit.core.decode.DICOM_TAGS)
 
 
 def _decode(item: InputItem, size: int, display_h: int) -> _Decoded:
     """Every step from the file's bytes to the model input (decode, colour, frames, resize, display image,
     image statistics) runs inside one guard: any exception is this file's skip reason, never the run's end."""
+    tags: dict = {}
     try:
-        g, notes = read_gray_info(item.path)
+        g, notes = read_gray_info(item.path, tags)
         if g.ndim != 2 or g.dtype != np.uint8:
             raise ImageReadError(item.path, f"decoded to an unsupported array {tuple(g.shape)} {g.dtype}")
         d = _Decoded(item, model_u8=resize_gray(g, size),
                      display=display_image(g, display_h) if display_h else None, orig_shape=g.shape[:2])
-        d.notes, d.stats = tuple(notes), quality.image_stats(d.model_u8)
+        d.notes, d.stats, d.dicom = tuple(notes), quality.image_stats(d.model_u8), tags or None
     except ImageReadError as e:
         return _Decoded(item, error=e.reason)
     except Exception as e:  # noqa: BLE001 - one bad file never stops the run
@@ -150,6 +152,28 @@ def _check_run(names, size, items, opts: PipelineOptions) -> int | None:
     return cam_idx
 
 
+def model_outputs(backend, x: np.ndarray, tta: int, temperature: float, gate: GateSpec | None):
+    """The model on one batch x (B,3,S,S): (lung probabilities (B,S,S), calibrated class probabilities
+    (B,C) float64, the gate's scores (B,) or None when there is no gate, each image's view scores).
+    The one place inference runs a model: run_pipeline and cxrkit.inference.api both call it."""
+    seg, probs, scores = tta_predict(backend.forward_ood, x, tta, temperature, with_ood=True)  # numpy in and out
+    # the identity view's score; None: no gate, or a graph without the score
+    scores = scores if gate is not None else None
+    views = [{}] * len(x) if scores is None else gate.score_views(lambda xv: backend.forward_ood(xv)[2], x, scores)
+    return seg[:, 0], probs.astype(np.float64), scores, views
+
+
+def image_flags(d: _Decoded, seg: np.ndarray, area_rng: dict, gate: GateSpec | None, ood_score=None,
+                view_scores=None) -> tuple:
+    """Every flag of one decoded image given its lung-probability map (S,S) and gate score: quality
+    (image, lung area), the gate's (not judged), aspect and a DICOM lateral ViewPosition (from the
+    header alone). The one rule for run_pipeline and cxrkit.inference.api."""
+    gate_flags = [] if gate is None or ood_score is None else gate.decide(ood_score, view_scores)
+    return tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung_mask(seg).mean()), area_rng)
+                 + gate_flags + ood.aspect_flags(d.orig_shape)
+                 + ood.view_position_flags((d.dicom or {}).get("ViewPosition")))
+
+
 class _Tally:
     """Per-image results: the CSV rows, quality-flag counts, what the metrics need, and the run's
     skips, notes and counts."""
@@ -180,13 +204,11 @@ class _Tally:
     def add(self, d, seg, probs, cam_name, ood_score=None, view_scores=None) -> dict:
         from ..core.metrics import binary_dice_iou
         lung, tc, stem = lung_mask(seg), d.item.true_class, d.item.out_stem
-        gate_flags = [] if self.gate is None or ood_score is None else self.gate.decide(ood_score, view_scores)
-        d.flags = tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung.mean()), self.area_rng)
-                        + gate_flags + ood.aspect_flags(d.orig_shape))
+        d.flags = image_flags(d, seg, self.area_rng, self.gate, ood_score, view_scores)
         r = PredictionRow(str(d.item.path), self.names, probs, float(lung.mean()), tc, d.flags, ood_score,
                           annotated_png=f"annotated/{stem}.png" if self.annotate else "",
                           mask_png=f"masks/{stem}_mask.png" if self.save_masks else None, cam_class=cam_name or None,
-                          cam_file=f"cams/{stem}_cam.npy" if cam_name and self.save_cams else None)
+                          cam_file=f"cams/{stem}_cam.npy" if cam_name and self.save_cams else None, dicom=d.dicom)
         for f in d.flags:
             self.flag_counts[f] += 1
         self.shift_rows.append([np.nan if ood_score is None else float(ood_score), float(lung.mean()),
@@ -319,12 +341,7 @@ def _predict_batch(run: _Run, batch: list[_Decoded]) -> list[tuple]:
     backend, opts, gate, cam_idx = run.backend, run.opts, run.gate, run.cam_idx
     x = to_model_input_np(np.stack([d.model_u8 for d in batch]))
     tm = time.perf_counter()
-    seg, probs, scores = tta_predict(backend.forward_ood, x, opts.tta, run.temp, with_ood=True)  # numpy in and out
-    # the identity view's score; None: no gate, or a graph without the score
-    scores = scores if gate is not None else None
-    views = [{}] * len(batch) if scores is None else gate.score_views(lambda xv: backend.forward_ood(xv)[2], x, scores)
-    seg = seg[:, 0]
-    probs = probs.astype(np.float64)
+    seg, probs, scores, views = model_outputs(backend, x, opts.tta, run.temp, gate)
     run.tally.model_seconds += time.perf_counter() - tm
     pred = probs.argmax(1)
     cams = None

@@ -120,6 +120,8 @@ def _headline(panel, class_names, probs, true_class, reasons) -> int:
     y += 28
     if true_class is None:
         _text(panel, "True: unknown", (12, y), 0.55, (170, 170, 170))
+    elif reasons:  # not judged: nothing to be right or wrong about
+        _text(panel, _fit(f"True: {true_class}", pw - 20, 0.55), (12, y), 0.55)
     else:
         ok = true_class == class_names[pred]
         _text(panel, _fit(f"True: {true_class}", pw - 120, 0.55), (12, y), 0.55)

@@ -228,6 +228,10 @@ def _predicted_counts(summary: dict, names: list) -> str:
     counts = summary.get("predicted_counts") or {}
     rows = "".join(f'<tr><td class="l">{_e(k)}</td><td>{_num("predicted_counts/" + k, v, str(v))}</td></tr>'
                    for k, v in counts.items())
+    nj = summary.get("n_not_judged")
+    if nj:
+        rows += (f'<tr><td class="l"><i>not judged</i> (no class given)</td>'
+                 f'<td>{_num("n_not_judged", nj, str(nj))}</td></tr>')
     return ('<div class="panel pc"><h2>Predicted classes</h2><table><tr><th class="l">class</th>'
                  f'<th>images</th></tr>{rows}</table><p class="note">No true classes known: put images in '
                  f'folders named after the model classes ({_e(", ".join(names))}) to get accuracy, '
@@ -241,8 +245,10 @@ def _figure(row: dict, base_dir: Path | None) -> str:
     if base_dir is not None:  # link only to files that are there
         ann = ann if ann and (base_dir / ann).is_file() else ""
         thumb = thumb if thumb and (base_dir / thumb).is_file() else ""
+    from ..core.ood import OOD_REASON
     pred, tc = str(row.get("predicted_class", "")), str(row.get("true_class") or "")
     conf = float(row.get("confidence") or 0.0)
+    why = [OOD_REASON[f] for f in row_flags(row) if f in OOD_REASON]  # a gated image: not judged
     err = is_error(row)
     name = Path(str(row.get("image_path", ""))).name
     src = thumb or ann
@@ -259,10 +265,17 @@ def _figure(row: dict, base_dir: Path | None) -> str:
     flags = "".join(f'<span class="flag">{_e(f)}</span>' for f in row_flags(row))
     dice = row.get("dice")
     extra = f" &middot; Dice {float(dice):.2f}" if dice not in (None, "") else ""
+    if why:  # the reason leads; no class, no bar (the model's output is only in the CSV's unjudged_* columns)
+        if tc:
+            truth = f'<span class="fn">true {_e(tc)}</span>'
+        head = (f'<div title="{_e(", ".join(why))}"><span class="bad">NOT JUDGED: {_e(", ".join(why))}</span></div>'
+                f'<div class="fn">no class given</div>')
+    else:
+        head = (f'<div><span class="p">{_e(pred)}</span> {conf * 100:.1f}%</div>'
+                f'<div class="bar"><i style="width:{conf * 100:.1f}%"></i></div>')
     return (f'<figure class="g{" err" if err else ""}" data-pred="{_e(pred)}" data-true="{_e(tc)}" '
             f'data-err="{int(err)}" data-conf="{conf:.6f}">{img}'
-            f'<figcaption title="{_e(row.get("image_path", ""))}"><div><span class="p">{_e(pred)}</span> '
-            f'{conf * 100:.1f}%</div><div class="bar"><i style="width:{conf * 100:.1f}%"></i></div>'
+            f'<figcaption title="{_e(row.get("image_path", ""))}">{head}'
             f'<div>{truth}</div>' + (f"<div>{flags}</div>" if flags else "")
             + f'<div class="fn">{_e(name)}{extra}</div></figcaption></figure>')
 
@@ -304,8 +317,9 @@ def _not_judged(rows: list[dict]) -> str:
     out = [f'<section id="not-judged" class="panel" style="margin-top:12px"><h2>Not judged ({len(lst)})</h2>']
     if lst:
         body = "".join(f'<tr><td>{_e(r.get("image_path", ""))}</td><td>{_e(", ".join(why))}</td>'
-                       f'<td>{_e(r.get("ood_score", ""))}</td><td>{_e(r.get("predicted_class", ""))} '
-                       f'(kept in predictions.csv, not to be read)</td></tr>' for r, why in lst)
+                       f'<td>{_e(r.get("ood_score", ""))}</td><td>'
+                       f'{_e(r.get("unjudged_model_class") or r.get("predicted_class", ""))} '
+                       f'(unjudged_model_class in predictions.csv, not to be read)</td></tr>' for r, why in lst)
         out.append('<table class="sk"><tr><th>file</th><th>reason</th><th>ood_score</th><th>model output</th></tr>'
                    f"{body}</table>")
     else:

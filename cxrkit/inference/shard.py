@@ -266,6 +266,7 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
     from .report import REPORT_NAME, write_report
     from .thumbs import gallery_thumb_relpaths, write_gallery_thumbnails
 
+    from .summary import predicted_counts
     dirs = [Path(d) for d in dirs]
     if not dirs:
         raise InferenceError("no shard folders given")
@@ -287,8 +288,7 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
     summary.pop("shard")
     summary.pop("empty_shard", None)
     summary.update({"n_inputs": n_inputs, "n_processed": len(rows), "n_skipped": len(skipped), "skipped": skipped,
-                    "notes": notes,
-                    "predicted_counts": {c: sum(r["predicted_class"] == c for r in rows) for c in names}})
+                    "notes": notes, **predicted_counts(rows, names)})
     if mask_problems:
         summary["mask_problems"] = mask_problems
     _merge_metrics(summary, loaded, rows, names)

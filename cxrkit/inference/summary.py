@@ -26,7 +26,13 @@ def classification_summary(y_true, y_probs, names, flagged=None) -> dict:
 
 
 CSV_NOTES = {"prob_<class>": "calibrated class probabilities, model class order",
-             "confidence": "probability of predicted_class",
+             "predicted_class/confidence": "the class and its probability; EMPTY for an image not judged (a gate "
+                                           "flag in quality_flags: not_chest_xray, inverted, rotated, "
+                                           "extreme_aspect, lateral_view)",
+             "unjudged_model_class/unjudged_model_confidence": "a not-judged image's model output, NOT to be read "
+                                                               "as a prediction (empty for judged images)",
+             "StudyInstanceUID/SeriesInstanceUID/SOPInstanceUID/ViewPosition/PatientAge":
+                 "copied from a DICOM input's header (empty for other files), to key results back to PACS",
              "lung_area_fraction": f"fraction of model-input pixels with lung probability > {LUNG_THRESHOLD}",
              "true_class/correct": "from the folder name when it is a model class (correct: 1/0), else empty",
              "dice/iou": f"vs the ground-truth mask (masks/ folder) at {LUNG_THRESHOLD}, at the mask's own "
@@ -34,6 +40,12 @@ CSV_NOTES = {"prob_<class>": "calibrated class probabilities, model class order"
              "quality_flags": "empty when all is well, else ';'-joined codes (see quality)",
              "ood_score": "out-of-distribution score (cxrkit.core.ood); above quality.ood.threshold the "
                           "image is not judged; empty when the model has no gate"}
+
+
+def predicted_counts(rows, names) -> dict:
+    """summary.json's predicted_counts (judged images only) and n_not_judged (a run's and a merge's)."""
+    return {"predicted_counts": {c: int(sum(r["predicted_class"] == c for r in rows)) for c in names},
+            "n_not_judged": int(sum(ood.not_judged(r.get("quality_flags")) for r in rows))}
 
 
 def model_block(backend, n_inputs: int, n_processed: int, skipped: list) -> dict:
@@ -63,7 +75,7 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
                        "model_seconds": tally.model_seconds,
                        "note": "seconds = wall clock of the whole pipeline (decode, model, overlays, files); "
                                "model_seconds = time in the backend incl. TTA"},
-        "predicted_counts": {c: int(sum(r["predicted_class"] == c for r in rows)) for c in tally.names},
+        **predicted_counts(rows, tally.names),
         "csv_notes": CSV_NOTES, "quality": _quality(tally), "shift_check": tally.shift_block, "notes": tally.input_notes,
         "classification": None, "segmentation": None, "gradcam": _gradcam(opts),
         "outputs": {"csv": "predictions.csv", "annotated": "annotated/" if tally.annotate else None,
@@ -97,7 +109,9 @@ def _quality(tally) -> dict:
                 "note": "the model carries no out-of-distribution gate: not_chest_xray, inverted and rotated "
                         "are not checked"},
             "note": "flagged images got an answer the model cannot back: check them by eye; not judged "
-                    "= not_chest_xray, inverted, rotated or extreme_aspect (probabilities kept in the CSV)"}
+                    "= not_chest_xray, inverted, rotated, extreme_aspect or lateral_view: no "
+                    "predicted_class nor confidence, not in predicted_counts (the model's output: the "
+                    "unjudged_model_* columns)"}
 
 
 def _gradcam(opts) -> dict | None:

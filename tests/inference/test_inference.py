@@ -19,6 +19,7 @@ from cxrkit.core.checkpoint import load_checkpoint, model_from_checkpoint
 from cxrkit.inference import (GradCamExplainer, InferenceError, OnnxBackend, TorchBackend, gather_inputs,
                               resolve_providers)
 from cxrkit.core.metrics import softmax
+from cxrkit.core.ood import not_judged
 from cxrkit.core.model_input import load_for_model, to_model_input, to_model_input_np
 from cxrkit.core.decode import read_gray
 from cxrkit.core.tta import tta_predict
@@ -68,14 +69,21 @@ def test_cli_runs_skip_corrupt_and_write_outputs(cli_runs):
         assert s["segmentation"]["n_masks"] == 12 and 0 <= s["segmentation"]["mean_dice"] <= 1
         _, rows = read_csv(d / "predictions.csv")
         assert len(rows) == 12 and not any("corrupt" in r["image_path"] for r in rows)
-        assert c["accuracy"] == pytest.approx(np.mean([r["correct"] == "1" for r in rows]))
+        # the metrics are over every labelled image, judged or not (from the probabilities)
+        assert c["accuracy"] == pytest.approx(np.mean([r["true_class"] == CLASSES[int(probs_of(r).argmax())]
+                                                       for r in rows]))
         for r in rows:
             assert r["true_class"] in CLASSES and r["true_class"] in r["image_path"]
-            assert r["correct"] == str(int(r["true_class"] == r["predicted_class"]))
+            judged = not not_judged(r["quality_flags"])  # a gated image: no class, its output under unjudged_*
+            cls = r["predicted_class"] if judged else r["unjudged_model_class"]
+            conf = r["confidence"] if judged else r["unjudged_model_confidence"]
+            assert r["correct"] == (str(int(r["true_class"] == cls)) if judged else "")
+            assert (r["predicted_class"], r["confidence"]) != ("", "") if judged else \
+                (r["predicted_class"], r["confidence"]) == ("", "")
             p = probs_of(r)
             assert p.sum() == pytest.approx(1, abs=1e-5)
-            assert float(r["confidence"]) == pytest.approx(p.max(), abs=1e-6)
-            assert r["predicted_class"] == CLASSES[int(p.argmax())]
+            assert float(conf) == pytest.approx(p.max(), abs=1e-6)
+            assert cls == CLASSES[int(p.argmax())]
             ann = cv2.imread(str(d / r["annotated_png"]))
             assert ann is not None and ann.ndim == 3
             mask = cv2.imread(str(d / r["mask_png"]), cv2.IMREAD_UNCHANGED)
@@ -204,9 +212,12 @@ _NO_TORCH_PROBE = """
 import json, sys
 import run_onnx_inference
 rc = run_onnx_inference.main(sys.argv[1:])
+import cxrkit  # the Python API on the shipped ONNX model: torch-free too
+m = cxrkit.load()
+p = m.predict(sys.argv[sys.argv.index("--images") + 1])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "monai")
                or m in ("cxrkit.training.export", "cxrkit.core.checkpoint", "cxrkit.core.model", "cxrkit.training.train"))
-print(json.dumps({"rc": rc, "heavy": heavy}))
+print(json.dumps({"rc": rc, "heavy": heavy, "api": [p.predicted_class, len(p.probabilities), p.lung_mask.shape[0]]}))
 """
 
 
@@ -222,7 +233,8 @@ def test_onnx_cli_never_imports_torch(tiny_model, cxr_eval_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["rc"] == 0, r.stderr
-    assert res["heavy"] == [], f"the ONNX inference path imported {res['heavy']}"
+    assert res["heavy"] == [], f"the ONNX inference path (CLI, then cxrkit.load().predict) imported {res['heavy']}"
+    assert res["api"][1] == 4 and res["api"][2] == cv2.imread(str(paths[0]), cv2.IMREAD_UNCHANGED).shape[0]
     s = json.loads((out / "summary.json").read_text())
     assert s["backend"] == "onnxruntime" and s["n_processed"] == 4 and s["tta"] == 1
 
