@@ -180,6 +180,16 @@ def apply_exif_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def array_to_gray(path, arr: np.ndarray) -> np.ndarray:
+    """A decoded array (H x W, or H x W x C in OpenCV's BGR(A) order, any bit depth) -> 8-bit grey, by
+    the rules every file follows (finite values, inferred bit depth, luminance); `path` names it in errors."""
+    _check_finite(path, arr)
+    try:
+        return _to_gray(_to_uint8(arr))
+    except ValueError as e:
+        raise ImageReadError(path, str(e))
+
+
 def _check_finite(path, a: np.ndarray) -> None:
     if a.dtype.kind in "fc":
         bad = int(a.size - np.count_nonzero(np.isfinite(a)))
@@ -316,13 +326,9 @@ def read_gray_info(path, tags: dict | None = None) -> tuple[np.ndarray, list[str
     too_large = _too_large_reason(arr.shape[1], arr.shape[0])  # a format whose header was not read
     if too_large:
         raise ImageReadError(path, too_large)
-    _check_finite(path, arr)
     if orientation != 1:
         arr = apply_exif_orientation(arr, orientation)
-    try:
-        return _to_gray(_to_uint8(arr)), notes
-    except ValueError as e:
-        raise ImageReadError(path, str(e))
+    return array_to_gray(path, arr), notes
 
 
 def read_mask(path) -> np.ndarray:

@@ -8,7 +8,7 @@
 them, a folder (searched like --data_dir: `masks` folders and cxrkit output folders are skipped), a
 numpy array (H x W, or H x W x C with C = 1, 3 (RGB) or 4 (RGBA); any bit depth or float range, turned
 into 8-bit grey by decode's own conversions) or a PIL image. The numbers are the CLI's: the same decode
-(pipeline._decode), the same model call (pipeline.model_outputs: calibrated softmax(logits / T), the
+(per_image.decode_item), the same model call (per_image.model_outputs: calibrated softmax(logits / T), the
 gate's score and views) and the same flags (pipeline.image_flags), so a file's Prediction agrees with
 its predictions.csv row to the CSV's 6 decimals.
 
@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from ..core.config import CHECKPOINT_PATH, ONNX_PATH, InferConfig
-from ..core.decode import ImageReadError, _check_finite, _to_gray, _to_uint8
+from ..core.decode import ImageReadError, array_to_gray
 from ..core.errors import InferenceError
 from ..core.model_input import lung_mask, resize_gray, to_model_input_np
 from ..core.ood import is_gated
 from ..core import quality
 from ..core.shipped import resolve_default
 from .inputs import InputItem, gather_inputs
-from .pipeline import _decode, _Decoded, image_flags, model_outputs
+from .per_image import Decoded, decode_item, image_flags, model_outputs
 
 ARRAY_SOURCE = "<array>"
 PIL_SOURCE = "<PIL image>"
@@ -87,8 +87,7 @@ def _array_gray(a) -> np.ndarray:
                              f"pass a list of arrays for several images")
     if min(a.shape[:2]) < 8:
         raise ImageReadError(src, f"image too small ({a.shape})")
-    _check_finite(src, a)
-    return _to_gray(_to_uint8(a))
+    return array_to_gray(src, a)
 
 
 class Model:
@@ -117,7 +116,7 @@ class Model:
 
     # ------------------------------------------------------------------------------------ inputs
     def _inputs(self, x) -> tuple[list, bool]:
-        """(a list of decoded-or-to-decode entries, single): entries are _Decoded (arrays) or InputItem."""
+        """(a list of decoded-or-to-decode entries, single): entries are Decoded (arrays) or InputItem."""
         if isinstance(x, (list, tuple)):
             out = []
             for e in x:
@@ -131,15 +130,15 @@ class Model:
         if isinstance(x, np.ndarray) or hasattr(x, "getbands"):  # numpy or PIL
             g = _array_gray(x)
             src = ARRAY_SOURCE if isinstance(x, np.ndarray) else PIL_SOURCE
-            d = _Decoded(InputItem(path=Path(src), rel=src), model_u8=resize_gray(g, self.img_size),
+            d = Decoded(InputItem(path=Path(src), rel=src), model_u8=resize_gray(g, self.img_size),
                          orig_shape=g.shape[:2])
             d.stats = quality.image_stats(d.model_u8)
             return [d], True
         raise InferenceError(f"predict takes a path, a folder, a list, a numpy array or a PIL image; got "
                              f"{type(x).__name__}")
 
-    def _decoded(self, entries) -> list[_Decoded]:
-        return [e if isinstance(e, _Decoded) else _decode(e, self.img_size, 0) for e in entries]
+    def _decoded(self, entries) -> list[Decoded]:
+        return [e if isinstance(e, Decoded) else decode_item(e, self.img_size, 0) for e in entries]
 
     # ----------------------------------------------------------------------------------- predict
     def predict(self, x, batch_size: int = InferConfig.batch_size, tta: int = 1):
@@ -156,7 +155,7 @@ class Model:
             return out[0]
         return out
 
-    def _predict_batch(self, ds: list[_Decoded], tta: int) -> list[Prediction]:
+    def _predict_batch(self, ds: list[Decoded], tta: int) -> list[Prediction]:
         ok = [d for d in ds if d.error is None]
         res = {}
         if ok:

@@ -16,67 +16,19 @@ from ..core.io_utils import MAX_BATCH_SIZE, write_json_atomic
 from ..core import ood, quality, shift_check
 from ..core.ood import GateSpec
 from ..core.outdir import claim_save_dir
-from ..core.decode import ImageReadError, read_gray_info, read_mask
-from ..core.model_input import lung_mask, resize_gray, resize_mask, to_model_input_np
-from ..core.tta import MAX_TTA, tta_predict
+from ..core.model_input import lung_mask, resize_mask, to_model_input_np
+from ..core.tta import MAX_TTA
 from ..core.gradcam import GradCamExplainer
 from .inputs import InputItem, assign_output_stems
+from .per_image import Decoded, decode_item, image_flags, model_outputs
 from .rows import PredictionRow
 from .summary import build_summary
-from .render import _Writer, display_image, render_annotation, write_csv_atomic, write_npy, write_png
+from .render import _Writer, render_annotation, write_csv_atomic, write_npy, write_png
 
 log = logging.getLogger("cxrkit")
 
 
 # -------------------------------------------------------------------------------------- pipeline
-@dataclass
-class _Decoded:
-    item: InputItem
-    model_u8: np.ndarray | None = None
-    display: np.ndarray | None = None
-    orig_shape: tuple = ()
-    gt_mask: np.ndarray | None = None
-    error: str | None = None
-    mask_error: str | None = None
-    notes: tuple = ()              # what of the file was not used (later TIFF pages / DICOM frames)
-    stats: dict | None = None      # cxrkit.core.quality.image_stats of model_u8
-    flags: tuple = ()              # quality flag codes (set once the model has run)
-    dicom: dict | None = None      # a DICOM input's header fields (cxrkit.core.decode.DICOM_TAGS)
-
-
-def _decode(item: InputItem, size: int, display_h: int) -> _Decoded:
-    """Every step from the file's bytes to the model input (decode, colour, frames, resize, display image,
-    image statistics) runs inside one guard: any exception is this file's skip reason, never the run's end."""
-    tags: dict = {}
-    try:
-        g, notes = read_gray_info(item.path, tags)
-        if g.ndim != 2 or g.dtype != np.uint8:
-            raise ImageReadError(item.path, f"decoded to an unsupported array {tuple(g.shape)} {g.dtype}")
-        d = _Decoded(item, model_u8=resize_gray(g, size),
-                     display=display_image(g, display_h) if display_h else None, orig_shape=g.shape[:2])
-        d.notes, d.stats, d.dicom = tuple(notes), quality.image_stats(d.model_u8), tags or None
-    except ImageReadError as e:
-        return _Decoded(item, error=e.reason)
-    except Exception as e:  # noqa: BLE001 - one bad file never stops the run
-        return _Decoded(item, error=_one_line(f"{type(e).__name__}: {e}"))
-    if item.mask_path is not None:
-        try:
-            d.gt_mask = read_mask(item.mask_path)  # native resolution: Dice is scored at the mask's own size
-        except ImageReadError as e:
-            d.mask_error = e.reason
-        except Exception as e:  # noqa: BLE001 - an unusable mask is noted, never the run's end
-            d.mask_error = _one_line(f"{type(e).__name__}: {e}")
-        if d.gt_mask is not None and not d.gt_mask.any():  # Dice would be 0 whatever the model does
-            d.gt_mask, d.mask_error = None, "empty mask (no lung pixels): Dice / IoU not scored for this image"
-    return d
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    """An exception's text as one short line (OpenCV's asserts span several)."""
-    t = " ".join(str(text).split())
-    return t if len(t) <= limit else t[:limit - 3] + "..."
-
-
 def planned_outputs(items, save_masks=False, save_cams=False, report=False, annotate=True) -> list[str]:
     """Every file a run will write (relative to save_dir), for the manifest (cxrkit.core.outdir)."""
     from .report import REPORT_NAME
@@ -152,28 +104,6 @@ def _check_run(names, size, items, opts: PipelineOptions) -> int | None:
     return cam_idx
 
 
-def model_outputs(backend, x: np.ndarray, tta: int, temperature: float, gate: GateSpec | None):
-    """The model on one batch x (B,3,S,S): (lung probabilities (B,S,S), calibrated class probabilities
-    (B,C) float64, the gate's scores (B,) or None when there is no gate, each image's view scores).
-    The one place inference runs a model: run_pipeline and cxrkit.inference.api both call it."""
-    seg, probs, scores = tta_predict(backend.forward_ood, x, tta, temperature, with_ood=True)  # numpy in and out
-    # the identity view's score; None: no gate, or a graph without the score
-    scores = scores if gate is not None else None
-    views = [{}] * len(x) if scores is None else gate.score_views(lambda xv: backend.forward_ood(xv)[2], x, scores)
-    return seg[:, 0], probs.astype(np.float64), scores, views
-
-
-def image_flags(d: _Decoded, seg: np.ndarray, area_rng: dict, gate: GateSpec | None, ood_score=None,
-                view_scores=None) -> tuple:
-    """Every flag of one decoded image given its lung-probability map (S,S) and gate score: quality
-    (image, lung area), the gate's (not judged), aspect and a DICOM lateral ViewPosition (from the
-    header alone). The one rule for run_pipeline and cxrkit.inference.api."""
-    gate_flags = [] if gate is None or ood_score is None else gate.decide(ood_score, view_scores)
-    return tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung_mask(seg).mean()), area_rng)
-                 + gate_flags + ood.aspect_flags(d.orig_shape)
-                 + ood.view_position_flags((d.dicom or {}).get("ViewPosition")))
-
-
 class _Tally:
     """Per-image results: the CSV rows, quality-flag counts, what the metrics need, and the run's
     skips, notes and counts."""
@@ -188,7 +118,7 @@ class _Tally:
         self.skipped, self.mask_problems, self.input_notes = [], [], []
         self.n_done, self.model_seconds = 0, 0.0
 
-    def add_decoded(self, d: _Decoded) -> bool:
+    def add_decoded(self, d: Decoded) -> bool:
         """Records d's skip reason, mask problem and notes; False when d was not decoded."""
         if d.error is not None:
             self.skipped.append({"path": str(d.item.path), "reason": d.error})
@@ -319,7 +249,7 @@ def _decoded_batches(run: _Run, items, pool, bar):
             nxt = next(it, None)
             if nxt is None:
                 return
-            pending.append(pool.submit(_decode, nxt, run.size, display_h))
+            pending.append(pool.submit(decode_item, nxt, run.size, display_h))
 
     fill()
     while pending:
@@ -335,7 +265,7 @@ def _decoded_batches(run: _Run, items, pool, bar):
             yield batch
 
 
-def _predict_batch(run: _Run, batch: list[_Decoded]) -> list[tuple]:
+def _predict_batch(run: _Run, batch: list[Decoded]) -> list[tuple]:
     """The model on one batch (TTA, the gate's score, Grad-CAM); every image's row goes to the tally;
     returns the writer's jobs."""
     backend, opts, gate, cam_idx = run.backend, run.opts, run.gate, run.cam_idx

@@ -260,12 +260,6 @@ def _check_out_not_a_shard(out: Path, dirs) -> None:
 def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dict:
     """Combine the N shard folders of one run into out_dir (predictions.csv, summary.json,
     report.html) as a single run over the same inputs writes them; returns the summary."""
-    from .render import write_csv_atomic
-    from ..core.io_utils import write_json_atomic
-    from ..core.outdir import claim_save_dir
-    from .report import REPORT_NAME, write_report
-    from .thumbs import gallery_thumb_relpaths, write_gallery_thumbnails
-
     from .summary import predicted_counts
     dirs = [Path(d) for d in dirs]
     if not dirs:
@@ -303,7 +297,17 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
         summary["outputs"] = {**summary["outputs"], "report": "report.html (thumbnails in thumbs/)" if report else None,
                               "note": "annotated/, masks/ and cams/ (when written) stay in the shard folders"}
 
-    out = Path(out_dir)
+    _write_merged(Path(out_dir), dirs, header, rows, summary, model, report, overwrite)
+    return summary
+
+
+def _write_merged(out: Path, dirs, header, rows, summary, model, report: bool, overwrite: bool) -> None:
+    """Claim --out for everything the merge writes (checked before it writes), then write it."""
+    from .render import write_csv_atomic
+    from ..core.io_utils import write_json_atomic
+    from ..core.outdir import claim_save_dir
+    from .report import REPORT_NAME, write_report
+    from .thumbs import gallery_thumb_relpaths, write_gallery_thumbnails
     _check_out_not_a_shard(out, dirs)
     claim = claim_save_dir(out, overwrite, flag="--out", tool="cxrkit merge")
     claim.plan(["predictions.csv", "summary.json"]  # everything the merge writes: checked before it writes
@@ -318,4 +322,3 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
         claim.finish()
     finally:
         claim.release()
-    return summary
