@@ -49,14 +49,14 @@ def test_r4_01_multiframe_colour_dicom_never_stops_a_run(backend, tiny_model, cx
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_r4_01_any_exception_after_decoding_is_a_counted_skip(backend, tiny_model, cxr_eval_dir, tmp_path,
                                                              monkeypatch):
-    from cxrkit.inference import pipeline
-    real = pipeline.resize_gray
+    from cxrkit.inference import per_image
+    real = per_image.resize_gray
 
     def resize(img, size):  # fails on the marked file only
         if img[0, 0] == 7 and img[0, 1] == 7:
             raise cv2.error("OpenCV(5) matrix_wrap.cpp:501: error: (-215:Assertion failed)\n m->dims <= 2")
         return real(img, size)
-    monkeypatch.setattr(pipeline, "resize_gray", resize)
+    monkeypatch.setattr(per_image, "resize_gray", resize)
     d = tmp_path / "in"
     d.mkdir()
     src = real_images(cxr_eval_dir, 2)
