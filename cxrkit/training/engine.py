@@ -121,7 +121,6 @@ class Progress:
     best_score: float = -1e9
     bad_epochs: int = 0
     t_start: float = 0.0  # perf_counter() when this session's training began
-    paused: bool = False  # stopped by --max_minutes (or the tests' interruption): --resume continues it
 
     def record(self, row: dict, keep_last: bool) -> bool:
         """Append the epoch's row; True when it is the new best (k-fold: always, the last epoch is kept)."""

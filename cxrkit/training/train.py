@@ -64,7 +64,7 @@ def train(cfg: TrainConfig, opts: RunOptions) -> dict:
     if s.rank == 0:
         log_start(s, engine)
     last_epoch = run_epochs(s, engine, progress)
-    return finish(s, last_epoch, progress.paused)
+    return finish(s, last_epoch)
 
 
 # --------------------------------------------------------------------------------------- prepare
@@ -248,9 +248,9 @@ def should_stop(s: Session, progress: Progress, done: int) -> bool:
     if max_seconds and time.perf_counter() - progress.t_start > max_seconds and done < cfg.num_epochs:
         print(f"--max_minutes {opts.max_minutes} reached after epoch {done}; "
               f"continue later with --resume", flush=True)
-        stop = progress.paused = True
+        stop = True
     if opts.stop_after_epoch and done >= opts.stop_after_epoch:
-        stop = progress.paused = True  # testing hook: simulates an interruption after a completed epoch
+        stop = True  # testing hook: simulates an interruption after a completed epoch
     return stop
 
 
@@ -266,13 +266,12 @@ def _summary(s: Session, progress: Progress) -> dict:
             "history": history}
 
 
-def finish(s: Session, last_epoch: int, paused: bool) -> dict:
-    """Rank 0, unless paused (--max_minutes, to be resumed): prior correction, calibration and the test
-    report (finalize; k-fold: the out-of-fold predictions too); then the process group ends. A paused run
-    must not be finalized: the best checkpoint would get its prior correction twice once resumed."""
+def finish(s: Session, last_epoch: int) -> dict:
+    """Rank 0, unless interrupted: prior correction, calibration and the test report (evaluate.finalize;
+    k-fold: the out-of-fold predictions too); then the process group ends."""
     barrier(s.world)
     result = {}
-    interrupted = paused and last_epoch + 1 < s.cfg.num_epochs
+    interrupted = bool(s.opts.stop_after_epoch) and last_epoch + 1 < s.cfg.num_epochs
     if s.rank == 0 and not interrupted and (s.ck_dir / BEST).is_file():
         sp = s.split
         result = finalize(s.ck_dir / BEST, s.data, sp["train"], sp["val"], sp["test"],

@@ -376,24 +376,3 @@ def test_ddp_two_cpu_processes(mdt_subset, tmp_path):
     model, ck = model_from_checkpoint(out / "model_checkpoints" / "best_covid_model.pth")
     assert not any(k.startswith("module.") for k in ck["state_dict"])
     assert not [q for q in out.rglob("*.tmp")]
-
-
-@pytest.mark.slow
-def test_a_run_paused_by_max_minutes_is_finalized_once_after_resume(mdt_subset, tmp_path, capsys):
-    """--max_minutes pauses a run (found while training this round: it finalized the unfinished best
-    checkpoint, so a resumed run would prior-correct it twice): no calibration, no test report until
-    the resumed run ends; then exactly one prior correction."""
-    import torch
-
-    from tests.helpers import train_tiny
-    out = tmp_path / "run"
-    assert train_tiny(mdt_subset, out, "--max_minutes", "0.00001", epochs=2) == 0
-    assert "--max_minutes 1e-05 reached after epoch 1" in capsys.readouterr().out
-    best = out / "model_checkpoints" / "best_covid_model.pth"
-    ck = torch.load(best, weights_only=True)
-    assert not ck.get("prior_correction") and ck.get("temperature", 1.0) == 1.0  # not calibrated yet
-    assert not (out / "test_results" / "classification_report.json").exists()
-    assert train_tiny(mdt_subset, out, "--resume", epochs=2) == 0
-    ck = torch.load(best, weights_only=True)
-    assert ck["prior_correction"] and "temperature" in ck
-    assert (out / "test_results" / "classification_report.json").is_file()
