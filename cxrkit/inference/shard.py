@@ -167,7 +167,8 @@ def _check_rows(c_path: Path, summary: dict, rows: list) -> None:
         if left[path] < 1:
             why = "listed more often than it is an input" if path in left else "not one of the shard's inputs"
             raise InferenceError(f"{c_path}: line {i}: {path!r} is {why}; rerun that shard")
-        if r.get("predicted_class", names[0] if names else None) not in names:
+        cls = r.get("predicted_class") or r.get("unjudged_model_class")  # a not-judged row keeps its class there
+        if cls not in names:
             raise InferenceError(f"{c_path}: line {i}: predicted_class {r.get('predicted_class')!r} is not a model "
                                  f"class; rerun that shard")
         left[path] -= 1
