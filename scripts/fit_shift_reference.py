@@ -136,6 +136,12 @@ def write_reference(ref: dict, checkpoint, onnx_path) -> None:
     meta_p = meta_path_for(onnx_path)
     meta = json.loads(Path(meta_p).read_text())
     meta["shift_reference"] = ref
+    # the checkpoint's weights are unchanged, only this key was added: the ONNX file still comes from it
+    from cxrkit.core.io_utils import sha256_file
+    src = meta.get("source_checkpoint") or {}
+    if src.get("file") == Path(checkpoint).name:
+        meta["source_checkpoint"] = {**src, "sha256": sha256_file(checkpoint),
+                                     "note": "shift_reference added after export (weights unchanged)"}
     write_json_atomic(meta_p, meta)
     print(f"wrote the shift reference ({len(ref['values'])} images) into {checkpoint} and {meta_p}")
 
