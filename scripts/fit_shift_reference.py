@@ -51,22 +51,15 @@ def features(backend, images, batch: int = 64) -> np.ndarray:
     for s in range(0, len(images), batch):
         u8 = np.stack([resize_gray(im, backend.img_size) for im in images[s:s + batch]])
         seg, _, score = backend.forward_ood(to_model_input_np(u8))
-        for i in range(len(u8)):
-            st = quality.image_stats(u8[i])
-            rows.append([np.nan if score is None else float(score[i]), float(lung_mask(seg[i, 0]).mean()),
-                         st["mean"], st["std"]])
+        rows += [shift_check.feature_row(None if score is None else score[i], lung_mask(seg[i, 0]).mean(),
+                                         quality.image_stats(u8[i])) for i in range(len(u8))]
     return np.array(rows)
 
 
 def rate(values, groups, reference, n: int, folders: int, rng) -> float:
-    names = sorted(set(groups))
-    members = [np.flatnonzero(groups == g) for g in names]
-    fired = 0
-    for _ in range(folders):
-        counts = rng.multinomial(n, rng.dirichlet(np.ones(len(names))))
-        idx = np.concatenate([rng.choice(m, c) for m, c in zip(members, counts) if c])
-        fired += shift_check.folder_check(values[idx], reference, seed=int(rng.integers(1 << 30)))["fires"]
-    return fired / folders
+    fired = [shift_check.folder_check(values[idx], reference, seed=int(rng.integers(1 << 30)))["fires"]
+             for idx in shift_check.mixed_draws(groups, n, folders, rng)]
+    return float(np.mean(fired))
 
 
 def main(argv=None) -> int:

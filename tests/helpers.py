@@ -106,3 +106,25 @@ def read_manifest(out) -> dict:
     """The outputs manifest a cxrkit run keeps in its output folder."""
     import json
     return json.loads((Path(out) / ".cxrkit_outputs.json").read_text())
+
+
+def make_dicom(path, pixels, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+               sop_class=None, **tags):
+    """A DICOM file (any name: the reader goes by content) holding `pixels`, with a fresh SOP instance
+    UID and the extra `tags` (e.g. StudyInstanceUID, ViewPosition, PatientAge); returns the dataset."""
+    import pydicom.uid as uids
+    from pydicom.dataset import Dataset, FileMetaDataset
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class or uids.SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = uids.generate_uid()
+    meta.TransferSyntaxUID = uids.ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.set_pixel_data(pixels, photometric_interpretation=photometric,
+                      **({"bits_stored": bits_stored} if bits_stored else {}))
+    ds.save_as(path, enforce_file_format=True)
+    return ds

@@ -28,6 +28,26 @@ FLAG_MEANING = {FLAG_FOLDER_SHIFT: "the folder as a whole differs from the train
                                    "the probabilities are not calibrated for it and accuracy is likely lower"}
 
 
+def feature_row(ood_score, lung_area_fraction: float, stats: dict) -> list[float]:
+    """One image's row, in FEATURES order: the gate score (NaN without a gate), the predicted lung-area
+    fraction and quality.image_stats' grey mean and std of the model input. The one rule for the
+    pipeline, the reference fit and the tests."""
+    return [np.nan if ood_score is None else float(ood_score), float(lung_area_fraction),
+            float(stats["mean"]), float(stats["std"])]
+
+
+def mixed_draws(groups, n: int, n_draws: int, rng) -> np.ndarray:
+    """(n_draws, n) row indices of simulated in-source folders: group shares ~ Dirichlet(1), then each
+    image a random member of its group (with replacement). Vectorised: every index drawn at once."""
+    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    size = np.bincount(inverse, minlength=len(names))
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    cum = np.cumsum(rng.dirichlet(np.ones(len(names)), n_draws), axis=1)
+    label = np.minimum((rng.random((n_draws, n))[..., None] > cum[:, None, :]).sum(-1), len(names) - 1)
+    return order[start[label] + (rng.random((n_draws, n)) * size[label]).astype(np.int64)]
+
+
 def make_reference(values: np.ndarray, groups, alpha: float = ALPHA) -> dict:
     """The dict stored with a model: per-image feature rows (N, len(FEATURES)) and their group names."""
     v = np.asarray(values, np.float64)
@@ -35,19 +55,6 @@ def make_reference(values: np.ndarray, groups, alpha: float = ALPHA) -> dict:
         raise ValueError(f"expected ({len(v)}, {len(FEATURES)}) values and one group per row")
     return {"features": list(FEATURES), "values": np.round(v, 5).tolist(), "groups": [str(g) for g in groups],
             "alpha": float(alpha), "min_images": MIN_IMAGES, "n_null": N_NULL}
-
-
-def _null_medians(ref_values, groups, n: int, n_null: int, rng) -> np.ndarray:
-    """Medians of n_null simulated folders of n images: group shares ~ Dirichlet(1), then each image a
-    random member of its group (with replacement). Vectorised: one draw of every index at once."""
-    names, inverse = np.unique(groups, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    size = np.bincount(inverse, minlength=len(names))
-    start = np.concatenate([[0], np.cumsum(size)[:-1]])
-    cum = np.cumsum(rng.dirichlet(np.ones(len(names)), n_null), axis=1)
-    label = np.minimum((rng.random((n_null, n))[..., None] > cum[:, None, :]).sum(-1), len(names) - 1)
-    idx = order[start[label] + (rng.random((n_null, n)) * size[label]).astype(np.int64)]
-    return np.median(ref_values[idx], axis=1)
 
 
 def folder_check(values: np.ndarray, reference: dict, seed: int = 0) -> dict:
@@ -64,7 +71,7 @@ def folder_check(values: np.ndarray, reference: dict, seed: int = 0) -> dict:
         x, n = x[rng.choice(n, MAX_DRAW, replace=False)], MAX_DRAW
     ref, groups = np.asarray(reference["values"], np.float64), np.asarray(reference["groups"])
     use = ~np.all(np.isnan(x), axis=0) & ~np.all(np.isnan(ref), axis=0)  # no gate: ood_score left out
-    null = _null_medians(ref[:, use], groups, n, int(reference.get("n_null", N_NULL)), rng)
+    null = np.median(ref[:, use][mixed_draws(groups, n, int(reference.get("n_null", N_NULL)), rng)], axis=1)
     mu, sd = null.mean(0), null.std(0) + 1e-9
     med = np.nanmedian(x[:, use], axis=0)
     feats = [f for f, u in zip(FEATURES, use) if u]

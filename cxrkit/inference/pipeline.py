@@ -141,8 +141,7 @@ class _Tally:
                           cam_file=f"cams/{stem}_cam.npy" if cam_name and self.save_cams else None, dicom=d.dicom)
         for f in d.flags:
             self.flag_counts[f] += 1
-        self.shift_rows.append([np.nan if ood_score is None else float(ood_score), float(lung.mean()),
-                                d.stats["mean"], d.stats["std"]])
+        self.shift_rows.append(shift_check.feature_row(ood_score, lung.mean(), d.stats))
         if d.gt_mask is not None:  # Dice at the mask's own resolution (and, labelled, at the model input)
             r.dice, r.iou = binary_dice_iou(lung_mask(seg, d.gt_mask.shape[:2]), d.gt_mask)
             self.dices.append(r.dice)

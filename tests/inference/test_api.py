@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cxrkit.core.config import ONNX_PATH
-from tests.helpers import CXR_DATA, NO_DATA_REASON, REPO, assert_one_line_error, read_predictions
+from tests.helpers import CXR_DATA, NO_DATA_REASON, REPO, assert_one_line_error, make_dicom, read_predictions
 
 ONNX = REPO / ONNX_PATH
 pytestmark = pytest.mark.skipif(not ONNX.is_file(), reason=f"shipped model {ONNX} not found")
@@ -28,21 +28,10 @@ def _real(n):
 
 def _dicom_from_png(png, path, view="PA", age="061Y"):
     """A DICOM (no .dcm name needed) holding the PNG's 8-bit pixels, with UIDs, ViewPosition, PatientAge."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.ViewPosition, ds.PatientAge = "DX", view, age
-    ds.set_pixel_data(cv2.imread(str(png), cv2.IMREAD_GRAYSCALE), photometric_interpretation="MONOCHROME2",
-                      bits_stored=8)
-    ds.save_as(path, enforce_file_format=True)
-    return ds
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
+    return make_dicom(path, cv2.imread(str(png), cv2.IMREAD_GRAYSCALE), bits_stored=8,
+                      sop_class=DigitalXRayImageStorageForPresentation, StudyInstanceUID=generate_uid(),
+                      SeriesInstanceUID=generate_uid(), ViewPosition=view, PatientAge=age)
 
 
 @pytest.fixture(scope="module")

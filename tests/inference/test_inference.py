@@ -23,7 +23,7 @@ from cxrkit.core.ood import not_judged
 from cxrkit.core.model_input import load_for_model, to_model_input, to_model_input_np
 from cxrkit.core.decode import read_gray
 from cxrkit.core.tta import tta_predict
-from tests.helpers import assert_one_line_error, read_predictions
+from tests.helpers import assert_one_line_error, make_dicom, read_predictions
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
@@ -126,18 +126,8 @@ def test_backends_agree_image_by_image_and_are_calibrated(cli_runs, tiny_model):
 
 # ------------------------------------------------------------------------------------- file formats
 def _make_dicom(path, pixels_u16, photometric):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientName = "DX", "Synthetic^Test"
-    ds.set_pixel_data(pixels_u16, photometric_interpretation=photometric, bits_stored=12)
-    ds.save_as(path, enforce_file_format=True)
+    """A 12-bit secondary-capture DICOM of pixels_u16 (tests/helpers.make_dicom)."""
+    make_dicom(path, pixels_u16, photometric, bits_stored=12, PatientName="Synthetic^Test")
 
 
 def test_formats_16bit_rgba_dicom_and_unique_names(tiny_model, cxr_eval_dir, tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cxrkit.core.decode import read_gray
-from cxrkit.core.shift_check import make_reference
+from cxrkit.core.shift_check import feature_row, make_reference
 from cxrkit.inference import OnnxBackend, PipelineOptions, gather_inputs, run_pipeline
 from cxrkit.training.shifts import apply_shift
 from tests.helpers import REPO, read_predictions
@@ -45,7 +45,7 @@ def test_the_warning_fires_on_another_sites_look_and_not_on_the_reference(folder
     values, groups = [], []
     for r in rows:
         st = quality.image_stats(resize_gray(read_gray(r["image_path"]), 128))
-        values.append([float(r["ood_score"]), float(r["lung_area_fraction"]), st["mean"], st["std"]])
+        values.append(feature_row(float(r["ood_score"]), float(r["lung_area_fraction"]), st))
         groups.append(r["true_class"])
     ref = make_reference(values, groups)
     same = run(folders / "plain", tmp_path / "p2", ref)
