@@ -74,6 +74,9 @@ def parse_args(argv=None):
                    help="probability per training image of CLAHE (another site's contrast processing; 0: off)")
     g.add_argument("--aug_gamma", type=float, default=D.aug_gamma, metavar="G",
                    help="random gamma in [1/(1+G), 1+G] per training image (exposure, detector curve; 0: off)")
+    g.add_argument("--aug_shifts", type=float, default=D.aug_shifts, metavar="P",
+                   help="probability per training image of one random scanner-like intensity shift (noise, blur, "
+                        "sharpen, JPEG, down-up sampling, contrast, gamma, burned-in text; level up to 0.7; 0: off)")
     g.add_argument("--outside_lung_aug", type=float, default=D.outside_lung_aug, metavar="P",
                    help="probability per masked training image of replacing everything outside the (dilated) lung "
                         "mask by --outside_lung_fill: pushes the classifier towards lung content (0: off)")

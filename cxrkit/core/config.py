@@ -127,6 +127,9 @@ class TrainConfig:
     # other sites' look (data.scanner_look): CLAHE on this share of the images, gamma in [1/(1+g), 1+g]
     aug_clahe: float = 0.0
     aug_gamma: float = 0.0
+    # ... and on this share, one random intensity shift of cxrkit.training.shifts (noise, blur, sharpen,
+    # JPEG, down-up sampling, contrast, gamma, burned-in text) at a random level in [0, 0.7]
+    aug_shifts: float = 0.0
     # outside-lung randomisation (data.outside_lung_randomise): probability per masked sample, fill,
     # and the dilation margin as a fraction of the image size (4 px at 128 px)
     outside_lung_aug: float = 0.75  # chosen by the rule in scripts/outside_lung_table.py (README)

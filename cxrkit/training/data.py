@@ -347,6 +347,33 @@ def scanner_look(x: torch.Tensor, cfg, gen: torch.Generator) -> torch.Tensor:
     if cfg.aug_gamma > 0:
         g = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * float(np.log1p(cfg.aug_gamma)))
         x = x.clamp(0, 1) ** g.to(x.device).view(b, 1, 1, 1)
+    if cfg.aug_shifts > 0:
+        x = random_shifts(x, cfg.aug_shifts, gen)
+    return x
+
+
+# the intensity shifts of cxrkit.training.shifts that leave the lungs where they are (no crop), so the
+# mask still fits; CLAHE has its own probability (aug_clahe)
+TRAIN_SHIFTS = ("gamma", "contrast", "blur", "sharpen", "noise", "jpeg", "downup", "border_text")
+MAX_TRAIN_SHIFT_LEVEL = 0.7  # robustness curves go to level 1: their top is beyond what training saw
+
+
+def random_shifts(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """With probability p per sample, one of TRAIN_SHIFTS at a level in [0, MAX_TRAIN_SHIFT_LEVEL]; every
+    draw comes from `gen`, so a resumed run repeats it exactly."""
+    from .shifts import apply_shift
+    b = x.shape[0]
+    pick = torch.rand(b, generator=gen) < p
+    kind = torch.randint(len(TRAIN_SHIFTS), (b,), generator=gen)
+    level = torch.rand(b, generator=gen) * MAX_TRAIN_SHIFT_LEVEL
+    seeds = torch.randint(2 ** 31 - 1, (b,), generator=gen)
+    if not bool(pick.any()):
+        return x
+    x = x.clone()
+    for i in torch.nonzero(pick).flatten().tolist():
+        u8 = (x[i, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        out = apply_shift(u8, TRAIN_SHIFTS[int(kind[i])], float(level[i]), int(seeds[i]))
+        x[i] = (torch.from_numpy(out).to(x.device, torch.float32) / 255).unsqueeze(0).expand(x.shape[1], -1, -1)
     return x
 
 
