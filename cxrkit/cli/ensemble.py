@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--oof", nargs="*", default=None,
                    help="fold-run folders (fold*/test_results/oof_predictions.npz) whose pooled out-of-fold "
                         "predictions fit the temperature; one per member seed")
-    p.add_argument("--data_dir", default=None,
+    p.add_argument("--data_dir", nargs="+", default=None, metavar="DIR",
                    help="the labelled data the members were trained on: fit the out-of-distribution gate (needs --oof)")
     p.add_argument("--cache_dir", default=None, help="decoded-image cache for --data_dir (default: <folder of --out>/cache)")
     p.add_argument("--ood_holdout_fold", type=int, default=0,

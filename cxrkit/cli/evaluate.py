@@ -36,7 +36,7 @@ def evaluate_from_args(args) -> None:
     model.to(device)
     out = Path(args.output_dir)
     data = load_data(args.data_dir, ck["img_size"], Path(args.cache_dir or out / "cache"), args.workers, 0, 1,
-                     not args.quiet)
+                     not args.quiet, args.source_rule)
     if data.classes != ck["class_names"]:
         raise DataError(f"{args.data_dir} has classes {data.classes} but {args.evaluate} was trained on "
                         f"{ck['class_names']}; point --data_dir at matching class folders")
@@ -45,6 +45,9 @@ def evaluate_from_args(args) -> None:
         log.warning("%s not found: making a new split with --seed %d (it only matches the training split "
                     "if the checkpoint was trained on this data with this seed)", split_p, args.seed)
     split = load_or_make_split(data, split_p, args.val_frac, args.test_frac, args.seed, args.dup_threshold)
+    if args.holdout_source:
+        from ..training.sources import holdout
+        split = holdout(split, data.sources, args.holdout_source)
     amp = amp_dtype_for(device, args.amp)
     res_dir = out / "test_results"
     if args.calibrate:

@@ -22,9 +22,19 @@ D, R = TrainConfig(), RunOptions()  # every default; the flags carry their field
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default=R.data_dir,
-                   help="database root: <Class>/images/* with <Class>/masks/*, or <Class>/*; a prebuilt cache "
-                        "folder also works. The default is the synthetic set made by `make demo`")
+    g.add_argument("--data_dir", nargs="+", default=R.data_dir, metavar="DIR",
+                   help="database root(s): <Class>/images/* with <Class>/masks/*, or <Class>/*; a prebuilt cache "
+                        "folder also works. Several roots train together, each image's source being its root's "
+                        "name (e.g. ../shared/data/cxr4 ../shared/data/db_extra). The default is the synthetic "
+                        "set made by `make demo`")
+    g.add_argument("--source_rule", default=D.source_rule, metavar="REGEX",
+                   help="finer sources: the first group this regex captures from '<root name>/<path>' is added to "
+                        "the root's name, e.g. '^[^/]+/([^/]+)/' = one source per class folder of each root")
+    g.add_argument("--holdout_source", default=D.holdout_source, metavar="NAME",
+                   help="train and validate without this source's images and test on all of them (a new-hospital "
+                        "proxy); the names are listed at the start of training")
+    g.add_argument("--balance_sources", action="store_true", default=D.balance_sources,
+                   help="draw every source of a class equally often per epoch (with replacement)")
     g.add_argument("--output_dir", default=R.output_dir, help="holds model_checkpoints/, test_results/, split.json, cache/")
     g.add_argument("--cache_dir", default=R.cache_dir, help="decoded-image cache (default: <output_dir>/cache)")
     g.add_argument("--img_size", type=int, default=D.img_size, help="square input size in pixels")

@@ -116,6 +116,12 @@ class TrainConfig:
     val_frac: float = 0.15
     test_frac: float = 0.15
     dup_threshold: float = 0.985  # 32-px correlation above which two images are near-duplicates
+    # sources (cxrkit.training.sources): each image's source is its data root's name, plus the first
+    # group of source_rule (a regex on "<root name>/<path>"); holdout_source trains without one source and
+    # tests on it; balance_sources draws every source of a class equally often
+    source_rule: str = ""
+    holdout_source: str = ""
+    balance_sources: bool = False
     grad_clip: float = 5.0
     ema_decay: float = 0.998      # weight EMA (validated and shipped); 0 disables
     # augmentation (applied to image and mask together; no horizontal flips, see data.py)
@@ -159,7 +165,7 @@ class TrainConfig:
 @dataclass
 class RunOptions:
     """Where and how one training run executes: not part of the recipe (never in the checkpoint)."""
-    data_dir: str = "demo_data"   # the synthetic set made by `make demo`
+    data_dir: str | list = "demo_data"  # one root or several; default: the synthetic set made by `make demo`
     output_dir: str = "."
     cache_dir: str | None = None  # None: <output_dir>/cache
     device: str = "auto"          # auto, cpu, cuda or cuda:N

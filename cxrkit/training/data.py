@@ -136,20 +136,35 @@ class CachedData:
     mask_paths: list | None = None  # relative mask path per image (None entries: no mask); for Dice at the
                                     # masks' own resolution. None when unknown (a carried cache folder)
 
+    # where each image comes from (cxrkit.training.sources): the root's name, plus --source_rule's part
+    sources: list[str] = field(default_factory=list)
+    root_of: dict | None = None     # several roots: paths are "<root name>/<relative path>"; name -> folder
+
     _native: dict = field(default_factory=dict, repr=False, compare=False)  # index -> (packed bits, shape)
+
+    def file(self, rel: str) -> Path:
+        """The file behind a relative path of this data (image or mask)."""
+        if self.root_of:
+            name, _, rest = rel.partition("/")
+            return Path(self.root_of[name]) / rest
+        return Path(self.root) / rel
+
+    def reachable(self) -> bool:
+        roots = list(self.root_of.values()) if self.root_of else [self.root]
+        return all(r and Path(r).is_dir() for r in roots)
 
     def native_masks(self, idx) -> list | None:
         """The ground-truth masks of images idx at their files' own resolution (0/1 uint8), None for
         images without one; None altogether when the mask files cannot be reached. Each file is read
         once and kept bit-packed (validation asks for the same masks every epoch)."""
-        if not self.mask_paths or not self.root or not Path(self.root).is_dir():
+        if not self.mask_paths or not self.reachable():
             return None
         out = []
         for i in map(int, idx):
             if i not in self._native:
                 rel = self.mask_paths[i] if self.has_mask[i] else None
                 try:
-                    m = read_mask(Path(self.root) / rel) if rel else None
+                    m = read_mask(self.file(rel)) if rel else None
                 except (ImageReadError, OSError):
                     m = None
                 self._native[i] = None if m is None else (np.packbits(m.astype(bool)), m.shape)
@@ -234,7 +249,8 @@ def load_cache(cdir, root="") -> CachedData:
                       images=np.load(cdir / "images.npy", mmap_mode="r"),
                       masks=np.load(cdir / "masks.npy", mmap_mode="r"),
                       has_mask=np.asarray(meta["has_mask"], bool),
-                      skipped=meta["skipped"], root=str(root), mask_paths=meta.get("mask_paths"))
+                      skipped=meta["skipped"], root=str(root), mask_paths=meta.get("mask_paths"),
+                      sources=[Path(str(root)).name or "data"] * len(meta["paths"]))
 
 
 # --------------------------------------------------------------------------------------- batches
@@ -260,16 +276,20 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     """Shuffled (seed, epoch)-deterministic batches, sharded across DDP ranks; set_epoch per epoch."""
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world: int = 1, drop_last: bool = False):
+                 world: int = 1, drop_last: bool = False, balance=None):
         self.n, self.bs, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world, self.drop_last, self.epoch = rank, world, drop_last, 0
+        self.balance = balance  # None, or (labels, sources, indices): sources.balanced_order draws the epoch
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
     def _order(self):
         order = np.arange(self.n)
-        if self.shuffle:
+        if self.balance is not None:
+            from .sources import balanced_order
+            order = balanced_order(*self.balance, np.random.default_rng([self.seed, self.epoch]))
+        elif self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         if self.world > 1:  # pad to a multiple of world so every rank runs the same number of steps
             pad = (-len(order)) % self.world
@@ -290,8 +310,9 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 
 def make_loader(data: CachedData, indices, batch_size, shuffle, seed=0, rank=0, world=1,
-                workers=0, pin=False, drop_last=False):
-    sampler = EpochBatchSampler(len(indices), batch_size, shuffle, seed, rank, world, drop_last)
+                workers=0, pin=False, drop_last=False, balance_sources=False):
+    balance = (data.labels, data.sources, np.asarray(indices)) if balance_sources else None
+    sampler = EpochBatchSampler(len(indices), batch_size, shuffle, seed, rank, world, drop_last, balance)
     return torch.utils.data.DataLoader(BatchDataset(data, indices), batch_size=None, sampler=sampler,
                                        num_workers=workers, pin_memory=pin,
                                        persistent_workers=workers > 0)
@@ -409,8 +430,24 @@ def outside_lung_randomise(x, m, has_mask, p: float, fill: str, margin_frac: flo
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_data(data_dir, img_size, cache_dir, workers, rank, world, progress=True):
-    """A prebuilt cache folder (meta.json + images.npy) is accepted as data_dir too."""
+def load_data(data_dir, img_size, cache_dir, workers, rank, world, progress=True, source_rule=""):
+    """The training data of one root or several (a list): each root cached on its own, several joined
+    (join_roots); every image gets its source (cxrkit.training.sources). A prebuilt cache folder
+    (meta.json + images.npy) is accepted as a root too."""
+    from .sources import apply_source_rule, root_names
+    dirs = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
+    if not dirs:
+        raise DataError("--data_dir: give at least one data folder")
+    parts = [_load_root(d, img_size, cache_dir, workers, rank, world, progress) for d in dirs]
+    names = root_names(dirs)
+    data = parts[0] if len(parts) == 1 else join_roots(parts, names, [str(d) for d in dirs])
+    if len(parts) == 1:
+        data.sources = [names[0]] * len(data.paths)
+    data.sources = apply_source_rule(data, source_rule)
+    return data
+
+
+def _load_root(data_dir, img_size, cache_dir, workers, rank, world, progress):
     p = Path(data_dir)
     if (p / "meta.json").is_file() and (p / "images.npy").is_file():
         data = load_cache(p, p)
@@ -423,3 +460,22 @@ def load_data(data_dir, img_size, cache_dir, workers, rank, world, progress=True
     if rank != 0:
         data = build_cache(p, img_size, cache_dir, workers=0, progress=False)  # reads the cache rank 0 made
     return data
+
+
+def join_roots(parts: list[CachedData], names: list[str], dirs: list[str]) -> CachedData:
+    """Several roots as one data set: classes are the union of their class folders (sorted), paths
+    "<root name>/<relative path>", arrays concatenated in memory (a few hundred MB at most at 128 px)."""
+    classes = sorted(set().union(*(p.classes for p in parts)))
+    def prefixed(name, rels):
+        return [None if r is None else f"{name}/{r}" for r in rels]
+    return CachedData(
+        classes=classes,
+        paths=[q for n, p in zip(names, parts) for q in prefixed(n, p.paths)],
+        labels=np.concatenate([np.array([classes.index(p.classes[l]) for l in p.labels], np.int64) for p in parts]),
+        images=np.concatenate([np.asarray(p.images) for p in parts]),
+        masks=np.concatenate([np.asarray(p.masks) for p in parts]),
+        has_mask=np.concatenate([p.has_mask for p in parts]),
+        skipped=[{**d, "path": f"{n}/{d['path']}"} for n, p in zip(names, parts) for d in p.skipped],
+        root="", root_of=dict(zip(names, dirs)),
+        mask_paths=[q for n, p in zip(names, parts) for q in prefixed(n, p.mask_paths or [None] * len(p.paths))],
+        sources=[n for n, p in zip(names, parts) for _ in p.paths])

@@ -166,7 +166,8 @@ def make_engine(s: Session, model: torch.nn.Module, train_state: dict | None) ->
         sched.load_state_dict(train_state["scheduler"])
         scaler.load_state_dict(train_state["scaler"])
     loader = make_loader(s.data, tr_idx, cfg.batch_size, True, cfg.seed, s.rank, s.world, cfg.workers,
-                         s.device.type == "cuda", drop_last=per_rank >= cfg.batch_size)
+                         s.device.type == "cuda", drop_last=per_rank >= cfg.batch_size,
+                         balance_sources=cfg.balance_sources)
     return Engine(model, ema, ddp_model, class_w, criterion, opt, sched, scaler, loader, mem_fmt)
 
 

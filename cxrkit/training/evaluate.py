@@ -113,8 +113,12 @@ def evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype=None
         return {}
     r = result if result is not None else predict_split(model, data, te_idx, device, 64, amp_dtype, native_dice=True)
     t = ModelMeta.from_checkpoint(ck).temperature
-    rep = write_test_report(res_dir, ck["class_names"], r, t,
-                            extra={"checkpoint_epoch": ck.get("epoch", -1) + 1})
+    extra = {"checkpoint_epoch": ck.get("epoch", -1) + 1}
+    if len(set(data.sources)) > 1:  # the loader returns te_idx's images in sorted order
+        from .sources import by_source
+        extra["by_source"] = by_source(data.sources, np.sort(te_idx), r["labels"], r["probs"].argmax(1),
+                                       ck["class_names"])
+    rep = write_test_report(res_dir, ck["class_names"], r, t, extra=extra)
     s = rep["segmentation"]
     sn = (rep.get("segmentation_native") or {}).get("dice")
     print(f"test | acc {rep['accuracy']:.4f} macro-F1 {rep['macro_f1']:.4f} Dice {s['dice'] or 0:.4f} "
@@ -122,4 +126,7 @@ def evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype=None
           f"IoU {s['iou'] or 0:.4f} | ECE {rep['calibration']['ece_before']:.4f} -> "
           f"{rep['calibration']['ece_after']:.4f} (T={t:.3f}) | report in {res_dir}",
           flush=True)
+    for name, b in rep.get("by_source", {}).items():
+        lo, hi = b["accuracy_ci95"]
+        print(f"test | source {name}: acc {b['accuracy']:.4f} [{lo:.3f}, {hi:.3f}] on {b['images']} images", flush=True)
     return rep

@@ -81,7 +81,8 @@ def prepare(cfg: TrainConfig, opts: RunOptions) -> Session:
     out = Path(opts.output_dir)
     check_output_dir(opts, out, rank)
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else out / "cache"
-    data = load_data(opts.data_dir, cfg.img_size, cache_dir, cfg.workers, rank, world, not opts.quiet)
+    data = load_data(opts.data_dir, cfg.img_size, cache_dir, cfg.workers, rank, world, not opts.quiet,
+                     cfg.source_rule)
     split = load_split(cfg, data, out / SPLIT, rank, world)
     mcfg = model_config(cfg, len(data.classes))
     cfg = dataclasses.replace(cfg, pretrained=mcfg.pretrained)
@@ -94,10 +95,11 @@ def check_output_dir(opts: RunOptions, out: Path, rank: int) -> None:
     ck_dir = out / "model_checkpoints"
     if rank == 0:
         ck_dir.mkdir(parents=True, exist_ok=True)
-    dd = Path(opts.data_dir).resolve()
-    if out.resolve() == dd or dd in out.resolve().parents:
-        raise DataError(f"--output_dir {out} is inside --data_dir {opts.data_dir}: its cache/ and model_checkpoints/ "
-                        f"would be read as class folders; choose an output folder outside the data")
+    for d in [opts.data_dir] if isinstance(opts.data_dir, (str, Path)) else opts.data_dir:
+        dd = Path(d).resolve()
+        if out.resolve() == dd or dd in out.resolve().parents:
+            raise DataError(f"--output_dir {out} is inside --data_dir {d}: its cache/ and model_checkpoints/ "
+                            f"would be read as class folders; choose an output folder outside the data")
     if not opts.resume and not opts.overwrite and (ck_dir / BEST).is_file():
         raise CheckpointError(f"{ck_dir / BEST} already exists (an earlier run or the shipped model): pass --resume "
                               f"to continue that run, --overwrite to replace it, or another --output_dir")
@@ -122,6 +124,9 @@ def load_split(cfg: TrainConfig, data: CachedData, split_path: Path, rank: int, 
     barrier(world)
     if rank != 0:
         split = load_or_make_split(data, split_path, **fold_kw)
+    if cfg.holdout_source:
+        from .sources import holdout
+        split = holdout(split, data.sources, cfg.holdout_source)
     for k, v in (("train", split["train"]), ("validation", split["val"])):
         if len(v) == 0 and not (k == "validation" and fold == "all"):
             raise DataError(f"the {k} split is empty ({len(data.paths)} images): add images or change the fractions")
@@ -168,6 +173,9 @@ def log_start(s: Session, e: Engine) -> None:
              len(sp["test"]), cfg.arch, count_parameters(e.model) / 1e6,
              count_gflops(build_model(s.model_cfg), cfg.img_size), cfg.img_size, s.device,
              f" x{s.world}" if s.world > 1 else "", s.amp_dtype)
+    from .sources import describe
+    log.info("sources: %s%s", describe(s.data.sources, s.data.labels, s.classes),
+             f" | held out for the test: {cfg.holdout_source}" if cfg.holdout_source else "")
 
 
 # ------------------------------------------------------------------------------------ epoch loop
