@@ -121,22 +121,26 @@ def measure(a, backend, images, values, groups) -> None:
 
 def write_reference(ref: dict, checkpoint, onnx_path) -> None:
     """Store the reference in the checkpoint (atomically) and in the ONNX meta file beside the model."""
+    add_to_model(checkpoint, onnx_path, {"shift_reference": ref}, {"shift_reference": ref})
+    print(f"wrote the shift reference ({len(ref['values'])} images) into {checkpoint} and its ONNX meta")
+
+
+def add_to_model(checkpoint, onnx_path, ck_update: dict, meta_update: dict) -> None:
+    """Add fitted statistics (not weights) to the checkpoint (atomically) and the ONNX meta beside the
+    model; the meta's source_checkpoint hash follows the checkpoint, since the graph still comes from it."""
     from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint
-    from cxrkit.core.io_utils import meta_path_for, write_json_atomic
+    from cxrkit.core.io_utils import meta_path_for, sha256_file, write_json_atomic
     ck = load_checkpoint(checkpoint)
-    ck["shift_reference"] = ref
+    ck.update(ck_update)
     atomic_torch_save(ck, checkpoint)
     meta_p = meta_path_for(onnx_path)
     meta = json.loads(Path(meta_p).read_text())
-    meta["shift_reference"] = ref
-    # the checkpoint's weights are unchanged, only this key was added: the ONNX file still comes from it
-    from cxrkit.core.io_utils import sha256_file
+    meta.update(meta_update)
     src = meta.get("source_checkpoint") or {}
     if src.get("file") == Path(checkpoint).name:
         meta["source_checkpoint"] = {**src, "sha256": sha256_file(checkpoint),
-                                     "note": "shift_reference added after export (weights unchanged)"}
+                                     "note": f"{', '.join(meta_update)} added after export (weights unchanged)"}
     write_json_atomic(meta_p, meta)
-    print(f"wrote the shift reference ({len(ref['values'])} images) into {checkpoint} and {meta_p}")
 
 
 if __name__ == "__main__":

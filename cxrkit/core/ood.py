@@ -7,8 +7,9 @@ Flags (added to predictions.csv's quality_flags; see cxrkit.core.quality for the
                   lower than the image itself (< VIEW_MARGIN x its score): reversed grey levels
   rotated         the same for the image turned by 90, 180 or 270 degrees
   extreme_aspect  the decoded image is longer than EXTREME_ASPECT:1 (a strip, not a film)
-  lateral_view    a DICOM input whose ViewPosition says lateral (LL, RL, LATERAL, ...): decided from the
-                  header alone, whatever the model says (the model was trained on frontal films only)
+  lateral_view    not a frontal view: a DICOM ViewPosition that says lateral (LL, RL, LATERAL, ...), or, from
+                  the pixels, a predicted lung map that is not two lungs side by side (two_lungs); the model
+                  was trained on frontal films only
 
 How the numbers were chosen (scripts/ood_eval.py re-measures them; README "Out-of-distribution gate"):
 - ood_score: min over classes of the squared Mahalanobis distance of the spatial mean and standard
@@ -40,7 +41,8 @@ OOD_FLAG_MEANING = {
                    "without its header?",
     FLAG_ROTATED: "the image looks turned by 90 or 180 degrees (a turned copy scores as a chest X-ray)",
     FLAG_ASPECT: "the image is a strip (longer side over 3 x the shorter), not a whole film",
-    FLAG_LATERAL: "a lateral view (its DICOM ViewPosition): the model reads frontal films only",
+    FLAG_LATERAL: "not a frontal view (its DICOM ViewPosition says lateral, or the predicted lungs are not two "
+                  "lungs side by side): the model reads frontal films only",
 }
 OOD_REASON = {FLAG_NOT_CXR: "not a chest X-ray", FLAG_INVERTED: "inverted grey levels",
               FLAG_ROTATED: "rotated", FLAG_ASPECT: "extreme aspect ratio", FLAG_LATERAL: "lateral view"}
@@ -79,6 +81,49 @@ def view_position_flags(view_position) -> list[str]:
     """[lateral_view] when a DICOM ViewPosition names a lateral projection; [] otherwise (or absent)."""
     v = "".join(ch for ch in str(view_position or "").upper() if ch.isalnum())
     return [FLAG_LATERAL] if v in LATERAL_VIEW_POSITIONS else []
+
+
+# two_lungs: a frontal chest film shows two lungs, one each side of the midline. Measured by
+# scripts/lateral_proxy.py with the shipped model on 900 real frontal films (cxr4, db_extra): every one
+# had two lung components of >= 1% of the image on opposite sides, the smaller >= 0.25 x the larger.
+# A lateral film shows one lung field; its proxy (one side of a frontal film, stretched square, spine at
+# the edge) fails the rule in about 98% of cases. (The rule reads the predicted map, so it is only as
+# good as the segmentation on such a film; real lateral films were not available to measure.)
+MIN_LUNG_COMPONENT = 0.01
+MIN_LUNG_RATIO = 0.25
+
+
+def two_lungs(lung: np.ndarray) -> bool:
+    """Whether a binary lung mask (H, W) shows two lungs side by side (see the constants above)."""
+    import cv2
+    m = np.ascontiguousarray(lung, dtype=np.uint8)
+    n, _, stats, centroids = cv2.connectedComponentsWithStats(m, connectivity=8)
+    comps = sorted(((int(stats[i, cv2.CC_STAT_AREA]), float(centroids[i][0])) for i in range(1, n)), reverse=True)
+    big = [c for c in comps if c[0] >= MIN_LUNG_COMPONENT * m.size]
+    if len(big) < 2:
+        return False
+    (a1, x1), (a2, x2) = big[:2]
+    mid = m.shape[1] / 2
+    return (x1 - mid) * (x2 - mid) < 0 and a2 >= MIN_LUNG_RATIO * a1
+
+
+# the pixel view check is switched on for a model only where its own segmentation passes it on at least
+# this share of its validation images (a model that segments poorly would call every film lateral)
+VIEW_CHECK_MIN_PASS = 0.98
+
+
+def view_check_fields(passed) -> dict:
+    """The gate's view-check fields from the validation images' two_lungs results."""
+    rate = float(np.mean(passed)) if len(passed) else 0.0
+    return {"view_check": "two_lungs" if rate >= VIEW_CHECK_MIN_PASS else None, "val_two_lungs_fraction": rate}
+
+
+def view_flags(view_position, lung: np.ndarray | None = None) -> list[str]:
+    """[lateral_view] when the DICOM ViewPosition names a lateral projection, or the predicted binary lung
+    mask (when given) is not two lungs side by side; [] otherwise."""
+    if view_position_flags(view_position) or (lung is not None and not two_lungs(lung)):
+        return [FLAG_LATERAL]
+    return []
 
 
 def aspect_flags(shape) -> list[str]:
@@ -169,6 +214,8 @@ class GateSpec:
     view_hint: float | None = None
     view_margin: float | None = None
     val_view_flagged_fraction: float | None = None
+    view_check: str | None = None           # "two_lungs": the pixel view check is on (view_check_fields)
+    val_two_lungs_fraction: float | None = None
     stored_threshold: float | None = None   # the model's own threshold, under an --ood_threshold override
     source: str | None = None               # "model" or "--ood_threshold ..." (resolved gates only)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept for the round trip

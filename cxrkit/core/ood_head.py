@@ -174,18 +174,25 @@ def fit_ood(model: nn.Module, data, train_idx, val_idx, device=None, layers=None
     attach_ood(model, stats)
     from .model import predict
 
+    two_lungs_seen = []  # the pixel view check's pass/fail on the validation images (first call only)
+
     def score(x):  # (B, 3, S, S) float32 numpy in [0, 1] -> (B,) scores
-        out = []
+        out, keep = [], not two_lungs_seen
         with torch.no_grad():
             for s in range(0, len(x), 64):
                 xt = torch.from_numpy(np.ascontiguousarray(x[s:s + 64])).to(device)
-                out.append(predict(model, xt, with_ood=True)[2].double().cpu().numpy())
+                seg, _, sc = predict(model, xt, with_ood=True)
+                out.append(sc.double().cpu().numpy())
+                if keep:
+                    two_lungs_seen.extend(two_lungs(lung_mask(m)) for m in seg[:, 0].cpu().numpy())
         return np.concatenate(out)
 
-    from .model_input import to_model_input_np
+    from .model_input import lung_mask, to_model_input_np
+    from .ood import two_lungs, view_check_fields
     val_x = to_model_input_np(np.concatenate(list(_batches(data.images, val_idx))))
     sv = score(val_x)
     stats.update(threshold_from_scores(sv, percentile, margin, view_scores_np(score, val_x)))
+    stats.update(view_check_fields(two_lungs_seen))
     log.info("out-of-distribution gate: threshold %.3f (p%s of %d validation scores)", stats["threshold"],
              percentile, len(sv))
     return stats

@@ -78,9 +78,12 @@ def model_outputs(backend, x: np.ndarray, tta: int, temperature: float, gate: Ga
 def image_flags(d: Decoded, seg: np.ndarray, area_rng: dict, gate: GateSpec | None, ood_score=None,
                 view_scores=None) -> tuple:
     """Every flag of one decoded image given its lung-probability map (S,S) and gate score: quality
-    (image, lung area), the gate's (not judged), aspect and a DICOM lateral ViewPosition (from the
-    header alone). The one rule for run_pipeline and cxrkit.inference.api."""
+    (image, lung area), the gate's (not judged), aspect and the view (a DICOM lateral ViewPosition, or
+    predicted lungs that are not two side by side: cxrkit.core.ood.view_flags). The one rule for run_pipeline and cxrkit.inference.api."""
     gate_flags = [] if gate is None or ood_score is None else gate.decide(ood_score, view_scores)
-    return tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lung_mask(seg).mean()), area_rng)
-                 + gate_flags + ood.aspect_flags(d.orig_shape)
-                 + ood.view_position_flags((d.dicom or {}).get("ViewPosition")))
+    lungs = lung_mask(seg)
+    # the pixel view check where the model's gate switched it on, and nothing else set the image aside
+    pixel_view = gate is not None and gate.view_check == "two_lungs" and not gate_flags
+    view = ood.view_flags((d.dicom or {}).get("ViewPosition"), lungs if pixel_view else None)
+    return tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lungs.mean()), area_rng)
+                 + gate_flags + ood.aspect_flags(d.orig_shape) + view)
