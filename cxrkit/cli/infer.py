@@ -182,7 +182,8 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
             f"{thr['seconds']:.1f} s ({thr['images_per_second']:.1f} img/s)")
     if summary["classification"]:
         c = summary["classification"]
-        line += f" | accuracy {c['accuracy']:.3f} macro-F1 {c['macro_f1']:.3f} (n={c['n_labelled']})"
+        line += f" | accuracy {c['accuracy']:.3f} macro-F1 {c['macro_f1']:.3f} (n={c['n_labelled']}" + (
+            f"; {c['n_not_judged_left_out']} not judged left out)" if c.get("n_not_judged_left_out") else ")")
     if summary["segmentation"]:
         s = summary["segmentation"]
         line += f" | Dice {s['mean_dice']:.3f} IoU {s['mean_iou']:.3f}"

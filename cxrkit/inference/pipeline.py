@@ -111,7 +111,7 @@ class _Tally:
     def __init__(self, names, size, area_rng, gate, opts: PipelineOptions):
         self.names, self.size, self.area_rng, self.gate = names, size, area_rng, gate
         self.annotate, self.save_masks, self.save_cams = opts.annotate, opts.save_masks, opts.save_cams
-        self.rows, self.y_true, self.y_probs, self.y_flagged = [], [], [], []
+        self.rows, self.y_true, self.y_probs, self.y_flagged, self.y_gated = [], [], [], [], []
         self.dices, self.ious, self.dices_model = [], [], []
         self.flag_counts = {c: 0 for c in quality.FLAG_CODES + ood.OOD_FLAG_CODES + (shift_check.FLAG_FOLDER_SHIFT,)}
         self.shift_rows, self.shift_block = [], None  # shift_check's features per image; its verdict
@@ -154,6 +154,7 @@ class _Tally:
             # merge of shard runs, cxrkit.inference.shard) reproduces every metric of this run
             self.y_probs.append(np.array([float(row[f"prob_{c}"]) for c in self.names]))
             self.y_flagged.append(bool(d.flags))
+            self.y_gated.append(ood.is_gated(d.flags))  # left out of the metrics (summary.classification_summary)
         self.rows.append(row)
         return row
 

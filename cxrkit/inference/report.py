@@ -174,7 +174,9 @@ def _cards(c: dict | None, seg: dict | None) -> list[str]:
                     + _num(f"classification/{ci_key}/1", ci[1], _f3(ci[1])) + f" ({how})") if ci else "no CI"
             cards.append(f'<div class="card"><div class="lbl">{label}</div><div class="big">'
                          f'{_num("classification/" + key, c[key], _f3(c[key]))}</div><div class="ci">{ci_s}</div>'
-                         f'<div class="n">{_num("classification/n_labelled", n, str(n))} labelled images</div></div>')
+                         f'<div class="n">{_num("classification/n_labelled", n, str(n))} labelled images judged'
+                         + (f' ({c["n_not_judged_left_out"]} not judged, left out)' if c.get("n_not_judged_left_out")
+                            else "") + '</div></div>')
         u = c.get("unflagged") or {}
         if u.get("accuracy") is not None:
             cards.append('<div class="card"><div class="lbl">Unflagged images only</div><div class="big">'

@@ -237,7 +237,8 @@ def _merge_metrics(summary: dict, loaded, rows: list, names: list) -> None:
     summary["classification"] = classification_summary(
         [names.index(r["true_class"]) for r in labelled],
         [[float(r[f"prob_{c}"]) for c in names] for r in labelled], names,
-        [bool(r.get("quality_flags")) for r in labelled]) if labelled else None
+        [bool(r.get("quality_flags")) for r in labelled],
+        [not_judged(r.get("quality_flags")) for r in labelled]) if labelled else None
     segs = [s["segmentation"] for s, _, _ in loaded if s.get("segmentation")]
     if segs:
         m = sum(g["n_masks"] for g in segs)

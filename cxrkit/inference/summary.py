@@ -8,14 +8,26 @@ from ..core import ood, quality, shift_check
 from ..core.config import DISCLAIMER, LUNG_THRESHOLD
 
 
-def classification_summary(y_true, y_probs, names, flagged=None) -> dict:
-    """summary.json's "classification": metrics, n_labelled and 95% intervals, and with `flagged` (a bool
-    per image: any quality flag) the same figures over the unflagged images (also cxrkit.inference.shard's merge)."""
+def classification_summary(y_true, y_probs, names, flagged=None, gated=None) -> dict | None:
+    """summary.json's "classification" (also cxrkit.inference.shard's merge): metrics, n_labelled and 95%
+    intervals over the JUDGED labelled images (`gated`: a bool per image, not judged by the gate; those
+    are left out and counted, with the all-images figures beside them for reference), and with `flagged`
+    (a bool per image: any quality flag) the same figures over the unflagged images. None when no
+    labelled image was judged."""
     from ..core.metrics import classification_metrics, confidence_intervals
     y_true, y_probs = np.asarray(y_true, np.int64), np.asarray(y_probs, np.float64)
-    m = classification_metrics(y_true, y_probs, names)
-    m["n_labelled"] = len(y_true)
-    m.update(confidence_intervals(y_true, y_probs.argmax(1), len(names)))
+    judged = ~np.asarray(gated, bool) if gated is not None else np.ones(len(y_true), bool)
+    if not judged.any():
+        return None
+    m = classification_metrics(y_true[judged], y_probs[judged], names)
+    m["n_labelled"] = int(judged.sum())
+    m.update(confidence_intervals(y_true[judged], y_probs[judged].argmax(1), len(names)))
+    if not judged.all():
+        ma = classification_metrics(y_true, y_probs, names)
+        m["n_not_judged_left_out"] = int((~judged).sum())
+        m["including_not_judged"] = {"n": len(y_true), "accuracy": ma["accuracy"], "macro_f1": ma["macro_f1"],
+                                     "note": "every labelled image, the not-judged ones scored by their model "
+                                             "output (not a prediction): for reference only"}
     if flagged is not None:
         keep = ~np.asarray(flagged, bool)
         m["unflagged"] = {"n": int(keep.sum()), "note": "the same figures over images with no quality flag"}
@@ -86,7 +98,8 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
     if tally.mask_problems:
         summary["mask_problems"] = tally.mask_problems
     if tally.y_true:
-        summary["classification"] = classification_summary(tally.y_true, tally.y_probs, tally.names, tally.y_flagged)
+        summary["classification"] = classification_summary(tally.y_true, tally.y_probs, tally.names, tally.y_flagged,
+                                                           tally.y_gated)
     if tally.dices:
         summary["segmentation"] = _segmentation(tally)
     if opts.extra_summary:

@@ -124,7 +124,8 @@ def test_four_shard_processes_merge_to_the_single_run(syn, tmp_path):
     for key in ("n_inputs", "n_processed", "n_skipped", "predicted_counts", "quality", "classification",
                 "segmentation", "class_names", "inputs", "temperature", "notes"):
         assert _close(on_disk[key], single[key], key) is None, key
-    assert single["classification"]["n_labelled"] == 20 and single["segmentation"]["n_masks"] == 20
+    judged = (single["classification"] or {}).get("n_labelled", 0)  # metrics: judged images only
+    assert judged + single["quality"]["n_not_judged"] == 20 and single["segmentation"]["n_masks"] == 20
     assert merged["merged_from"] == [str(tmp_path / f"s{k}") for k in range(4)]
     page = (tmp_path / "merged" / "report.html").read_text()
     assert page.count('<figure class="g') == 20 and "broken scan.png" in page

@@ -1,0 +1,18 @@
+"""A not-judged image (gated) counts nowhere as a class: the run's metrics leave it out and count it."""
+import numpy as np
+
+from cxrkit.inference.summary import classification_summary
+
+NAMES = ["COVID", "Normal"]
+
+
+def test_metrics_leave_out_not_judged_images_and_count_them():
+    y = [0, 1, 1, 0]
+    p = [[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.05, 0.95]]  # the last (wrong) one is not judged
+    m = classification_summary(y, p, NAMES, flagged=[False, False, False, True], gated=[False, False, False, True])
+    assert m["accuracy"] == 1.0 and m["n_labelled"] == 3 and m["n_not_judged_left_out"] == 1
+    assert m["including_not_judged"]["n"] == 4 and m["including_not_judged"]["accuracy"] == 0.75
+    assert np.asarray(m["confusion_matrix"]).sum() == 3
+    assert classification_summary(y, p, NAMES, gated=[True] * 4) is None  # nothing judged: no metrics
+    full = classification_summary(y, p, NAMES, gated=[False] * 4)
+    assert full["accuracy"] == 0.75 and "n_not_judged_left_out" not in full
