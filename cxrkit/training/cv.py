@@ -28,7 +28,10 @@ CI_RESAMPLES = 2 * METRICS_CI_RESAMPLES
 
 
 def parse_fold(value: str, folds: int):
-    """--fold: an integer in [0, folds) or 'all'."""
+    """--fold: an integer in [0, folds) or 'all'; folds must be 2 or more (ValueError naming the flag)."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"--folds {folds}: give the number of folds, 2 or more (0, the default, trains without "
+                         f"folds: the usual train/val/test split)")
     if value == "all":
         return "all"
     try:

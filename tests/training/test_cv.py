@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import assert_one_line_error
+
 
 # ------------------------------------------------------------------------------------ folds
 def test_folds_are_stratified_grouped_and_deterministic():
@@ -112,6 +114,29 @@ def test_pool_without_fold_runs_is_one_line(tmp_path, capsys):
     from cxrkit.cli import cv
     assert cv.main([str(tmp_path)]) == 2
     assert "no fold*/test_results/oof_predictions.npz" in capsys.readouterr().err
+
+
+def test_fold_count_below_two_is_one_line_before_the_data_is_read(tmp_path, capsys):
+    """--folds 1 --fold 0 reached make_folds' ValueError (a traceback); --folds -3 printed "from 0 to -4"."""
+    from cxrkit.cli import train as model_arch
+    from cxrkit.core.config import TrainConfig
+    from cxrkit.core.errors import UsageError
+    from cxrkit.training.cv import parse_fold
+    from cxrkit.training.synthetic import generate
+    from cxrkit.training.train import load_split
+    data = generate(tmp_path / "syn", per_class=2, seed=1)
+    base = ["--data_dir", str(data), "--output_dir", str(tmp_path / "o"), "--arch", "tiny", "--img_size", "32",
+            "--num_epochs", "1", "--workers", "0", "--quiet"]
+    for folds in ("1", "-3"):
+        assert model_arch.main(base + ["--folds", folds, "--fold", "0"]) == 2
+        line = assert_one_line_error(capsys, f"--folds {folds}", "2 or more", log_lines_ok=True)
+        assert "-4" not in line and "to 0" not in line
+    assert not (tmp_path / "o" / "split.json").exists()
+    for folds in (1, -3):
+        with pytest.raises(ValueError, match="--folds"):
+            parse_fold("0", folds)
+        with pytest.raises(UsageError, match="2 or more"):  # the training entry point too, not only the CLI
+            load_split(TrainConfig(folds=folds, fold="0"), None, tmp_path / "split.json", 0, 1)
 
 
 # ------------------------------------------------------------------------------- ensemble
