@@ -44,7 +44,7 @@ def oof_temperature(oof_dirs) -> dict:
 
 def fit_gate(model, ck: dict, data_dir, oof_dirs, cache_dir, holdout_fold: int = 0, workers: int = 2) -> dict:
     """ck["ood"] for the ensemble (see the module docstring); returns it."""
-    from .cv import OOF_FILE
+    from .cv import OOF_FILE, read_oof_file
     from .data import load_data
     from ..core.errors import DataError
     from ..core.ood_head import fit_ood
@@ -54,7 +54,7 @@ def fit_gate(model, ck: dict, data_dir, oof_dirs, cache_dir, holdout_fold: int =
     data = load_data(data_dir, ck["img_size"], Path(cache_dir), workers, 0, 1, progress=False)
     if data.classes != ck["class_names"]:
         raise DataError(f"{data_dir} has classes {data.classes}, the members {ck['class_names']}")
-    held_paths = set(str(p) for p in np.load(held / OOF_FILE)["paths"])
+    held_paths = set(str(p) for p in read_oof_file(held / OOF_FILE)["paths"])
     is_held = np.array([p in held_paths for p in data.paths])
     if not is_held.any():
         raise DataError(f"none of fold {holdout_fold}'s images is in {data_dir}: pass the data the folds were made of")
@@ -65,6 +65,7 @@ def build_ensemble(member_paths, oof_dirs=None) -> dict:
     """The ensemble checkpoint (a dict) of the member checkpoints; T from oof_dirs when given."""
     if len(member_paths) < 2:
         raise CxrkitError("an ensemble needs at least two member checkpoints")
+    cal = oof_temperature(oof_dirs) if oof_dirs else None  # the --oof files are checked before any member loads
     cks = [load_checkpoint(p) for p in member_paths]
     first = cks[0]
     for p, ck in zip(member_paths[1:], cks[1:]):
@@ -83,8 +84,7 @@ def build_ensemble(member_paths, oof_dirs=None) -> dict:
                          lung_area_range=first.get("lung_area_range"), history=first.get("history"),
                          ensemble={"members": members,
                                    "combine": "mean of member probabilities (lung sigmoid, class softmax)"})
-    if oof_dirs:
-        cal = oof_temperature(oof_dirs)
+    if cal is not None:
         ck["temperature"] = cal["temperature"]
         ck["calibration"] = cal
     return ck
