@@ -61,10 +61,33 @@ def fit_gate(model, ck: dict, data_dir, oof_dirs, cache_dir, holdout_fold: int =
     return fit_ood(model, data, np.flatnonzero(~is_held), np.flatnonzero(is_held), device="cpu")
 
 
+def _member_hashes(member_paths) -> list:
+    """Each member file's SHA-256. The same checkpoint twice (one path twice, a link to it, or a byte-identical
+    copy) would weigh that model double and count it as two members: refused naming both."""
+    seen: dict = {}
+    hashes = []
+    for p in member_paths:
+        p = Path(p)
+        try:
+            key = sha256_file(p) if p.is_file() else None
+        except OSError:
+            key = None
+        hashes.append(key)
+        if key is None:
+            continue  # load_checkpoint names a missing or unreadable file
+        if key in seen:
+            same = "the same file" if p.resolve() == seen[key].resolve() else "the same checkpoint (identical bytes)"
+            raise CxrkitError(f"{p} and {seen[key]} are {same}: each member is given once; pass distinct member "
+                              f"checkpoints (e.g. one per --seed)")
+        seen[key] = p
+    return hashes
+
+
 def build_ensemble(member_paths, oof_dirs=None) -> dict:
     """The ensemble checkpoint (a dict) of the member checkpoints; T from oof_dirs when given."""
     if len(member_paths) < 2:
         raise CxrkitError("an ensemble needs at least two member checkpoints")
+    hashes = _member_hashes(member_paths)
     cal = oof_temperature(oof_dirs) if oof_dirs else None  # the --oof files are checked before any member loads
     cks = [load_checkpoint(p) for p in member_paths]
     first = cks[0]
@@ -77,8 +100,8 @@ def build_ensemble(member_paths, oof_dirs=None) -> dict:
         raise CheckpointError(f"{member_paths[0]} is already an ensemble; pass single-model checkpoints")
     cfg = dataclasses.replace(ModelConfig.from_dict(first["model_config"]), ensemble_size=len(cks))
     sd = {f"members.{i}.{k}": v for i, ck in enumerate(cks) for k, v in ck["state_dict"].items()}
-    members = [{"file": str(p), "sha256": sha256_file(p), "recipe": c.get("recipe"),
-                "epochs_run": len(c.get("history") or [])} for p, c in zip(member_paths, cks)]
+    members = [{"file": str(p), "sha256": h, "recipe": c.get("recipe"),
+                "epochs_run": len(c.get("history") or [])} for p, h, c in zip(member_paths, hashes, cks)]
     ck = make_checkpoint(sd, cfg, first["class_names"], first["img_size"], normalization=first["normalization"],
                          recipe=first.get("recipe"), prior_correction=first.get("prior_correction"),
                          lung_area_range=first.get("lung_area_range"), history=first.get("history"),

@@ -245,6 +245,24 @@ def test_pool_out_onto_a_regular_file_is_refused_before_pooling(tmp_path, capsys
     assert blocker.read_text() == "a file, not a folder\n"
 
 
+def test_ensemble_refuses_the_same_member_twice(tmp_path, capsys):
+    """The same checkpoint twice was accepted as a two-member ensemble (that model weighed double)."""
+    import shutil as _shutil
+    from cxrkit.cli.ensemble import main as ens_main
+    from tests.helpers import REPO
+    ck = REPO / "model_checkpoints" / "best_covid_model.pth"
+    if not ck.is_file():
+        pytest.skip("shipped checkpoint not in this checkout")
+    out = tmp_path / "e.pth"
+    assert ens_main([str(ck), str(ck), "--out", str(out)]) == 2
+    assert_one_line_error(capsys, str(ck), "the same file", "given once", log_lines_ok=True)
+    copy = tmp_path / "copy.pth"
+    _shutil.copy2(ck, copy)
+    assert ens_main([str(ck), str(copy), "--out", str(out)]) == 2
+    assert_one_line_error(capsys, str(copy), str(ck), "identical bytes", log_lines_ok=True)
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------- ensemble
 def test_ensemble_averages_member_probabilities_and_exports(fold_runs, tmp_path):
     from cxrkit.core.checkpoint import model_from_checkpoint
