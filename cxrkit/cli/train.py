@@ -134,6 +134,14 @@ def check_args(args) -> None:
         return
     if args.num_epochs < 1:
         raise UsageError(f"--num_epochs {args.num_epochs}: nothing would be trained or written; give 1 or more")
+    if args.folds or args.fold:  # k-fold flags, checked before the data is read (training.train.load_split too)
+        from ..training.cv import parse_fold
+        if not args.folds:
+            raise UsageError(f"--fold {args.fold} needs --folds K (the number of folds)")
+        try:
+            parse_fold(str(args.fold), args.folds)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     from ..core.model import check_img_size
     check_img_size(make_config(args.arch), args.img_size)  # the one size rule (also export's)
 

@@ -11,6 +11,7 @@ Masks: any non-zero-ish pixel (> half of the mask's max) is lung.
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -267,6 +268,26 @@ def _read_dicom(path: Path, notes: list | None = None, tags: dict | None = None)
     return np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8)
 
 
+def missing_reason(path) -> str:
+    """Why a path that does not exist as a file cannot be read: a symlink loop (a link that points back to
+    itself), a broken symlink, or no such file."""
+    path = Path(path)
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (the link points back to itself): not read"
+        if path.is_symlink():
+            try:
+                target = f" {os.readlink(path)}"
+            except OSError:
+                target = ""
+            return f"broken symlink (its target{target} does not exist): not read"
+    except ValueError:  # a NUL in the name
+        pass
+    return "file not found"
+
+
 def read_gray(path) -> np.ndarray:
     """Decode any supported file to a (H, W) uint8 grayscale array, or raise ImageReadError."""
     return read_gray_info(path)[0]
@@ -280,7 +301,7 @@ def read_gray_info(path, tags: dict | None = None) -> tuple[np.ndarray, list[str
     path = Path(path)
     notes: list[str] = []
     if not path.is_file():  # before any read: opening a FIFO would block, a device never end
-        raise ImageReadError(path, "file not found" if not path.exists() else
+        raise ImageReadError(path, missing_reason(path) if not path.exists() else
                              "not a regular file (a FIFO, device or folder with an image name): not read")
     if tags is not None:
         tags.clear()

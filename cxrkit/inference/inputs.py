@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 
 from ..core.errors import InferenceError
 from ..core.outdir import is_output_dir
-from ..core.decode import IMAGE_EXTS, list_images, mask_for_image
+from ..core.decode import IMAGE_EXTS, list_images, mask_for_image, missing_reason
 
 
 log = logging.getLogger("cxrkit")
@@ -97,14 +98,16 @@ def gather_inputs(data_dir=None, images=None, class_names=(), num_samples: int =
             if p.is_dir():
                 found = [q for q in list_images(p, skip_dir=skip) if not _is_mask_path(q, p)]
                 items += [_item(q, str(Path(p.name) / q.relative_to(p)), lookup, p) for q in found]
-            elif skip.exclude is None or skip.exclude not in p.resolve().parents:
+            elif skip.exclude is None or skip.exclude not in _resolved(p).parents:
                 items.append(_item(p, p.name, lookup, None))
             else:
                 skip.pruned.append(str(p))
         if not items:
             raise InferenceError(f"--images: no images found in {', '.join(map(str, images))}")
         if all(not it.path.exists() for it in items):
-            raise InferenceError(f"--images: none of the {len(items)} files exist (first: {items[0].path})")
+            why = missing_reason(items[0].path)
+            raise InferenceError(f"--images: none of the {len(items)} files can be read (first: {items[0].path}: "
+                                 f"{why}); give image files that exist")
     elif data_dir is not None:
         root = Path(data_dir)
         if root.is_file():
@@ -140,13 +143,22 @@ def _root_names(root: Path) -> list[str]:
     return [r.name] + ([r.parent.name] if r.name.lower() == "images" else [])
 
 
+def _resolved(p: Path) -> Path:
+    """p.resolve(), or p made absolute where it cannot be resolved (a symlink loop: RuntimeError on Python
+    < 3.13, OSError after); such a file stays an input and its decoding skips it, saying why (missing_reason)."""
+    try:
+        return p.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(p))
+
+
 def _item(p: Path, rel: str, lookup: dict, root: Path | None) -> InputItem:
     """root None: an explicit file, labelled by its folder (or the folder above `images`); else the
     nearest folder between the file and root (root included) named like a model class."""
     true = None
     if lookup:
         if root is None:
-            q = p.resolve()
+            q = _resolved(p)
             cands = [q.parent.name] + ([q.parent.parent.name] if q.parent.name.lower() == "images" else [])
         else:
             cands = list(reversed(p.relative_to(root).parts[:-1])) + _root_names(root)

@@ -108,9 +108,11 @@ def _load(d: Path):
     try:
         summary = json.loads(s_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InferenceError(f"{s_path}: not a readable summary.json ({type(e).__name__}: {e})") from None
+        raise InferenceError(f"{s_path}: not a complete shard run's summary.json, cut short or edited "
+                             f"({type(e).__name__}: {e}); rerun that shard") from None
     if not isinstance(summary, dict) or "shard" not in summary:
-        raise InferenceError(f"{d}: summary.json has no \"shard\" block (a run without --shard K/N)")
+        raise InferenceError(f"{s_path}: has no \"shard\" block (a run without --shard K/N, or not a shard run's "
+                             f"summary.json)")
     _check_shard_block(s_path, summary)
     try:
         with open(c_path, newline="", encoding="utf-8") as f:
@@ -146,10 +148,47 @@ def _check_shard_block(s_path: Path, summary: dict) -> None:
           and all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], int) and isinstance(x[1], str)
                   for x in b["inputs"]))
     if not ok:
-        raise InferenceError(f"{s_path}: its \"shard\" block is not what a --shard K/N run writes (needs index, "
-                             f"count, n_inputs_all and inputs); rerun that shard")
+        raise InferenceError(f"{s_path}: not a complete shard run's summary.json: its \"shard\" block is not what a "
+                             f"--shard K/N run writes (needs index, count, n_inputs_all and inputs); rerun that shard")
     if not isinstance(summary.get("class_names"), list) or not isinstance(summary.get("n_processed", 0), int):
-        raise InferenceError(f"{s_path}: no class_names / n_processed (not a shard run's summary.json)")
+        raise InferenceError(f"{s_path}: not a complete shard run's summary.json (no class_names / n_processed); "
+                             f"rerun that shard")
+    bad = _bad_merged_fields(summary)
+    if bad:
+        raise InferenceError(f"{s_path}: not a complete shard run's summary.json ({bad} is not what a shard run "
+                             f"writes); rerun that shard")
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _bad_merged_fields(summary: dict) -> str | None:
+    """The first of the fields the merge adds up or reorders that is damaged (its name), else None: so a cut
+    or edited summary.json is one line naming it, not a KeyError / TypeError deep in the merge."""
+    if not isinstance(summary.get("n_inputs", 0), int):
+        return "n_inputs"
+    for key in ("skipped", "notes"):
+        v = summary.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, dict) and isinstance(x.get("path"), str) for x in v):
+            return key
+    if not isinstance(summary.get("mask_problems", []), list):
+        return "mask_problems"
+    seg = summary.get("segmentation")
+    if seg is not None and not (isinstance(seg, dict) and isinstance(seg.get("n_masks"), int)
+                                and all(_is_num(seg[k]) for k in ("mean_dice", "mean_iou", "mean_dice_model_input")
+                                        if k in seg)):
+        return "segmentation"
+    for key in ("throughput", "quality"):
+        if summary.get(key) is not None and not isinstance(summary[key], dict):
+            return key
+    t = summary.get("throughput") or {}
+    if not all(t.get(k) is None or _is_num(t[k]) for k in ("seconds", "model_seconds")):
+        return "throughput"
+    counts = (summary.get("quality") or {}).get("counts", {})
+    if not isinstance(counts, dict) or not all(_is_num(v) for v in counts.values()):
+        return "quality.counts"
+    return None
 
 
 def _check_rows(c_path: Path, summary: dict, rows: list) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import DataError
 from ..core.metrics import CI_RESAMPLES as METRICS_CI_RESAMPLES, CI_SEED
 from ..core.metrics import classification_metrics, expected_calibration_error, nll, softmax
 
@@ -28,7 +29,10 @@ CI_RESAMPLES = 2 * METRICS_CI_RESAMPLES
 
 
 def parse_fold(value: str, folds: int):
-    """--fold: an integer in [0, folds) or 'all'."""
+    """--fold: an integer in [0, folds) or 'all'; folds must be 2 or more (ValueError naming the flag)."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"--folds {folds}: give the number of folds, 2 or more (0, the default, trains without "
+                         f"folds: the usual train/val/test split)")
     if value == "all":
         return "all"
     try:
@@ -57,20 +61,122 @@ def write_oof(path, data, idx, result: dict, tta_probs=None, lungs_only_probs=No
             np.savez(f, **arrays)
 
 
-def load_oof(run_dir) -> dict:
-    """Pool every fold*/test_results/oof_predictions.npz under run_dir (sorted by path)."""
+# what a fold run's write_oof always writes (tta4_probs and lungs_only_probs are optional)
+OOF_KEYS = ("paths", "labels", "logits", "dice", "classes")
+
+
+def read_oof_file(path) -> dict:
+    """One fold's oof_predictions.npz as a dict of arrays, loaded without pickle; a file that is not one
+    (empty, truncated, text, another archive, arrays missing or of the wrong shape) is a DataError naming it."""
+    import zipfile
+    path = Path(path)
+
+    def bad(why: str) -> DataError:
+        return DataError(f"{path}: not an out-of-fold predictions file written by a fold run ({why}); rerun that "
+                         f"fold (model_arch.py --folds K --fold k --output_dir {path.parent.parent})")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise bad(f"cannot be read: {e.strerror or type(e).__name__}") from None
+    if size == 0:
+        raise bad("empty file, 0 bytes")
+    if head != b"PK\x03\x04":
+        raise bad("not a .npz archive")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+        # ValueError includes object (pickled) arrays, refused: a fold run writes none
+        raise bad(f"truncated or damaged, {type(e).__name__}") from None
+    missing = [k for k in OOF_KEYS if k not in arrays]
+    if missing:
+        raise bad(f"no {', '.join(repr(k) for k in missing)} array{'s' if len(missing) > 1 else ''}")
+    n, lg = len(arrays["paths"]), arrays["logits"]
+    if (lg.ndim != 2 or not np.issubdtype(lg.dtype, np.floating) or lg.shape != (n, len(arrays["classes"]))
+            or any(arrays[k].shape[:1] != (n,) for k in ("labels", "dice", "tta4_probs", "lungs_only_probs")
+                   if k in arrays)):
+        raise bad("its arrays' shapes do not match: paths, labels, dice one entry per image, logits one row "
+                  "per image and a column per class")
+    return arrays
+
+
+def _read_split(path: Path) -> dict | None:
+    """A fold run's split.json (its folds and fold), None when the folder has none."""
+    import json
+    if not path.is_file():
+        return None
+    try:
+        js = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a readable split.json ({type(e).__name__}); the fold run that wrote it was "
+                        f"cut short or the file was edited: rerun that fold") from None
+    return js if isinstance(js, dict) else None
+
+
+def fold_completeness(run_dir, files) -> dict:
+    """How many folds the fold runs under run_dir were made with (K, from their split.json files) and which
+    of folds 0..K-1 have no oof file: {"folds": K or None, "missing": [k, ...]}."""
+    import re
+    run_dir = Path(run_dir)
+    splits = {d: _read_split(d / "split.json") for d in sorted(run_dir.glob("fold*")) if d.is_dir()}
+    ks = sorted({js.get("folds") for js in splits.values() if js and isinstance(js.get("folds"), int)})
+    if len(ks) > 1:
+        raise DataError(f"{run_dir}: its fold runs were made with different --folds ({', '.join(map(str, ks))}, in "
+                        f"their split.json): pool runs of one --folds K")
+    if not ks:
+        return {"folds": None, "missing": []}
+    have = set()
+    for f in files:
+        d = Path(f).parent.parent
+        js = splits.get(d) or {}
+        k = js.get("fold")
+        if not isinstance(k, int):
+            m = re.fullmatch(r"fold(\d+)", d.name)
+            k = int(m.group(1)) if m else None
+        have.add(k)
+    return {"folds": ks[0], "missing": sorted(set(range(ks[0])) - have)}
+
+
+def load_oof(run_dir, allow_incomplete: bool = False, incomplete_flag: str | None = None) -> dict:
+    """Pool every fold*/test_results/oof_predictions.npz under run_dir (sorted by path). Every fold of
+    the runs' --folds K (their split.json) must be there: a missing fold is a DataError naming it, unless
+    allow_incomplete (incomplete_flag: the command's option that allows it, named in the message)."""
     files = sorted(Path(run_dir).glob(f"fold*/test_results/{OOF_FILE}"))
     if not files:
         raise FileNotFoundError(f"no fold*/test_results/{OOF_FILE} under {run_dir}: run model_arch.py --folds K "
                                 f"--fold k --output_dir {run_dir}/foldk first")
-    parts = [dict(np.load(f)) for f in files]
+    done = fold_completeness(run_dir, files)
+    k = done["folds"]
+    if not allow_incomplete and (k is None or done["missing"]):
+        allow = f", or pass {incomplete_flag} to pool only the folds there are" if incomplete_flag else ""
+        if k is None:
+            raise DataError(f"{run_dir}: no fold*/split.json, so the number of folds K is unknown and a missing "
+                            f"fold would go unnoticed: pool the fold runs' own output folders (each holds "
+                            f"split.json){allow}")
+        miss = done["missing"]
+        many = len(miss) > 1
+        how = "; ".join(f"model_arch.py ... --folds {k} --fold {m} --output_dir {Path(run_dir) / f'fold{m}'}"
+                        for m in miss[:3]) + ("; ..." if len(miss) > 3 else "")
+        raise DataError(f"{run_dir}: fold{'s' if many else ''} {', '.join(map(str, miss))} of its {k} folds "
+                        f"(--folds {k} in the fold runs' split.json) ha{'ve' if many else 's'} no "
+                        f"test_results/{OOF_FILE}, so the pooled figures would leave {'their' if many else 'its'} "
+                        f"images out: train {'them' if many else 'it'} first ({how}){allow}")
+    parts = [read_oof_file(f) for f in files]
     classes = [str(c) for c in parts[0]["classes"]]
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "classes"}
+    for f, p in zip(files[1:], parts[1:]):
+        if [str(c) for c in p["classes"]] != classes:
+            raise DataError(f"{f}: classes {[str(c) for c in p['classes']]}, {files[0]} has {classes}: "
+                            f"the fold runs used different data")
+    keys = [key for key in parts[0] if key != "classes" and all(key in p for p in parts)]
+    out = {key: np.concatenate([p[key] for p in parts]) for key in keys}
     order = np.argsort(out["paths"])
-    out = {k: v[order] for k, v in out.items()}
+    out = {key: v[order] for key, v in out.items()}
     if len(np.unique(out["paths"])) != len(out["paths"]):
-        raise ValueError(f"{run_dir}: an image is held out by two folds: the fold runs used different fold files")
+        raise DataError(f"{run_dir}: an image is held out by two folds: the fold runs used different fold files")
     out["classes"], out["n_folds"], out["files"] = classes, len(files), [str(f) for f in files]
+    out["folds_expected"], out["missing_folds"] = k, done["missing"]
     return out
 
 
@@ -152,21 +258,23 @@ def fit_oof_calibration(labels, logits) -> dict:
 
 
 # ---------------------------------------------------------------------------------- report
-def cv_report(run_dirs: list[str]) -> dict:
+def cv_report(run_dirs: list[str], allow_incomplete: bool = False) -> dict:
     """Figures of each run set (plain and 4-view TTA), of their probability-average ensemble, and the
-    paired differences against the first set."""
-    runs = {str(d): load_oof(d) for d in run_dirs}
+    paired differences against the first set. Every run set must hold all its folds (load_oof) unless
+    allow_incomplete; the report then says which folds are missing."""
+    runs = {str(d): load_oof(d, allow_incomplete, "--allow_incomplete") for d in run_dirs}
     first = next(iter(runs.values()))
     for d, r in runs.items():
         if not np.array_equal(r["paths"], first["paths"]):
-            raise ValueError(f"{d} holds out other images than {run_dirs[0]}: compare runs over the same folds")
+            raise DataError(f"{d} holds out other images than {run_dirs[0]}: compare runs over the same folds")
     classes, labels = first["classes"], first["labels"]
     rep = {"classes": classes, "n_images": int(len(labels)), "runs": {}, "ci": "95%: Wilson for proportions, "
            f"percentile bootstrap ({CI_RESAMPLES} resamples, seed {CI_SEED}) for macro-F1, Dice and differences"}
     base = softmax(first["logits"])
     for d, r in runs.items():
         p = softmax(r["logits"])
-        row = {"n_folds": r["n_folds"], "plain": pooled_figures(labels, p, classes, r["dice"],
+        row = {"n_folds": r["n_folds"], "folds_expected": r["folds_expected"], "missing_folds": r["missing_folds"],
+               "plain": pooled_figures(labels, p, classes, r["dice"],
                                                                 r.get("lungs_only_probs")),
                "calibration": fit_oof_calibration(labels, r["logits"])}
         if "tta4_probs" in r:
@@ -206,6 +314,13 @@ def markdown(rep: dict) -> str:
             + " | Dice | lungs-only acc | diff vs first (acc) |")
     lines = [f"Pooled out-of-fold figures over {rep['n_images']} images, in % with {rep['ci']}.", "",
              head, "|" + "---|" * (head.count("|") - 1)]
+    partial = [(d, r) for d, r in rep["runs"].items() if r.get("missing_folds") or r.get("folds_expected") is None]
+    if partial:  # --allow_incomplete: say so before the figures
+        lines[1:1] = ["", *(f"INCOMPLETE (--allow_incomplete): {d} pools {r['n_folds']} fold(s)"
+                            + (f" of {r['folds_expected']}, fold(s) {', '.join(map(str, r['missing_folds']))} "
+                               f"missing" if r.get("folds_expected") else ", the number of folds unknown (no "
+                                                                           "split.json)")
+                            + ": these figures are not over every image" for d, r in partial)]
 
     def row(name, f, diff=None):
         rec = " | ".join(_ci(f["recall"][c]["value"], f["recall"][c]["ci95"]) for c in cls)

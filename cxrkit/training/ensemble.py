@@ -44,7 +44,7 @@ def oof_temperature(oof_dirs) -> dict:
 
 def fit_gate(model, ck: dict, data_dir, oof_dirs, cache_dir, holdout_fold: int = 0, workers: int = 2) -> dict:
     """ck["ood"] for the ensemble (see the module docstring); returns it."""
-    from .cv import OOF_FILE
+    from .cv import OOF_FILE, read_oof_file
     from .data import load_data
     from ..core.errors import DataError
     from ..core.ood_head import fit_ood
@@ -54,17 +54,41 @@ def fit_gate(model, ck: dict, data_dir, oof_dirs, cache_dir, holdout_fold: int =
     data = load_data(data_dir, ck["img_size"], Path(cache_dir), workers, 0, 1, progress=False)
     if data.classes != ck["class_names"]:
         raise DataError(f"{data_dir} has classes {data.classes}, the members {ck['class_names']}")
-    held_paths = set(str(p) for p in np.load(held / OOF_FILE)["paths"])
+    held_paths = set(str(p) for p in read_oof_file(held / OOF_FILE)["paths"])
     is_held = np.array([p in held_paths for p in data.paths])
     if not is_held.any():
         raise DataError(f"none of fold {holdout_fold}'s images is in {data_dir}: pass the data the folds were made of")
     return fit_ood(model, data, np.flatnonzero(~is_held), np.flatnonzero(is_held), device="cpu")
 
 
+def _member_hashes(member_paths) -> list:
+    """Each member file's SHA-256. The same checkpoint twice (one path twice, a link to it, or a byte-identical
+    copy) would weigh that model double and count it as two members: refused naming both."""
+    seen: dict = {}
+    hashes = []
+    for p in member_paths:
+        p = Path(p)
+        try:
+            key = sha256_file(p) if p.is_file() else None
+        except OSError:
+            key = None
+        hashes.append(key)
+        if key is None:
+            continue  # load_checkpoint names a missing or unreadable file
+        if key in seen:
+            same = "the same file" if p.resolve() == seen[key].resolve() else "the same checkpoint (identical bytes)"
+            raise CxrkitError(f"{p} and {seen[key]} are {same}: each member is given once; pass distinct member "
+                              f"checkpoints (e.g. one per --seed)")
+        seen[key] = p
+    return hashes
+
+
 def build_ensemble(member_paths, oof_dirs=None) -> dict:
     """The ensemble checkpoint (a dict) of the member checkpoints; T from oof_dirs when given."""
     if len(member_paths) < 2:
         raise CxrkitError("an ensemble needs at least two member checkpoints")
+    hashes = _member_hashes(member_paths)
+    cal = oof_temperature(oof_dirs) if oof_dirs else None  # the --oof files are checked before any member loads
     cks = [load_checkpoint(p) for p in member_paths]
     first = cks[0]
     for p, ck in zip(member_paths[1:], cks[1:]):
@@ -76,15 +100,14 @@ def build_ensemble(member_paths, oof_dirs=None) -> dict:
         raise CheckpointError(f"{member_paths[0]} is already an ensemble; pass single-model checkpoints")
     cfg = dataclasses.replace(ModelConfig.from_dict(first["model_config"]), ensemble_size=len(cks))
     sd = {f"members.{i}.{k}": v for i, ck in enumerate(cks) for k, v in ck["state_dict"].items()}
-    members = [{"file": str(p), "sha256": sha256_file(p), "recipe": c.get("recipe"),
-                "epochs_run": len(c.get("history") or [])} for p, c in zip(member_paths, cks)]
+    members = [{"file": str(p), "sha256": h, "recipe": c.get("recipe"),
+                "epochs_run": len(c.get("history") or [])} for p, h, c in zip(member_paths, hashes, cks)]
     ck = make_checkpoint(sd, cfg, first["class_names"], first["img_size"], normalization=first["normalization"],
                          recipe=first.get("recipe"), prior_correction=first.get("prior_correction"),
                          lung_area_range=first.get("lung_area_range"), history=first.get("history"),
                          ensemble={"members": members,
                                    "combine": "mean of member probabilities (lung sigmoid, class softmax)"})
-    if oof_dirs:
-        cal = oof_temperature(oof_dirs)
+    if cal is not None:
         ck["temperature"] = cal["temperature"]
         ck["calibration"] = cal
     return ck

@@ -380,6 +380,35 @@ def test_f8_symlinked_subfolders_are_searched_once_and_loops_cut(cxr_eval_dir, t
     assert sorted(i.true_class for i in items) == ["COVID", "Normal", "Normal"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_f8_self_referencing_symlink_given_with_images_is_a_counted_skip(backend, tmp_path, capsys):
+    """`ln -s loop.png loop.png` given with --images: gather_inputs' Path.resolve() raised RuntimeError
+    ("Symlink loop", a traceback). Now it is a counted, logged skip saying "symlink loop" (a broken
+    link says so too), and a loop given alone is one line. Shipped models on a SYNTHETIC image."""
+    from types import SimpleNamespace
+    from cxrkit.core.config import ONNX_PATH
+    from cxrkit.training.synthetic import generate
+    shipped = SimpleNamespace(onnx=REPO / ONNX_PATH, checkpoint=REPO / "model_checkpoints" / "best_covid_model.pth")
+    if not (shipped.onnx.is_file() and shipped.checkpoint.is_file()):
+        pytest.skip("shipped models not in this checkout")
+    good = next(generate(tmp_path / "syn", per_class=1, seed=3).glob("Normal/images/*.png"))
+    loop, broken = tmp_path / "loop.png", tmp_path / "broken.png"
+    try:
+        os.symlink("loop.png", loop)
+        os.symlink("nowhere.png", broken)
+    except (OSError, NotImplementedError):
+        pytest.skip("symlinks not available here")
+    out = tmp_path / "out"
+    assert run_cli(backend, shipped, ["--images", str(loop), str(broken), str(good), "--save_dir", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    reasons = {Path(x["path"]).name: x["reason"] for x in s["skipped"]}
+    assert s["n_skipped"] == 2 and s["n_processed"] == 1
+    assert "symlink loop" in reasons["loop.png"] and "broken symlink" in reasons["broken.png"]
+    assert "Traceback" not in capsys.readouterr().err
+    assert run_cli(backend, shipped, ["--images", str(loop), "--save_dir", str(tmp_path / "out2")]) == 2
+    assert_one_line_error(capsys, str(loop), "symlink loop", log_lines_ok=True)
+
+
 def test_f8_uncalibrated_checkpoint_is_warned_about(tiny_model, cxr_eval_dir, tmp_path, caplog):
     from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint
     ck = load_checkpoint(tiny_model.checkpoint)

@@ -152,3 +152,67 @@ def test_empty_shard_writes_a_folder_the_merge_accepts(syn, tmp_path):
     assert len(header) == 1 and header[0].startswith("image_path,predicted_class")
     with pytest.raises(InferenceError, match="missing shard"):  # the other 63 are not there
         merge([out], tmp_path / "m")
+
+
+# ------------------------------------------------- damaged shard folders: one line naming the file
+@pytest.fixture(scope="module")
+def csv_shards(syn, tmp_path_factory):
+    """Two --shard K/2 runs (CSV only) over the synthetic images; tests copy them before damaging them."""
+    root = tmp_path_factory.mktemp("csv_shards")
+    for k in range(2):
+        _infer(syn, root / f"s{k}", "--outputs", "csv", "--shard", f"{k}/2")
+    return [root / "s0", root / "s1"]
+
+
+def _merge_cli(shards, out, capsys, *extra) -> tuple[int, str]:
+    from cxrkit.cli import merge as merge_cli
+    capsys.readouterr()
+    rc = merge_cli.main([*map(str, shards), "--out", str(out), *extra])
+    return rc, capsys.readouterr().err
+
+
+def _edit_json(path: Path, fn) -> None:
+    s = json.loads(path.read_text())
+    fn(s)
+    path.write_text(json.dumps(s))
+
+
+@pytest.mark.parametrize("damage", ["truncated_json", "shard_is_a_list", "no_shard_inputs", "skipped_without_path"])
+def test_merge_of_a_damaged_shard_summary_names_it_and_says_rerun(damage, csv_shards, tmp_path, capsys):
+    """A cut summary.json gave `error: Unterminated string ...`; one without shard.inputs `error: 'inputs'`;
+    a skipped entry without its path `error: 'path'`: each names the shard's summary.json and says to rerun it
+    (the shard's manifest is gone, as when the folder was copied without hidden files: no hash to compare)."""
+    from tests.helpers import assert_one_line_error
+    import shutil
+    shards = []
+    for s in csv_shards:
+        shutil.copytree(s, tmp_path / s.name)
+        shards.append(tmp_path / s.name)
+    (shards[1] / ".cxrkit_outputs.json").unlink()
+    p = shards[1] / "summary.json"
+    if damage == "truncated_json":
+        p.write_text(p.read_text()[:60])
+    elif damage == "shard_is_a_list":
+        _edit_json(p, lambda s: s.update(shard=[1]))
+    elif damage == "no_shard_inputs":
+        _edit_json(p, lambda s: s["shard"].pop("inputs"))
+    else:
+        _edit_json(p, lambda s: s.update(skipped=[{"reason": "not decodable"}], n_inputs=s["n_inputs"] + 1))
+    rc, err = _merge_cli(shards, tmp_path / "merged", capsys)
+    assert rc == 2, err
+    assert_one_line_error(err, str(p), "not a complete shard run's summary.json", "rerun that shard",
+                          log_lines_ok=True)
+    assert not (tmp_path / "merged" / "predictions.csv").exists()
+
+
+def test_merge_into_an_earlier_merge_names_the_out_flag(csv_shards, tmp_path, capsys):
+    """The merge's option is --out (not --save_dir): the refusal names it."""
+    from tests.helpers import assert_one_line_error
+    out = tmp_path / "merged"
+    assert _merge_cli(csv_shards, out, capsys)[0] == 0
+    rc, err = _merge_cli(csv_shards, out, capsys)
+    assert rc == 2
+    line = assert_one_line_error(err, f"--out {out}", "holds an earlier run's outputs", "--overwrite",
+                                 log_lines_ok=True)
+    assert "--save_dir" not in line
+    assert _merge_cli(csv_shards, out, capsys, "--overwrite")[0] == 0

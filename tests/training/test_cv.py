@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import assert_one_line_error
+
 
 # ------------------------------------------------------------------------------------ folds
 def test_folds_are_stratified_grouped_and_deterministic():
@@ -112,6 +114,153 @@ def test_pool_without_fold_runs_is_one_line(tmp_path, capsys):
     from cxrkit.cli import cv
     assert cv.main([str(tmp_path)]) == 2
     assert "no fold*/test_results/oof_predictions.npz" in capsys.readouterr().err
+
+
+def test_fold_count_below_two_is_one_line_before_the_data_is_read(tmp_path, capsys):
+    """--folds 1 --fold 0 reached make_folds' ValueError (a traceback); --folds -3 printed "from 0 to -4"."""
+    from cxrkit.cli import train as model_arch
+    from cxrkit.core.config import TrainConfig
+    from cxrkit.core.errors import UsageError
+    from cxrkit.training.cv import parse_fold
+    from cxrkit.training.synthetic import generate
+    from cxrkit.training.train import load_split
+    data = generate(tmp_path / "syn", per_class=2, seed=1)
+    base = ["--data_dir", str(data), "--output_dir", str(tmp_path / "o"), "--arch", "tiny", "--img_size", "32",
+            "--num_epochs", "1", "--workers", "0", "--quiet"]
+    for folds in ("1", "-3"):
+        assert model_arch.main(base + ["--folds", folds, "--fold", "0"]) == 2
+        line = assert_one_line_error(capsys, f"--folds {folds}", "2 or more", log_lines_ok=True)
+        assert "-4" not in line and "to 0" not in line
+    assert not (tmp_path / "o" / "split.json").exists()
+    for folds in (1, -3):
+        with pytest.raises(ValueError, match="--folds"):
+            parse_fold("0", folds)
+        with pytest.raises(UsageError, match="2 or more"):  # the training entry point too, not only the CLI
+            load_split(TrainConfig(folds=folds, fold="0"), None, tmp_path / "split.json", 0, 1)
+
+
+# ------------------------------------------------------ pooling: incomplete and damaged fold runs
+def _fake_fold_runs(root, folds: int, written, n: int = 6, seed: int = 0):
+    """Fold runs as model_arch.py --folds K leaves them: fold<k>/split.json for every k, and
+    fold<k>/test_results/oof_predictions.npz (cv.write_oof) for the folds in `written`."""
+    from types import SimpleNamespace
+    from cxrkit.training.cv import OOF_FILE, write_oof
+    rng = np.random.default_rng(seed)
+    classes = ["a", "b"]
+    for k in range(folds):
+        d = root / f"fold{k}"
+        (d / "test_results").mkdir(parents=True)
+        (d / "split.json").write_text(json.dumps({"folds": folds, "fold": k, "fold_seed": 0, "classes": classes}))
+        if k in written:
+            data = SimpleNamespace(paths=[f"a/{k}_{i}.png" for i in range(n)], classes=classes)
+            res = {"labels": rng.integers(0, 2, n), "logits": rng.normal(size=(n, 2)).astype(np.float32),
+                   "dice_per_image": np.full(n, np.nan)}
+            write_oof(d / "test_results" / OOF_FILE, data, np.arange(n), res, tta_probs=rng.dirichlet([1, 1], n))
+    return root
+
+
+def test_pool_with_a_fold_missing_is_refused_naming_it(tmp_path, capsys):
+    """Pooling reported "over N images" with one fold's oof file missing: the runs' split.json say K."""
+    from cxrkit.cli import cv as cv_cli
+    run = _fake_fold_runs(tmp_path / "s1", 3, written=(0, 2))
+    assert cv_cli.main([str(run), "--out", str(tmp_path / "rep")]) == 2
+    line = assert_one_line_error(capsys, str(run), "fold 1 of its 3 folds", "--fold 1",
+                                 str(run / "fold1"), "--allow_incomplete", log_lines_ok=True)
+    assert "Pooled" not in line and not (tmp_path / "rep").exists()
+    # explicitly allowed: pooled, and the report says it is not over every image
+    assert cv_cli.main([str(run), "--out", str(tmp_path / "rep"), "--allow_incomplete"]) == 0
+    assert "INCOMPLETE" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "rep" / "cv_report.json").read_text())
+    row = rep["runs"][str(run)]
+    assert rep["n_images"] == 12 and row["missing_folds"] == [1] and row["folds_expected"] == 3
+    assert "INCOMPLETE" in (tmp_path / "rep" / "cv_report.md").read_text()
+    complete = _fake_fold_runs(tmp_path / "s2", 3, written=(0, 1, 2))
+    assert cv_cli.main([str(complete)]) == 0
+    assert "INCOMPLETE" not in capsys.readouterr().out
+
+
+def _damage(path, how: str) -> None:
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "text":
+        path.write_text("these are not predictions\n")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    elif how == "no_logits":
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files if k != "logits"}
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    elif how == "object_array":
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["paths"] = np.array([{"pickled": 1}] * len(arrays["paths"]), dtype=object)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+
+DAMAGES = ["empty", "text", "truncated", "no_logits", "object_array"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_pool_of_a_damaged_oof_file_is_one_line_naming_it(how, tmp_path, capsys):
+    from cxrkit.cli import cv as cv_cli
+    from cxrkit.training.cv import OOF_FILE
+    run = _fake_fold_runs(tmp_path / "s1", 2, written=(0, 1))
+    bad = run / "fold1" / "test_results" / OOF_FILE
+    _damage(bad, how)
+    assert cv_cli.main([str(run)]) == 2
+    line = assert_one_line_error(capsys, str(bad), "not an out-of-fold predictions file written by a fold run",
+                                 "rerun that fold", log_lines_ok=True)
+    assert "allow_pickle" not in line and "pickle.load" not in line
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_ensemble_oof_of_a_damaged_oof_file_is_one_line_naming_it(how, tmp_path, capsys):
+    """cxrkit ensemble --oof reads the same files (and reads them before the members' checkpoints)."""
+    from cxrkit.cli.ensemble import main as ens_main
+    from cxrkit.training.cv import OOF_FILE
+    run = _fake_fold_runs(tmp_path / "s1", 2, written=(0, 1))
+    bad = run / "fold0" / "test_results" / OOF_FILE
+    _damage(bad, how)
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    a.write_bytes(b"member a")
+    b.write_bytes(b"member b")
+    assert ens_main([str(a), str(b), "--oof", str(run), "--out", str(tmp_path / "e.pth")]) == 2
+    line = assert_one_line_error(capsys, str(bad), "not an out-of-fold predictions file", log_lines_ok=True)
+    assert "allow_pickle" not in line
+    assert not (tmp_path / "e.pth").exists()
+
+
+def test_pool_out_onto_a_regular_file_is_refused_before_pooling(tmp_path, capsys):
+    from cxrkit.cli import cv as cv_cli
+    run = _fake_fold_runs(tmp_path / "s1", 2, written=(0, 1))
+    blocker = tmp_path / "report.txt"
+    blocker.write_text("a file, not a folder\n")
+    for out in (blocker, blocker / "sub"):
+        assert cv_cli.main([str(run), "--out", str(out)]) == 2
+        cap = capsys.readouterr()
+        assert "Pooled" not in cap.out, "refused before the report is computed and printed"
+        assert_one_line_error(cap.err, f"--out {out}", "is a file, not a folder", log_lines_ok=True)
+    assert blocker.read_text() == "a file, not a folder\n"
+
+
+def test_ensemble_refuses_the_same_member_twice(tmp_path, capsys):
+    """The same checkpoint twice was accepted as a two-member ensemble (that model weighed double)."""
+    import shutil as _shutil
+    from cxrkit.cli.ensemble import main as ens_main
+    from tests.helpers import REPO
+    ck = REPO / "model_checkpoints" / "best_covid_model.pth"
+    if not ck.is_file():
+        pytest.skip("shipped checkpoint not in this checkout")
+    out = tmp_path / "e.pth"
+    assert ens_main([str(ck), str(ck), "--out", str(out)]) == 2
+    assert_one_line_error(capsys, str(ck), "the same file", "given once", log_lines_ok=True)
+    copy = tmp_path / "copy.pth"
+    _shutil.copy2(ck, copy)
+    assert ens_main([str(ck), str(copy), "--out", str(out)]) == 2
+    assert_one_line_error(capsys, str(copy), str(ck), "identical bytes", log_lines_ok=True)
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------- ensemble
