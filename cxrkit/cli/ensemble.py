@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache_dir", default=None, help="decoded-image cache for --data_dir (default: <folder of --out>/cache)")
     p.add_argument("--ood_holdout_fold", type=int, default=0,
                    help="the gate's threshold comes from this fold's images, its statistics from the others")
+    p.add_argument("--allow_incomplete", action="store_true",
+                   help="fit the temperature on the held-out folds that exist (e.g. only fold 0 of a --folds 10 "
+                        "design whose members were trained on the other nine): still images neither member saw")
     p.add_argument("--out", required=True, help="the ensemble checkpoint to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a = p.parse_args(argv)
@@ -35,7 +38,7 @@ def _build(a) -> int:
     out = Path(a.out)
     if out.exists() and not a.overwrite:
         raise CxrkitError(f"{out} exists: pass --overwrite to replace it, or another --out")
-    ck = build_ensemble(a.members, a.oof)
+    ck = build_ensemble(a.members, a.oof, a.allow_incomplete)
     # the model must load back from the file alone
     from ..core.checkpoint import model_from_checkpoint
     model, _ = model_from_checkpoint(ck)

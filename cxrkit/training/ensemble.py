@@ -27,11 +27,11 @@ from ..core.errors import CheckpointError, CxrkitError
 from ..core.io_utils import sha256_file
 
 
-def oof_temperature(oof_dirs) -> dict:
+def oof_temperature(oof_dirs, allow_incomplete: bool = False) -> dict:
     """Temperature of the probability-mean ensemble of the given fold-run folders' OOF predictions."""
     from .cv import fit_oof_calibration, load_oof, mean_probability_logits
     from ..core.metrics import softmax
-    runs = [load_oof(d) for d in oof_dirs]
+    runs = [load_oof(d, allow_incomplete, "--allow_incomplete") for d in oof_dirs]
     for r in runs[1:]:
         if not np.array_equal(r["paths"], runs[0]["paths"]):
             raise CxrkitError("--oof folders hold out different images: use fold runs of one --fold_seed")
@@ -83,12 +83,12 @@ def _member_hashes(member_paths) -> list:
     return hashes
 
 
-def build_ensemble(member_paths, oof_dirs=None) -> dict:
+def build_ensemble(member_paths, oof_dirs=None, allow_incomplete: bool = False) -> dict:
     """The ensemble checkpoint (a dict) of the member checkpoints; T from oof_dirs when given."""
     if len(member_paths) < 2:
         raise CxrkitError("an ensemble needs at least two member checkpoints")
     hashes = _member_hashes(member_paths)
-    cal = oof_temperature(oof_dirs) if oof_dirs else None  # the --oof files are checked before any member loads
+    cal = oof_temperature(oof_dirs, allow_incomplete) if oof_dirs else None  # the --oof files are checked before any member loads
     cks = [load_checkpoint(p) for p in member_paths]
     first = cks[0]
     for p, ck in zip(member_paths[1:], cks[1:]):
