@@ -2,7 +2,7 @@
 """Try static INT8 quantization of the exported model (ONNX Runtime, QDQ, per-channel weights) and
 compare it with FP32 on the test split: accuracy, macro-F1, Dice, agreement, and CPU latency.
 A decision aid, not a shipping step: the INT8 model is kept only if it is faster here with no
-meaningful loss (see README, "INT8").
+meaningful loss (see docs/SPEED.md, "INT8").
 
     python scripts/quantize_int8.py --onnx_path models/covid_multitask.onnx \
         --data_dir ../shared/data/cxr4 --split_file model_checkpoints/split.json

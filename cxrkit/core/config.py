@@ -3,7 +3,7 @@
 
 `ModelConfig` fully describes a network; it is stored in each checkpoint as a plain dict, so a
 checkpoint rebuilds its model with no architecture flags. `PRESETS` are the variants compared in
-the README's variant table; `seed` is the original specification, kept selectable.
+docs/TRAINING.md's variant table; `seed` is the original specification, kept selectable.
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ OUTSIDE_LUNG_FILLS = ("noise", "blur", "constant")
 @dataclass
 class TrainConfig:
     """Training recipe defaults (model_arch.py's argparse reads its defaults from here). They are
-    the shipped model's CPU recipe (README, "Train"), so a bare `model_arch.py --data_dir D` reproduces it."""
+    the shipped model's CPU recipe (README, "Train"; docs/TRAINING.md), so a bare `model_arch.py --data_dir D` reproduces it."""
     arch: str = "lite0"
     num_epochs: int = 20
     batch_size: int = 32
@@ -138,12 +138,12 @@ class TrainConfig:
     aug_shifts: float = 0.0
     # outside-lung randomisation (data.outside_lung_randomise): probability per masked sample, fill,
     # and the dilation margin as a fraction of the image size (4 px at 128 px)
-    outside_lung_aug: float = 0.75  # chosen by the rule in scripts/outside_lung_table.py (README)
+    outside_lung_aug: float = 0.75  # chosen by the rule in scripts/outside_lung_table.py (docs/TRAINING.md)
     outside_lung_fill: str = "noise"  # one of OUTSIDE_LUNG_FILLS
     outside_lung_margin: float = 0.03
     # fine-tuning: the pretrained encoder learns at lr * encoder_lr_mult (new decoder/heads at lr)
     encoder_lr_mult: float = 0.3
-    channels_last: bool = True    # NHWC: 1.6x faster lite0 training on a 2-core Xeon (AVX-512), see README
+    channels_last: bool = True    # NHWC: 1.6x faster lite0 training on a 2-core Xeon (AVX-512), see docs/SPEED.md
     # k-fold cross-validation (cxrkit/cv.py): 0 = the usual train/val/test split. With folds = K, fold k
     # trains on the other K-1 folds and holds fold k out; fold "all" trains on every image. The fold
     # assignment follows fold_seed (not seed), so runs of several seeds hold out the same images.
@@ -200,7 +200,7 @@ class InferConfig:
     num_samples: int = 0          # 0 = every image; N > 0 = a random N (a quick look)
     seed: int = 42                # for --num_samples
     batch_size: int = 16          # images per model call (ONNX Runtime is at its throughput plateau by 16)
-    tta: int = 1                  # views; 4 bought 0.2 points for the shipped model (README)
+    tta: int = 1                  # views; more views: docs/FIGURES.md, "Calibration, TTA and shortcut figures"
     workers: int = min(4, os.cpu_count() or 1)  # image-decoding threads
     device: str = "auto"          # PyTorch backend: auto, cpu, cuda or cuda:N
 

@@ -219,7 +219,7 @@ class Lite0MultiTaskNet(nn.Module):
 
     def ood_layers(self) -> list[nn.Module]:
         """The stride-16 encoder block (112 channels): where the probe and scripts/ood_eval.py found
-        non-chest inputs separated (README, "Out-of-distribution gate")."""
+        non-chest inputs separated (docs/TRUST.md, "Out-of-distribution gate")."""
         return [self.encoder._blocks[LITE0_TAPS[3]]]
 
     def load_pretrained_encoder(self) -> None:

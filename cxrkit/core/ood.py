@@ -11,7 +11,7 @@ Flags (added to predictions.csv's quality_flags; see cxrkit.core.quality for the
                   the pixels, a predicted lung map that is not two lungs side by side (two_lungs); the model
                   was trained on frontal films only
 
-How the numbers were chosen (scripts/ood_eval.py re-measures them; README "Out-of-distribution gate"):
+How the numbers were chosen (scripts/ood_eval.py re-measures them; docs/TRUST.md "Out-of-distribution gate"):
 - ood_score: min over classes of the squared Mahalanobis distance of the spatial mean and standard
   deviation of the lite0 encoder's stride-16 block (2 x 112 features), shared Ledoit-Wolf covariance
   fitted on the training split, divided by the feature count (a training-like image scores ~1).

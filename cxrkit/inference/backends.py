@@ -239,7 +239,7 @@ class OnnxBackend(_MetaView):
         self.intra_op_threads = int(intra_op_threads or physical_cores())
         so.intra_op_num_threads = self.intra_op_threads
         # idle intra-op threads sleep instead of spinning: on a machine whose cores are shared (decode and
-        # writer threads, other jobs) spinning starves them; 1.5x the CSV-only throughput measured here (README)
+        # writer threads, other jobs) spinning starves them; 1.5x the CSV-only throughput measured here (docs/SPEED.md)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

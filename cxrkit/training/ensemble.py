@@ -12,7 +12,7 @@ the ensemble averages: members trained on every image have no held-out images of
 With --data_dir, the out-of-distribution gate (cxrkit.core.ood_head) is fitted on the ensemble's own
 features: statistics from the images outside fold --ood_holdout_fold of the --oof runs, threshold
 from that fold's images. The network trained on those too; scripts/ood_seen_bias.py measured that
-this does not lower the threshold (README, "Out-of-distribution gate").
+this does not lower the threshold (docs/TRUST.md, "Out-of-distribution gate").
 """
 from __future__ import annotations
 

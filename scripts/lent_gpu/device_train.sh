@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LENT-GPU HELPER: trained the earlier from-scratch variant table (docs/variants, docs/variant_table_v1.md) on a lent GPU machine (see MODEL_CARD.md "Training" and README "Variant table").
+# LENT-GPU HELPER: trained the earlier from-scratch variant table (docs/variants, docs/variant_table_v1.md) on a lent GPU machine (see MODEL_CARD.md "Training" and docs/TRAINING.md "Variant table").
 # Carried: .whl (MONAI + efficientnet-lite0 wheels), .devcache (packed 128-px cache of cxr4 + the split file).
 # Env: ARCHS, EPOCHS, BS, LR, BUDGET_<arch> (minutes cap per run, a guard only).
 set -u

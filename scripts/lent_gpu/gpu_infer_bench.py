@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""LENT-GPU HELPER: CUDA inference figures for a checkpoint (README "GPU"): model-only throughput at
+"""LENT-GPU HELPER: CUDA inference figures for a checkpoint (docs/SPEED.md "GPU"): model-only throughput at
 batch 1/16/64 on the GPU against the CPU, class agreement and the largest probability difference,
 then whole-process run_model_pth_inference.py on a generated folder (SYNTHETIC images: speed only).
 
