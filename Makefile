@@ -10,6 +10,9 @@ install:
 
 # SYNTHETIC images (cxrkit.training.synthetic): the classes differ inside the lungs; the model is scored on a
 # separately generated held-out set (another seed) that training never sees.
+# one thread per process: the same float sums every run (the demo's figure does not move with the machine's
+# load) and no oversubscription when the 2 cores are busy; set OMP_NUM_THREADS to override
+demo: export OMP_NUM_THREADS ?= 1
 demo: install
 	$(PY) -m cxrkit synth --out demo_data --per_class 40
 	$(PY) -m cxrkit synth --out demo_heldout --per_class 10 --seed 1
