@@ -91,8 +91,34 @@ class _MetaView:
         return None if self.meta.gate is None else self.meta.gate.public().to_dict()
 
 
+def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """The CPUs a container's quota allows (cgroup v2 cpu.max "QUOTA PERIOD", or v1 cfs files), rounded up;
+    None when there is no quota. A Kubernetes CPU limit shows up here, not in the CPUs the process can see."""
+    import math
+    try:
+        quota, period = Path(path).read_text().split()[:2]
+        if quota != "max":
+            return max(1, math.ceil(int(quota) / int(period)))
+        return None
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        per = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return max(1, math.ceil(q / per)) if q > 0 and per > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
 def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads counted once); >= 1."""
+    """Physical cores this process may run on (hyper-threads counted once), capped by a container's CPU
+    quota (cgroup_cpu_limit); >= 1."""
+    n = _physical_cores()
+    limit = cgroup_cpu_limit()
+    return min(n, limit) if limit else n
+
+
+def _physical_cores() -> int:
     try:
         allowed = os.sched_getaffinity(0)
     except AttributeError:  # pragma: no cover - not Linux

@@ -383,3 +383,15 @@ def test_both_backends_meet_the_backend_contract(tiny_model):
     for mod in (cli, pipeline, report):
         assert "getattr(backend" not in inspect.getsource(mod)
     assert "holder" not in inspect.getsource(pth_cli)
+
+
+def test_onnx_threads_follow_a_container_cpu_quota(tmp_path):
+    """A Kubernetes CPU limit is a cgroup quota, not fewer visible CPUs: ONNX Runtime's thread count obeys it."""
+    from cxrkit.inference.backends import cgroup_cpu_limit
+    f = tmp_path / "cpu.max"
+    f.write_text("150000 100000\n")
+    assert cgroup_cpu_limit(str(f)) == 2          # 1.5 CPUs: 2 threads
+    f.write_text("100000 100000\n")
+    assert cgroup_cpu_limit(str(f)) == 1
+    f.write_text("max 100000\n")
+    assert cgroup_cpu_limit(str(f)) is None       # no quota
