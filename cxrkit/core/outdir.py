@@ -22,6 +22,9 @@ what it wrote, unique temp names.
   (a folder from another tool, a user's summary.json, a manifest-less older output folder) is refused,
   with or without overwrite; nothing is removed. A manifest that does not parse, has another format or
   whose checksum does not match marks an "unknown folder": refused, never cleaned.
+* job (inference): an identity of the run (inputs, model file, planned outputs; job_identity). A folder
+  whose earlier run was the SAME job (a requeued SLURM task, a retried pod) is replaced without
+  --overwrite, exactly as --overwrite would; any other earlier run is still refused.
 * keep_earlier (training --resume): the earlier run's files are kept and carried into this manifest,
   and the run may write them again (that is what continuing the run means).
 * Training: `holds_output_dir` wraps train(cfg, opts) in the same claim for --output_dir.
@@ -110,8 +113,9 @@ class SaveDirClaim:
     """The lock and manifest of one run in one folder (see the module docstring)."""
 
     def __init__(self, save_dir, overwrite: bool = False, flag: str = "--save_dir", tool: str = "cxrkit",
-                 keep_earlier: bool = False, keep_flag: str | None = None):
+                 keep_earlier: bool = False, keep_flag: str | None = None, job: str | None = None):
         self.dir, self.overwrite, self.flag, self.tool = Path(save_dir), bool(overwrite), flag, tool
+        self.job = job
         self.keep_earlier, self.keep_flag = bool(keep_earlier), keep_flag
         self.fd = None
         self.planned: list[str] = []
@@ -200,7 +204,11 @@ class SaveDirClaim:
         entries = m["files"] if m is not None else {}
         present = {rel: e for rel, e in entries.items()
                    if isinstance(e, dict) and self._inside(rel) and (self.dir / rel).is_file()}
-        if present and not (self.overwrite or self.keep_earlier):
+        same_job = self.job is not None and m is not None and m.get("job") == self.job
+        if present and same_job and not self.overwrite:
+            log.info("%s %s: a rerun of the same job (same inputs, model and outputs): replacing its own outputs",
+                     self.flag, self.dir)
+        if present and not (self.overwrite or self.keep_earlier or same_job):
             state = m.get("status", "")
             if state == "running":  # we hold the lock, so that run is not running any more
                 state = "incomplete: that run did not finish"
@@ -252,6 +260,8 @@ class SaveDirClaim:
             files = {**self.carried, **{f: {} for f in self.planned}}
         m = {"format": MANIFEST_FORMAT, "tool": self.tool, "status": status, "pid": os.getpid(),
              "started": self.started, "started_ns": self.started_ns, "files": dict(sorted(files.items()))}
+        if self.job is not None:
+            m["job"] = self.job
         if status == "complete":
             m["finished"] = _now()
         if self.removed:
@@ -298,9 +308,22 @@ class SaveDirClaim:
 
 
 def claim_save_dir(save_dir, overwrite: bool = False, flag: str = "--save_dir", tool: str = "cxrkit",
-                   keep_earlier: bool = False, keep_flag: str | None = None) -> SaveDirClaim:
+                   keep_earlier: bool = False, keep_flag: str | None = None, job: str | None = None) -> SaveDirClaim:
     """A context manager that holds the folder for one run (see the module docstring)."""
-    return SaveDirClaim(save_dir, overwrite, flag, tool, keep_earlier, keep_flag)
+    return SaveDirClaim(save_dir, overwrite, flag, tool, keep_earlier, keep_flag, job)
+
+
+def job_identity(model_file, inputs, planned, extra=None) -> str:
+    """A run's identity for the manifest: the model file (path, size, modification time), the inputs (paths,
+    in order), the planned outputs and anything else that defines the job (e.g. the shard)."""
+    try:
+        st = Path(model_file).stat()
+        model = [str(Path(model_file).resolve()), st.st_size, st.st_mtime_ns]
+    except OSError:
+        model = [str(model_file)]
+    blob = json.dumps({"model": model, "inputs": [str(i) for i in inputs], "planned": sorted(planned),
+                       "extra": extra}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def holds_output_dir(planned, if_absent=()):

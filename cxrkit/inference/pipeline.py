@@ -15,7 +15,7 @@ from ..core.errors import InferenceError, os_error
 from ..core.io_utils import MAX_BATCH_SIZE, write_json_atomic
 from ..core import ood, quality, shift_check
 from ..core.ood import GateSpec
-from ..core.outdir import claim_save_dir
+from ..core.outdir import claim_save_dir, job_identity
 from ..core.model_input import lung_mask, resize_mask, to_model_input_np
 from ..core.tta import MAX_TTA
 from ..core.gradcam import GradCamExplainer
@@ -192,8 +192,10 @@ def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOpti
     cam_idx = _check_run(names, size, items, opts)
     if not items[0].out_stem:
         assign_output_stems(items)
-    claim = claim_save_dir(save_dir, opts.overwrite, tool=f"cxrkit inference ({backend.name})")
-    claim.plan(planned_outputs(items, opts.save_masks, opts.save_cams, opts.report, opts.annotate))
+    planned = planned_outputs(items, opts.save_masks, opts.save_cams, opts.report, opts.annotate)
+    job = job_identity(backend.model_file, [i.path for i in items], planned, opts.extra_summary)
+    claim = claim_save_dir(save_dir, opts.overwrite, tool=f"cxrkit inference ({backend.name})", job=job)
+    claim.plan(planned)
     try:
         gate = backend.meta.resolve_gate(opts.ood_threshold)  # None: the model carries no gate
     except ValueError as e:

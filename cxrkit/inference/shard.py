@@ -83,9 +83,11 @@ def write_empty_shard(save_dir, backend, columns: list[str], extra: dict, overwr
     from .render import write_csv_atomic
     from .summary import empty_shard_summary
     from ..core.io_utils import write_json_atomic
-    from ..core.outdir import claim_save_dir
+    from ..core.outdir import claim_save_dir, job_identity
     save_dir = Path(save_dir)
-    claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name}), empty shard").acquire()
+    job = job_identity(backend.model_file, [], ["predictions.csv", "summary.json"], extra)
+    claim = claim_save_dir(save_dir, overwrite, tool=f"cxrkit inference ({backend.name}), empty shard",
+                           job=job).acquire()
     try:
         claim.plan(["predictions.csv", "summary.json"])
         write_csv_atomic(save_dir / "predictions.csv", columns, [])

@@ -216,3 +216,20 @@ def test_merge_into_an_earlier_merge_names_the_out_flag(csv_shards, tmp_path, ca
                                  log_lines_ok=True)
     assert "--save_dir" not in line
     assert _merge_cli(csv_shards, out, capsys, "--overwrite")[0] == 0
+
+
+def test_a_requeued_shard_replaces_its_own_outputs_and_nothing_else(syn, tmp_path, capsys):
+    """SLURM requeue / a retried pod: the same shard job into its own folder runs again without --overwrite;
+    another job (other shard, other options) into that folder is still refused."""
+    from tests.helpers import assert_one_line_error
+    out = tmp_path / "s0"
+    first, rows = _infer(syn, out, "--outputs", "csv", "--shard", "0/2")
+    (out / "mine.txt").write_text("a user's file")
+    again, rows2 = _infer(syn, out, "--outputs", "csv", "--shard", "0/2")   # no --overwrite needed
+    assert rows2 == rows and (out / "mine.txt").read_text() == "a user's file"
+    capsys.readouterr()
+    rc = run_onnx_inference.main(["--data_dir", str(syn), "--onnx_path", str(REPO / ONNX_PATH), "--save_dir", str(out),
+                                  "--num_samples", "0", "--quiet", "--workers", "1", "--outputs", "csv",
+                                  "--shard", "1/2"])
+    assert rc == 2
+    assert_one_line_error(capsys, "holds an earlier run's outputs", "--overwrite", log_lines_ok=True)
