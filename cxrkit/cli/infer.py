@@ -18,6 +18,7 @@ from ..inference.backends import CAM_NEEDS_CHECKPOINT, Backend
 from ..inference.inputs import gather_inputs
 from ..inference.pipeline import PipelineOptions, check_options, run_pipeline
 from ..inference.rows import PredictionRow
+from ..inference.summary import in_training_line
 from .common import fail, run_command
 
 log = logging.getLogger("cxrkit")
@@ -53,6 +54,9 @@ def add_run_args(p):
     g.add_argument("--ood_threshold", type=float, default=None, metavar="SCORE",
                    help="out-of-distribution threshold: ood_score above it is flagged not_chest_xray (default: the "
                         "one stored with the model, 1.2 x the 99th percentile of its validation scores)")
+    g.add_argument("--include_training_images", action="store_true",
+                   help="count inputs the model was trained on (flag in_training_set, matched by perceptual hash) in "
+                        "the metrics; by default they are left out and counted: a figure on them is not a test")
     return g
 
 
@@ -128,6 +132,7 @@ def _model_identity(backend) -> dict:
 def _shard_options(args, outs: dict, gradcam: bool) -> dict:
     """The options that change a shard's rows or files: they must agree across the shards of one run."""
     return {"ood_threshold": args.ood_threshold, "tta": args.tta, "outputs": dict(outs), "gradcam": gradcam,
+            "include_training_images": bool(args.include_training_images),
             "cam_class": args.cam_class, "save_cams": bool(args.save_cams)}
 
 
@@ -150,7 +155,8 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
     opts = PipelineOptions(batch_size=args.batch_size, tta=args.tta, cam_class=args.cam_class,
                            save_cams=args.save_cams, save_masks=outs["save_masks"], report=outs["report"],
                            annotate=outs["annotate"], workers=args.workers, progress=not args.quiet,
-                           overwrite=args.overwrite, ood_threshold=args.ood_threshold)
+                           overwrite=args.overwrite, ood_threshold=args.ood_threshold,
+                           include_training_images=args.include_training_images)
     check_options(backend.class_names, opts)
     if backend.calibration_problem:
         log.warning("%s: %s", backend.model_file, backend.calibration_problem)
@@ -194,6 +200,9 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
     print(line + f" | outputs in {args.save_dir}")
     if summary["n_processed"] == 1:
         print(one_image_line(Path(args.save_dir) / "predictions.csv"))
+    seen = in_training_line(summary.get("in_training_set"))
+    if seen:
+        print(seen)
     warning = shift_check.warning_line(summary.get("shift_check"))
     if warning:  # the last line a user sees
         print(warning)

@@ -51,6 +51,7 @@ class ModelMeta:
     trained_img_size: int | None = None
     meta_id: str | None = None          # the export's identity, repeated in the graph
     shift_reference: dict | None = None  # the run-level shift warning's in-source sample (core.shift_check)
+    training_hashes: str | None = None   # perceptual hashes of the training images (core.fingerprint)
     where: str = "model"
     error: type = CxrkitError           # what check() raises (CheckpointError / InferenceError)
 
@@ -63,7 +64,8 @@ class ModelMeta:
                 lung_area_range=ck.get("lung_area_range"), prior_correction=ck.get("prior_correction"),
                 gate=GateSpec.from_dict(ck.get("ood")), model_config=ck.get("model_config") or {},
                 recipe=ck.get("recipe"), normalization=ck.get("normalization"),
-                trained_img_size=int(ck["img_size"]), shift_reference=ck.get("shift_reference"), where=where,
+                trained_img_size=int(ck["img_size"]), shift_reference=ck.get("shift_reference"),
+                training_hashes=ck.get("training_hashes"), where=where,
                 error=CheckpointError)
         m.check()
         return m
@@ -84,7 +86,8 @@ class ModelMeta:
                 prior_correction=meta.get("prior_correction"), gate=GateSpec.from_dict(meta.get("ood")),
                 model_config=meta.get("model_config") or {}, recipe=meta.get("recipe"),
                 normalization=meta.get("normalization"), trained_img_size=meta.get("trained_img_size"),
-                meta_id=meta.get("meta_id"), shift_reference=meta.get("shift_reference"), where=where,
+                meta_id=meta.get("meta_id"), shift_reference=meta.get("shift_reference"),
+                training_hashes=meta.get("training_hashes"), where=where,
                 error=InferenceError)
         m.check()
         return m
@@ -98,7 +101,8 @@ class ModelMeta:
                 "prior_correction": self.prior_correction, "lung_area_range": self.lung_area_range,
                 "ood": None if self.gate is None else self.gate.public().to_dict(),
                 "calibration": ONNX_CALIBRATION, "model_config": self.model_config, "recipe": self.recipe,
-                **({"shift_reference": self.shift_reference} if self.shift_reference else {})}
+                **({"shift_reference": self.shift_reference} if self.shift_reference else {}),
+                **({"training_hashes": self.training_hashes} if self.training_hashes else {})}
 
     # ---------------------------------------------------------------------------------- checks
     def check(self) -> "ModelMeta":

@@ -101,6 +101,8 @@ class Model:
         except ValueError as e:
             raise InferenceError(str(e)) from None
         self.area_rng = quality.resolve_lung_area_range(backend.lung_area_range)
+        from ..core.fingerprint import unpack
+        self.train_hashes = unpack(backend.meta.training_hashes)  # flags in_training_set, as the CLI does
         self._cam = None
 
     @property
@@ -163,7 +165,7 @@ class Model:
             seg, probs, scores, views = model_outputs(self.backend, x, tta, float(self.backend.temperature), self.gate)
             for i, d in enumerate(ok):
                 score = None if scores is None else float(scores[i])
-                flags = image_flags(d, seg[i], self.area_rng, self.gate, score, views[i])
+                flags = image_flags(d, seg[i], self.area_rng, self.gate, score, views[i], self.train_hashes)
                 pred = int(probs[i].argmax())
                 judged = not is_gated(flags)
                 res[id(d)] = Prediction(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core import ood, quality
+from ..core import fingerprint, ood, quality
 from ..core.decode import ImageReadError, read_gray_info, read_mask
 from ..core.model_input import lung_mask, resize_gray
 from ..core.ood import GateSpec
@@ -76,7 +76,7 @@ def model_outputs(backend, x: np.ndarray, tta: int, temperature: float, gate: Ga
 
 
 def image_flags(d: Decoded, seg: np.ndarray, area_rng: dict, gate: GateSpec | None, ood_score=None,
-                view_scores=None) -> tuple:
+                view_scores=None, train_hashes: np.ndarray | None = None) -> tuple:
     """Every flag of one decoded image given its lung-probability map (S,S) and gate score: quality
     (image, lung area), the gate's (not judged), aspect and the view (a DICOM lateral ViewPosition, or
     predicted lungs that are not two side by side: cxrkit.core.ood.view_flags). The one rule for run_pipeline and cxrkit.inference.api."""
@@ -85,5 +85,7 @@ def image_flags(d: Decoded, seg: np.ndarray, area_rng: dict, gate: GateSpec | No
     # the pixel view check where the model's gate switched it on, and nothing else set the image aside
     pixel_view = gate is not None and gate.view_check == "two_lungs" and not gate_flags
     view = ood.view_flags((d.dicom or {}).get("ViewPosition"), lungs if pixel_view else None)
+    seen = ([fingerprint.FLAG_IN_TRAINING] if train_hashes is not None
+            and fingerprint.in_training(fingerprint.image_hash(d.model_u8), train_hashes)[0] else [])
     return tuple(quality.image_flags(d.stats) + quality.lung_flags(float(lungs.mean()), area_rng)
-                 + gate_flags + ood.aspect_flags(d.orig_shape) + view)
+                 + gate_flags + ood.aspect_flags(d.orig_shape) + view + seen)

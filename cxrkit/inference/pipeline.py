@@ -13,7 +13,7 @@ import numpy as np
 from ..core.config import InferConfig
 from ..core.errors import InferenceError, os_error
 from ..core.io_utils import MAX_BATCH_SIZE, write_json_atomic
-from ..core import ood, quality, shift_check
+from ..core import fingerprint, ood, quality, shift_check
 from ..core.ood import GateSpec
 from ..core.outdir import claim_save_dir, job_identity
 from ..core.model_input import lung_mask, resize_mask, to_model_input_np
@@ -71,6 +71,7 @@ class PipelineOptions:
     display_size: int = 512
     overwrite: bool = False
     ood_threshold: float | None = None  # None: the model's own gate threshold
+    include_training_images: bool = False  # count inputs the model trained on in the metrics (core.fingerprint)
     extra_summary: dict | None = None   # merged into summary.json
 
 
@@ -112,8 +113,11 @@ class _Tally:
         self.names, self.size, self.area_rng, self.gate = names, size, area_rng, gate
         self.annotate, self.save_masks, self.save_cams = opts.annotate, opts.save_masks, opts.save_cams
         self.rows, self.y_true, self.y_probs, self.y_flagged, self.y_gated = [], [], [], [], []
+        self.y_seen, self.train_hashes = [], None  # inputs the model trained on; its hashes (_prepare)
+        self.include_training_images = opts.include_training_images
         self.dices, self.ious, self.dices_model = [], [], []
-        self.flag_counts = {c: 0 for c in quality.FLAG_CODES + ood.OOD_FLAG_CODES + (shift_check.FLAG_FOLDER_SHIFT,)}
+        self.flag_counts = {c: 0 for c in quality.FLAG_CODES + ood.OOD_FLAG_CODES + (shift_check.FLAG_FOLDER_SHIFT,
+                                                                                        fingerprint.FLAG_IN_TRAINING)}
         self.shift_rows, self.shift_block = [], None  # shift_check's features per image; its verdict
         self.skipped, self.mask_problems, self.input_notes = [], [], []
         self.n_done, self.model_seconds = 0, 0.0
@@ -134,7 +138,7 @@ class _Tally:
     def add(self, d, seg, probs, cam_name, ood_score=None, view_scores=None) -> dict:
         from ..core.metrics import binary_dice_iou
         lung, tc, stem = lung_mask(seg), d.item.true_class, d.item.out_stem
-        d.flags = image_flags(d, seg, self.area_rng, self.gate, ood_score, view_scores)
+        d.flags = image_flags(d, seg, self.area_rng, self.gate, ood_score, view_scores, self.train_hashes)
         r = PredictionRow(str(d.item.path), self.names, probs, float(lung.mean()), tc, d.flags, ood_score,
                           annotated_png=f"annotated/{stem}.png" if self.annotate else "",
                           mask_png=f"masks/{stem}_mask.png" if self.save_masks else None, cam_class=cam_name or None,
@@ -155,6 +159,7 @@ class _Tally:
             self.y_probs.append(np.array([float(row[f"prob_{c}"]) for c in self.names]))
             self.y_flagged.append(bool(d.flags))
             self.y_gated.append(ood.is_gated(d.flags))  # left out of the metrics (summary.classification_summary)
+            self.y_seen.append(fingerprint.FLAG_IN_TRAINING in d.flags)  # also, unless include_training_images
         self.rows.append(row)
         return row
 
@@ -183,6 +188,12 @@ def run_pipeline(backend, items: list[InputItem], save_dir, opts: PipelineOption
     t0 = time.perf_counter()
     _batch_loop(run, items)
     return _finish(run, items, t0)
+
+
+def _tally(names, size, area_rng, gate, opts, backend) -> "_Tally":
+    t = _Tally(names, size, area_rng, gate, opts)
+    t.train_hashes = fingerprint.unpack(backend.meta.training_hashes)
+    return t
 
 
 def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOptions) -> _Run:
@@ -214,7 +225,7 @@ def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOpti
              else [f"probabilities NOT calibrated (T={temp:.3g})"])
     notes += [f"TTA: {opts.tta} views"] if opts.tta > 1 else []
     return _Run(backend, save_dir, opts, names, size, temp, cam_idx, gate, claim,
-                _Tally(names, size, area_rng, gate, opts), notes)
+                _tally(names, size, area_rng, gate, opts, backend), notes)
 
 
 def _write_job(run: _Run):

@@ -40,6 +40,7 @@ from urllib.parse import quote
 import numpy as np
 
 from ..core import shift_check
+from .summary import in_training_line
 from ..core.config import DISCLAIMER
 from ..core.io_utils import write_bytes_atomic
 from .report_assets import CSS as _CSS, JS as _JS
@@ -144,6 +145,8 @@ def _header(summary: dict, model: dict | None, generated: str) -> str:
     title = f"{_e(heading)} <small>{_e(s.get('n_processed', 0))} images &middot; {_e(s.get('backend', ''))}</small>"
     shift = shift_check.warning_line(s.get("shift_check"))  # the run-level shift warning leads when it fires
     shift_html = f'<p class="shift warn" id="shift-warning">{_e(shift)}</p>' if shift else ""
+    seen = in_training_line(s.get("in_training_set"))  # figures on training images are no test: said first
+    shift_html += f'<p class="shift warn" id="in-training">{_e(seen)}</p>' if seen else ""
     return (f'<header><h1>{title}</h1>{shift_html}<p class="meta">{meta}<span class="warn">{_e(DISCLAIMER)}</span>'
             f"</p></header>")
 

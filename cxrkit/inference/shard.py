@@ -267,7 +267,8 @@ def _in_input_order(dirs, loaded) -> tuple[list, list, list, list]:
 
 def _merge_metrics(summary: dict, loaded, rows: list, names: list) -> None:
     """summary's quality counts, classification and segmentation, recounted over every shard."""
-    from .summary import classification_summary
+    from .summary import classification_summary, in_training_block
+    from ..core.fingerprint import FLAG_IN_TRAINING
     q = summary.get("quality")
     if isinstance(q, dict) and "counts" in q:
         q["counts"] = {c: sum((s.get("quality") or {}).get("counts", {}).get(c, 0) for s, _, _ in loaded)
@@ -279,7 +280,12 @@ def _merge_metrics(summary: dict, loaded, rows: list, names: list) -> None:
         [names.index(r["true_class"]) for r in labelled],
         [[float(r[f"prob_{c}"]) for c in names] for r in labelled], names,
         [bool(r.get("quality_flags")) for r in labelled],
-        [not_judged(r.get("quality_flags")) for r in labelled]) if labelled else None
+        [not_judged(r.get("quality_flags")) for r in labelled],
+        [FLAG_IN_TRAINING in str(r.get("quality_flags") or "").split(";") for r in labelled],
+        bool((summary.get("in_training_set") or {}).get("in_metrics"))) if labelled else None
+    if "in_training_set" in summary:  # the shards' common setting; the count over the merged rows
+        summary["in_training_set"] = in_training_block(rows, summary["in_training_set"].get("checked", False),
+                                                       summary["in_training_set"].get("in_metrics", False))
     segs = [s["segmentation"] for s, _, _ in loaded if s.get("segmentation")]
     if segs:
         m = sum(g["n_masks"] for g in segs)

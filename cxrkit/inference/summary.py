@@ -8,23 +8,30 @@ from ..core import ood, quality, shift_check
 from ..core.config import DISCLAIMER, LUNG_THRESHOLD
 
 
-def classification_summary(y_true, y_probs, names, flagged=None, gated=None) -> dict | None:
+def classification_summary(y_true, y_probs, names, flagged=None, gated=None, seen=None,
+                           include_seen: bool = False) -> dict | None:
     """summary.json's "classification" (also cxrkit.inference.shard's merge): metrics, n_labelled and 95%
     intervals over the JUDGED labelled images (`gated`: a bool per image, not judged by the gate; those
     are left out and counted, with the all-images figures beside them for reference), and with `flagged`
     (a bool per image: any quality flag) the same figures over the unflagged images. None when no
-    labelled image was judged."""
+    labelled image was judged. `seen`: a bool per image, one the model trained on (core.fingerprint): left
+    out and counted too (n_in_training_left_out), unless include_seen."""
     from ..core.metrics import classification_metrics, confidence_intervals
     y_true, y_probs = np.asarray(y_true, np.int64), np.asarray(y_probs, np.float64)
     judged = ~np.asarray(gated, bool) if gated is not None else np.ones(len(y_true), bool)
+    unseen = ~np.asarray(seen, bool) if seen is not None and not include_seen else np.ones(len(y_true), bool)
+    n_seen_out = int((judged & ~unseen).sum())
+    judged &= unseen
     if not judged.any():
         return None
     m = classification_metrics(y_true[judged], y_probs[judged], names)
     m["n_labelled"] = int(judged.sum())
     m.update(confidence_intervals(y_true[judged], y_probs[judged].argmax(1), len(names)))
-    if not judged.all():
+    if n_seen_out:
+        m["n_in_training_left_out"] = n_seen_out
+    if not judged.all() and (~judged).sum() > n_seen_out:
         ma = classification_metrics(y_true, y_probs, names)
-        m["n_not_judged_left_out"] = int((~judged).sum())
+        m["n_not_judged_left_out"] = int((~judged).sum()) - n_seen_out
         m["including_not_judged"] = {"n": len(y_true), "accuracy": ma["accuracy"], "macro_f1": ma["macro_f1"],
                                      "note": "every labelled image, the not-judged ones scored by their model "
                                              "output (not a prediction): for reference only"}
@@ -99,13 +106,34 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
         summary["mask_problems"] = tally.mask_problems
     if tally.y_true:
         summary["classification"] = classification_summary(tally.y_true, tally.y_probs, tally.names, tally.y_flagged,
-                                                           tally.y_gated)
+                                                           tally.y_gated, tally.y_seen, tally.include_training_images)
+    summary["in_training_set"] = in_training_block(rows, tally.train_hashes is not None, tally.include_training_images)
     if tally.dices:
         summary["segmentation"] = _segmentation(tally)
     if opts.extra_summary:
         summary.update(opts.extra_summary)
     summary["outputs"]["report"] = "report.html (thumbnails in thumbs/)" if opts.report else None
     return summary
+
+
+def in_training_block(rows, checked: bool, included: bool) -> dict:
+    """summary.json's in_training_set: how many inputs the model trained on (a run's and a merge's)."""
+    from ..core.fingerprint import FLAG_IN_TRAINING
+    n = int(sum(FLAG_IN_TRAINING in str(r.get("quality_flags") or "").split(";") for r in rows))
+    return {"checked": checked, "n": n, "of": len(rows), "in_metrics": bool(included),
+            "note": ("inputs whose perceptual hash matches one of the model's training images (flag in_training_set); "
+                     + ("counted in the metrics (--include_training_images)" if included else
+                        "left out of the metrics: a figure on training images is not a test"))
+            if checked else "the model carries no training-image hashes: not checked"}
+
+
+def in_training_line(block: dict | None) -> str | None:
+    """The console's and the report's sentence; None when no input matched."""
+    if not block or not block.get("n"):
+        return None
+    return (f"{block['n']} of {block['of']} inputs were in the model's training set ("
+            + ("counted in the metrics)" if block.get("in_metrics") else
+               "left out of the metrics; --include_training_images counts them)"))
 
 
 def _quality(tally) -> dict:

@@ -105,9 +105,18 @@ def build_ensemble(member_paths, oof_dirs=None, allow_incomplete: bool = False) 
     ck = make_checkpoint(sd, cfg, first["class_names"], first["img_size"], normalization=first["normalization"],
                          recipe=first.get("recipe"), prior_correction=first.get("prior_correction"),
                          lung_area_range=first.get("lung_area_range"), history=first.get("history"),
+                         training_hashes=_union_hashes(cks),
                          ensemble={"members": members,
                                    "combine": "mean of member probabilities (lung sigmoid, class softmax)"})
     if cal is not None:
         ck["temperature"] = cal["temperature"]
         ck["calibration"] = cal
     return ck
+
+
+def _union_hashes(cks) -> str | None:
+    """Every member's training images (cxrkit.core.fingerprint), once."""
+    from ..core.fingerprint import pack, unpack
+    parts = [unpack(c.get("training_hashes")) for c in cks]
+    parts = [h for h in parts if h is not None]
+    return pack(np.unique(np.concatenate(parts))) if parts else None

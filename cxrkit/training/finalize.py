@@ -47,6 +47,9 @@ def finalize(best_path, data, tr_idx, va_idx, te_idx, res_dir, device, amp_dtype
     # the out-of-distribution gate: statistics from the training images, threshold from validation
     # (cxrkit.core.ood_head; None, and no gate, with fewer than 50 validation images)
     ck["ood"] = fit_ood(model, data, tr_idx, va_idx, device)
+    # which inputs a later run should not score as a test (cxrkit.core.fingerprint)
+    from ..core.fingerprint import hashes, pack
+    ck["training_hashes"] = pack(hashes(data.images[np.sort(np.asarray(tr_idx))]))
     atomic_torch_save(ck, best_path)
     if not (oof and len(te_idx)):
         return evaluate_checkpoint(model, ck, data, te_idx, res_dir, device, amp_dtype)

@@ -395,3 +395,34 @@ def test_onnx_threads_follow_a_container_cpu_quota(tmp_path):
     assert cgroup_cpu_limit(str(f)) == 1
     f.write_text("max 100000\n")
     assert cgroup_cpu_limit(str(f)) is None       # no quota
+
+
+def test_inputs_the_model_trained_on_are_counted_and_left_out_of_the_metrics(tiny_model, cxr_eval_dir, tmp_path,
+                                                                            capsys):
+    """Perceptual hashes of the training split travel with the model (checkpoint and ONNX meta); a run on
+    those images says how many it saw and scores none of them, unless --include_training_images."""
+    from cxrkit.core.fingerprint import FLAG_IN_TRAINING
+    split = json.loads((tiny_model.root / "train_out" / "split.json").read_text())
+    n_train = len(split["train"])
+    assert tiny_model.meta.get("training_hashes")
+    out = tmp_path / "seen"
+    assert onnx_cli.main(["--data_dir", str(tiny_model.train_data), "--onnx_path", str(tiny_model.onnx),
+                          "--save_dir", str(out), "--outputs", "csv", "--quiet"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    flagged = {Path(r["image_path"]).relative_to(tiny_model.train_data).as_posix()
+               for r in read_predictions(out) if FLAG_IN_TRAINING in r["quality_flags"].split(";")}
+    assert flagged == set(split["train"])               # exactly the training split, not val / test
+    assert s["in_training_set"]["n"] == n_train and not s["in_training_set"]["in_metrics"]
+    rows = read_predictions(out)
+    seen_judged = sum(FLAG_IN_TRAINING in r["quality_flags"].split(";") and not not_judged(r["quality_flags"])
+                      for r in rows)
+    c = s["classification"]
+    assert (c or {}).get("n_in_training_left_out", 0) == seen_judged
+    assert c is None or c["n_labelled"] == sum(FLAG_IN_TRAINING not in r["quality_flags"].split(";")
+                                               and not not_judged(r["quality_flags"]) for r in rows)
+    assert f"{n_train} of {s['n_processed']} inputs were in the model's training set" in capsys.readouterr().out
+    # unseen images: nothing matches
+    out2 = tmp_path / "unseen"
+    assert pth_cli.main(["--data_dir", str(cxr_eval_dir), "--checkpoint", str(tiny_model.checkpoint),
+                         "--save_dir", str(out2), "--outputs", "csv", "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((out2 / "summary.json").read_text())["in_training_set"]["n"] == 0
