@@ -74,6 +74,11 @@ def add_output_args(p, default_dir):
                         "manifest), then write anew (without it such a folder is refused)")
     g.add_argument("--no_report", action="store_true",
                    help="no report.html (metrics, confusion matrix, thumbnail gallery) and no thumbs/")
+    g.add_argument("--dicom_out", action="store_true",
+                   help="for every DICOM input, write dicom/<name>_seg.dcm (DICOM SEG of the predicted lungs at the "
+                        "source's size) and dicom/<name>_sr.dcm (Structured Report: class or not judged, "
+                        "probabilities, flags, model), both referencing the source image; research output, not for "
+                        "a clinical system's decisions (needs pip install 'cxrkit[dicom-out]')")
     return g
 
 
@@ -132,7 +137,7 @@ def _model_identity(backend) -> dict:
 def _shard_options(args, outs: dict, gradcam: bool) -> dict:
     """The options that change a shard's rows or files: they must agree across the shards of one run."""
     return {"ood_threshold": args.ood_threshold, "tta": args.tta, "outputs": dict(outs), "gradcam": gradcam,
-            "include_training_images": bool(args.include_training_images),
+            "include_training_images": bool(args.include_training_images), "dicom_out": bool(args.dicom_out),
             "cam_class": args.cam_class, "save_cams": bool(args.save_cams)}
 
 
@@ -151,12 +156,15 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
         raise InferenceError(CAM_NEEDS_CHECKPOINT)
     outs = parse_outputs(args.outputs, args.save_masks, args.no_report)
     shard = parse_shard(args.shard) if args.shard else None
+    if args.dicom_out:  # the optional dependency, before any work: one line naming the extra when absent
+        from ..inference.dicom_out import require_highdicom
+        require_highdicom()
     backend = make_backend()
     opts = PipelineOptions(batch_size=args.batch_size, tta=args.tta, cam_class=args.cam_class,
                            save_cams=args.save_cams, save_masks=outs["save_masks"], report=outs["report"],
                            annotate=outs["annotate"], workers=args.workers, progress=not args.quiet,
                            overwrite=args.overwrite, ood_threshold=args.ood_threshold,
-                           include_training_images=args.include_training_images)
+                           include_training_images=args.include_training_images, dicom_out=args.dicom_out)
     check_options(backend.class_names, opts)
     if backend.calibration_problem:
         log.warning("%s: %s", backend.model_file, backend.calibration_problem)

@@ -29,8 +29,11 @@ log = logging.getLogger("cxrkit")
 
 
 # -------------------------------------------------------------------------------------- pipeline
-def planned_outputs(items, save_masks=False, save_cams=False, report=False, annotate=True) -> list[str]:
-    """Every file a run will write (relative to save_dir), for the manifest (cxrkit.core.outdir)."""
+def planned_outputs(items, save_masks=False, save_cams=False, report=False, annotate=True,
+                    dicom_out=False) -> list[str]:
+    """Every file a run will write (relative to save_dir), for the manifest (cxrkit.core.outdir).
+    dicom_out: the dicom/ SEG and SR of every input that looks like DICOM before the run (a .dcm name or
+    the DICM preamble, what the decoder goes by: cxrkit.inference.dicom_out.planned)."""
     from .report import REPORT_NAME
     from .thumbs import GALLERY_CAP
     from .thumbs import gallery_thumb_relpath, thumb_relpath
@@ -46,6 +49,9 @@ def planned_outputs(items, save_masks=False, save_cams=False, report=False, anno
             out.append(f"cams/{it.out_stem}_cam.npy")
         if report:
             out.append(thumb_relpath(it.out_stem))
+    if dicom_out:
+        from .dicom_out import planned
+        out += planned(items)
     return out
 
 
@@ -72,6 +78,7 @@ class PipelineOptions:
     overwrite: bool = False
     ood_threshold: float | None = None  # None: the model's own gate threshold
     include_training_images: bool = False  # count inputs the model trained on in the metrics (core.fingerprint)
+    dicom_out: bool = False       # dicom/: a SEG and an SR per DICOM input (cxrkit.inference.dicom_out; highdicom)
     extra_summary: dict | None = None   # merged into summary.json
 
 
@@ -178,6 +185,7 @@ class _Run:
     claim: object                 # cxrkit.core.outdir's claim on save_dir
     tally: _Tally
     notes: list                   # the overlay's notes (calibration, TTA)
+    dicom: object = None          # --dicom_out: the run's cxrkit.inference.dicom_out.DicomWriter
 
 
 def run_pipeline(backend, items: list[InputItem], save_dir, opts: PipelineOptions | None = None) -> dict:
@@ -203,7 +211,11 @@ def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOpti
     cam_idx = _check_run(names, size, items, opts)
     if not items[0].out_stem:
         assign_output_stems(items)
-    planned = planned_outputs(items, opts.save_masks, opts.save_cams, opts.report, opts.annotate)
+    dicom = None
+    if opts.dicom_out:  # highdicom imported (or its one-line error) before the folder is claimed
+        from .dicom_out import DicomWriter
+        dicom = DicomWriter(backend, save_dir)
+    planned = planned_outputs(items, opts.save_masks, opts.save_cams, opts.report, opts.annotate, opts.dicom_out)
     job = job_identity(backend.model_file, [i.path for i in items], planned, opts.extra_summary)
     claim = claim_save_dir(save_dir, opts.overwrite, tool=f"cxrkit inference ({backend.name})", job=job)
     claim.plan(planned)
@@ -213,7 +225,8 @@ def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOpti
         raise InferenceError(str(e)) from None
     claim.acquire()  # lock; earlier outputs refused or (overwrite) removed; manifest "running"
     for d in (([save_dir / "annotated"] if opts.annotate else []) + ([save_dir / "masks"] if opts.save_masks else [])
-              + ([save_dir / "cams"] if opts.save_cams else []) + ([save_dir / THUMB_DIR] if opts.report else [])):
+              + ([save_dir / "cams"] if opts.save_cams else []) + ([save_dir / THUMB_DIR] if opts.report else [])
+              + ([dicom.dir] if dicom is not None else [])):
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -225,11 +238,11 @@ def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOpti
              else [f"probabilities NOT calibrated (T={temp:.3g})"])
     notes += [f"TTA: {opts.tta} views"] if opts.tta > 1 else []
     return _Run(backend, save_dir, opts, names, size, temp, cam_idx, gate, claim,
-                _tally(names, size, area_rng, gate, opts, backend), notes)
+                _tally(names, size, area_rng, gate, opts, backend), notes, dicom)
 
 
 def _write_job(run: _Run):
-    """The writer thread's job: one image's annotated PNG, mask, Grad-CAM map and thumbnail."""
+    """The writer thread's job: one image's annotated PNG, mask, Grad-CAM map, thumbnail and DICOM SEG."""
     from .thumbs import thumb_relpath, write_thumbnail
     opts, save_dir = run.opts, run.save_dir
 
@@ -247,6 +260,8 @@ def _write_job(run: _Run):
             write_npy(save_dir / "cams" / f"{stem}_cam.npy", cam_map.astype(np.float32))
         if opts.report and opts.annotate:
             write_thumbnail(save_dir / thumb_relpath(stem), d.display, seg)
+        if run.dicom is not None and d.dicom:
+            run.dicom.write_seg(d.item, seg)  # never raises: a failure is counted in summary.json
     return write_job
 
 
@@ -293,8 +308,13 @@ def _predict_batch(run: _Run, batch: list[Decoded]) -> list[tuple]:
     jobs = []
     for i, d in enumerate(batch):
         cam_name = "" if cams is None else run.names[pred[i] if cam_idx is None else cam_idx]
-        run.tally.add(d, seg[i], probs[i], cam_name,  # sets d.flags
-                      None if scores is None else scores[i], views[i])
+        row = run.tally.add(d, seg[i], probs[i], cam_name,  # sets d.flags
+                            None if scores is None else scores[i], views[i])
+        if run.dicom is not None:  # its SR is written once the rows are final (_finish)
+            if d.dicom:
+                run.dicom.add_row(d.item, row)
+            else:
+                run.dicom.not_dicom += 1
         jobs.append((d, seg[i], probs[i], None if cams is None else cams[i], cam_name))
     return jobs
 
@@ -304,7 +324,7 @@ def _batch_loop(run: _Run, items) -> None:
     (the manifest stays "running": the next run needs --overwrite)."""
     from tqdm import tqdm
     opts = run.opts
-    per_image_files = opts.annotate or opts.save_masks or opts.save_cams
+    per_image_files = opts.annotate or opts.save_masks or opts.save_cams or opts.dicom_out
     pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="cxrkit-decode")
     writer = _Writer(_write_job(run), maxsize=max(4, 2 * opts.batch_size))
     writer.start()
@@ -350,9 +370,14 @@ def _finish(run: _Run, items, t0: float) -> dict:
     opts, tally, save_dir = run.opts, run.tally, run.save_dir
     try:
         _folder_shift(run.backend, tally)
+        if run.dicom is not None:  # the SRs, from the final rows (folder_shift included)
+            run.dicom.write_reports()
         cols = PredictionRow.columns(run.names, opts.save_masks, opts.cam is not None)
         write_csv_atomic(save_dir / "predictions.csv", cols, tally.rows)
         summary = build_summary(run.backend, items, tally, opts, time.perf_counter() - t0)
+        if run.dicom is not None:
+            summary["dicom_out"] = run.dicom.block()
+            summary["outputs"]["dicom"] = "dicom/ (a DICOM SEG and SR per DICOM input)"
         write_json_atomic(save_dir / "summary.json", summary)
         if opts.report:
             if not opts.annotate:

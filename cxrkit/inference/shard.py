@@ -299,6 +299,20 @@ def _merge_metrics(summary: dict, loaded, rows: list, names: list) -> None:
         summary["segmentation"] = None
 
 
+def _merge_dicom_out(summary: dict, loaded) -> None:
+    """--dicom_out: the shards' counts added up and their failures listed (the files stay in the shards)."""
+    blocks = [s["dicom_out"] for s, _, _ in loaded if isinstance(s.get("dicom_out"), dict)]
+    if not blocks:
+        summary.pop("dicom_out", None)
+        return
+    out = dict(blocks[0])
+    for key in ("written", "seg_written", "sr_written", "skipped_not_dicom", "n_failed"):
+        out[key] = sum(int(b.get(key) or 0) for b in blocks)
+    out["failed"] = [f for b in blocks for f in (b.get("failed") or [])]
+    out["folder"] = "dicom/ in each shard folder"
+    summary["dicom_out"] = out
+
+
 def _check_out_not_a_shard(out: Path, dirs) -> None:
     """--out must not be one of the shard folders (the merge would replace that shard's files)."""
     for d in dirs:
@@ -342,9 +356,11 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
                              "note": f"summed over the {n} shards (each one's own wall clock), so images_per_second "
                                      f"is per process, not the cluster's"}
     summary["merged_from"] = [str(d) for d in dirs]
+    _merge_dicom_out(summary, loaded)
     if "outputs" in summary:
         summary["outputs"] = {**summary["outputs"], "report": "report.html (thumbnails in thumbs/)" if report else None,
-                              "note": "annotated/, masks/ and cams/ (when written) stay in the shard folders"}
+                              "note": "annotated/, masks/, cams/ and dicom/ (when written) stay in the shard "
+                                      "folders"}
 
     _write_merged(Path(out_dir), dirs, header, rows, summary, model, report, overwrite)
     return summary
