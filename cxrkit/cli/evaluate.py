@@ -22,6 +22,25 @@ log = logging.getLogger("cxrkit")
 
 
 def evaluate_from_args(args) -> None:
+    """Holds --output_dir like a run (cxrkit.core.outdir): refused while a training holds it; the earlier
+    run's files are kept, and what the evaluation wrote joins its manifest, so a later --overwrite
+    training removes them too (see _evaluate)."""
+    from ..core.outdir import claim_save_dir
+    out = Path(args.output_dir)
+    claim = claim_save_dir(out, False, flag="--output_dir", tool="cxrkit evaluate", keep_earlier=True,
+                           keep_flag="--evaluate")
+    with claim:
+        _evaluate(args)
+        written = [p.relative_to(out).as_posix() for sub in ("test_results", "test_report")
+                   for p in sorted((out / sub).rglob("*")) if p.is_file()]
+        ck = Path(args.evaluate).resolve()
+        if args.calibrate and out.resolve() in ck.parents:  # --calibrate rewrote the checkpoint
+            written.append(ck.relative_to(out.resolve()).as_posix())
+        claim.plan(written)
+        claim.finish()
+
+
+def _evaluate(args) -> None:
     """model_arch.py --evaluate: score a checkpoint on the test split of its split file (optionally
     after --calibrate), write test_results/ and test_report/, and the --shortcut_check / --tta_eval
     reports. args: model_arch.py's argparse Namespace."""

@@ -105,3 +105,25 @@ def test_cam_mass_in_lungs_measures_where_the_map_lies(monkeypatch):
     r = diagnostics.cam_mass_in_lungs(None, {}, data, np.array([0, 1]), torch.device("cpu"))
     assert r["n_images"] == 2 and r["mean"] == pytest.approx(0.5)
     assert r["lung_area_share_mean"] == pytest.approx(masks[0].mean())
+
+
+def test_evaluate_joins_the_runs_manifest_and_an_overwrite_retrain_removes_its_files(evaluated, mdt_subset,
+                                                                                      capsys):
+    """--evaluate holds the folder (lock) and records what it wrote: a later --overwrite training is not
+    blocked by evaluate's outputs (they were 'changed since' the training's manifest before)."""
+    from cxrkit.core.outdir import MANIFEST_NAME, claim_save_dir
+    rc, out, _, _ = evaluated
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["tool"] == "cxrkit evaluate" and m["status"] == "complete"
+    assert "test_results/classification_report.json" in m["files"]
+    assert "model_checkpoints/best_covid_model.pth" in m["files"]  # carried, re-hashed after --calibrate
+    common = ["--data_dir", str(mdt_subset), "--output_dir", str(out), "--img_size", "32", "--workers", "0",
+              "--quiet", "--device", "cpu"]
+    ck = out / "model_checkpoints" / "best_covid_model.pth"
+    with claim_save_dir(out, keep_earlier=True):  # a training (or another evaluation) holds the folder
+        capsys.readouterr()
+        assert model_arch.main(common + ["--evaluate", str(ck)]) == 2
+        assert "--output_dir" in capsys.readouterr().err
+    assert model_arch.main(common + ["--arch", "tiny", "--num_epochs", "1", "--batch_size", "8", "--overwrite",
+                                     "--no_report"]) == 0
+    assert not (out / "test_results" / "shortcut_check.json").exists()  # evaluate's own file went with --overwrite
