@@ -28,6 +28,9 @@ DICOM_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ViewPo
 # Larger images are skipped, decided from the file header BEFORE decoding (a 40000x40000 PNG is under
 # 1 MB on disk but 1.6 GB decoded); chest films are at most ~4300x4300 (18 MP)
 MAX_PIXELS = 100_000_000
+# what one decoded file may take before any conversion (the pixel limit alone lets a 16-bit RGBA PNG of
+# 99 MP through at 800 MB, and its float conversions at several GB); a 3000 x 3000 16-bit X-ray is 18 MB
+MAX_DECODED_BYTES = 512 * 2 ** 20
 
 cv2.setNumThreads(1)  # decoding runs in worker threads/processes; avoid oversubscription
 
@@ -66,10 +69,28 @@ def _to_gray(arr: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported array shape {arr.shape}")
 
 
-def _too_large_reason(w: int, h: int) -> str | None:
+def _too_large_reason(w: int, h: int, bytes_per_pixel: int = 1) -> str | None:
     if w * h > MAX_PIXELS:
         return f"image is {w}x{h} px, over the {MAX_PIXELS // 1_000_000} MP limit"
+    if w * h * bytes_per_pixel > MAX_DECODED_BYTES:
+        return (f"image is {w}x{h} px at {bytes_per_pixel} bytes per pixel: {w * h * bytes_per_pixel / 2 ** 20:.0f} MB "
+                f"decoded, over the {MAX_DECODED_BYTES // 2 ** 20} MB decode budget; save it as 8-bit grey or smaller")
     return None
+
+
+def decoded_bytes_per_pixel(buf) -> int:
+    """Bytes per pixel of the decoded array, from the header: exact for PNG (bit depth, colour type), the
+    format's usual case otherwise (JPEG 3, BMP 4; TIFF and unknown 2: a 16-bit grey film)."""
+    b = memoryview(np.ascontiguousarray(buf[:32], dtype=np.uint8)).cast("B")
+    if bytes(b[:8]) == b"\x89PNG\r\n\x1a\n" and len(b) >= 26:
+        depth, colour = int(b[24]), int(b[25])
+        channels = {0: 1, 2: 3, 3: 3, 4: 4, 6: 4}.get(colour, 4)  # palette expands to BGR, grey+alpha to BGRA
+        return channels * (2 if depth == 16 else 1)
+    if bytes(b[:2]) == b"\xff\xd8":
+        return 3
+    if bytes(b[:2]) == b"BM":
+        return 4
+    return 2
 
 
 def _tiff_header(b: memoryview) -> tuple[int, int, int] | None:
@@ -317,7 +338,7 @@ def read_gray_info(path, tags: dict | None = None) -> tuple[np.ndarray, list[str
         return _read_dicom(path, notes, tags), notes
     w, h, pages = header_info(buf)
     if w is not None and h is not None:
-        too_large = _too_large_reason(w, h)
+        too_large = _too_large_reason(w, h, decoded_bytes_per_pixel(buf))
         if too_large:
             raise ImageReadError(path, too_large)
     if pages > 1:

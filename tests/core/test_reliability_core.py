@@ -73,3 +73,20 @@ def test_r4_09_disk_full_while_torch_save_writes_is_the_one_line_os_error(tmp_pa
         atomic_torch_save({"a": 1}, target)
     assert str(target) in str(e.value) and "\n" not in str(e.value) and "file write failed" in str(e.value)
     assert not target.exists() and not list(tmp_path.iterdir())  # no temporary file left
+
+
+def test_a_small_file_that_decodes_huge_is_refused_by_its_header(tmp_path):
+    """The pixel limit alone let a 776 KB 16-bit RGBA PNG of 9990 x 9990 take GBs: the decode budget counts
+    bytes per pixel from the header, before any pixel is decoded."""
+    import cv2
+    import numpy as np
+
+    from cxrkit.core.decode import ImageReadError, read_gray_info
+    ok, buf = cv2.imencode(".png", np.zeros((8, 8, 4), np.uint16))
+    b = bytearray(buf.tobytes())
+    (tmp_path / "small16.png").write_bytes(bytes(b))
+    assert read_gray_info(tmp_path / "small16.png")[0].shape == (8, 8)   # a small one decodes
+    b[16:20], b[20:24] = (9990).to_bytes(4, "big"), (9990).to_bytes(4, "big")  # the header claims 9990 x 9990
+    (tmp_path / "huge16.png").write_bytes(bytes(b))
+    with pytest.raises(ImageReadError, match="decode budget"):
+        read_gray_info(tmp_path / "huge16.png")
