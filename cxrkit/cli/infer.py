@@ -206,11 +206,11 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
         line += f" | {q['n_flagged']} flagged (quality_flags: " + ", ".join(
             f"{k} {v}" for k, v in q["counts"].items() if v) + ")"
     print(line + f" | outputs in {args.save_dir}")
-    if summary["n_processed"] == 1:
-        print(one_image_line(Path(args.save_dir) / "predictions.csv"))
     seen = in_training_line(summary.get("in_training_set"))
     if seen:
         print(seen)
+    if summary["n_processed"] == 1:
+        print(one_image_line(Path(args.save_dir) / "predictions.csv"))
     warning = shift_check.warning_line(summary.get("shift_check"))
     if warning:  # the last line a user sees
         print(warning)

@@ -1,7 +1,8 @@
 """Golden predictions: the SHIPPED ONNX model over a fixed SYNTHETIC set must keep giving the predictions.csv
 committed in tests/data/golden_predictions_onnx.csv (made by the code at 6e482cb, regenerated for
 issue 23: gated rows have empty predicted_class / confidence / correct, the model output in unjudged_model_*,
-and the DICOM columns were added; every number unchanged; made with
+and the DICOM columns were added; every number unchanged; regenerated again when the shipped model became
+the source-aware ensemble (cxr4 + db_extra, appearance augmentation: MODEL_CARD.md); made with
 cxrkit.training.synthetic.generate(per_class=3, seed=5); image paths relative to the data folder).
 Text fields must be equal; numbers within 2e-6 (ONNX Runtime kernels round differently on other CPUs).
 
