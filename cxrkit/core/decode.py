@@ -11,6 +11,8 @@ Masks: any non-zero-ish pixel (> half of the mask's max) is lung.
 """
 from __future__ import annotations
 
+import contextlib
+
 import errno
 import os
 from pathlib import Path
@@ -76,6 +78,32 @@ def _too_large_reason(w: int, h: int, bytes_per_pixel: int = 1) -> str | None:
         return (f"image is {w}x{h} px at {bytes_per_pixel} bytes per pixel: {w * h * bytes_per_pixel / 2 ** 20:.0f} MB "
                 f"decoded, over the {MAX_DECODED_BYTES // 2 ** 20} MB decode budget; save it as 8-bit grey or smaller")
     return None
+
+
+class ByteBudget:
+    """Bytes that decoding threads of one process may hold at once: hold(n) waits until n more fit (a
+    request over the whole budget waits until nothing else is held). Files over MAX_DECODED_BYTES are
+    refused before this, so together the threads decode at most one budget's worth at a time."""
+
+    def __init__(self, total: int):
+        import threading
+        self.total, self.used, self._cv = int(total), 0, threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        n = max(0, min(int(n), self.total))
+        with self._cv:
+            self._cv.wait_for(lambda: self.used + n <= self.total)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.used -= n
+                self._cv.notify_all()
+
+
+DECODE_BUDGET = ByteBudget(MAX_DECODED_BYTES)
 
 
 def decoded_bytes_per_pixel(buf) -> int:
@@ -343,6 +371,13 @@ def read_gray_info(path, tags: dict | None = None) -> tuple[np.ndarray, list[str
             raise ImageReadError(path, too_large)
     if pages > 1:
         notes.append(f"multi-page TIFF ({pages} pages): only the first page was used")
+    est = w * h * decoded_bytes_per_pixel(buf) if w is not None and h is not None else 0
+    with DECODE_BUDGET.hold(est):  # decode threads together stay within MAX_DECODED_BYTES (+ conversions)
+        return _decode_raster(path, buf), notes
+
+
+def _decode_raster(path: Path, buf: np.ndarray) -> np.ndarray:
+    """An encoded PNG / JPEG / BMP / TIFF (header already checked) -> 8-bit grey, EXIF orientation applied."""
     try:
         # IMREAD_UNCHANGED keeps 16-bit data but does not apply EXIF orientation: done below, so the
         # model sees what a viewer shows (a phone photo of a film stored sideways with tag 6)
@@ -370,7 +405,7 @@ def read_gray_info(path, tags: dict | None = None) -> tuple[np.ndarray, list[str
         raise ImageReadError(path, too_large)
     if orientation != 1:
         arr = apply_exif_orientation(arr, orientation)
-    return array_to_gray(path, arr), notes
+    return array_to_gray(path, arr)
 
 
 def read_mask(path) -> np.ndarray:

@@ -90,3 +90,31 @@ def test_a_small_file_that_decodes_huge_is_refused_by_its_header(tmp_path):
     (tmp_path / "huge16.png").write_bytes(bytes(b))
     with pytest.raises(ImageReadError, match="decode budget"):
         read_gray_info(tmp_path / "huge16.png")
+
+
+def test_decode_threads_share_one_byte_budget():
+    """Several decode threads never hold more than the budget at once: the second large file waits."""
+    import threading
+    import time
+
+    from cxrkit.core.decode import ByteBudget
+    b = ByteBudget(100)
+    order = []
+
+    def big(name, hold_s):
+        with b.hold(70):
+            order.append(("in", name, b.used))
+            time.sleep(hold_s)
+        order.append(("out", name))
+
+    t1 = threading.Thread(target=big, args=("a", 0.3))
+    t1.start()
+    time.sleep(0.05)
+    t2 = threading.Thread(target=big, args=("b", 0.0))
+    t2.start()
+    t1.join()
+    t2.join()
+    assert order[0] == ("in", "a", 70) and order[1] == ("out", "a") and order[2] == ("in", "b", 70)
+    with b.hold(500):             # a request over the whole budget still runs, alone
+        assert b.used == 100
+    assert b.used == 0
