@@ -85,7 +85,8 @@ def add_output_args(p, default_dir):
 def add_gradcam_args(p, onnx: bool):
     g = p.add_argument_group("Grad-CAM (explanations)")
     g.add_argument("--gradcam", action="store_true",
-                   help="add a Grad-CAM heat-map panel (UNet bottleneck) to each annotated PNG"
+                   help="add a Grad-CAM heat-map panel to each annotated PNG (from the network's bottleneck: the "
+                        "lite0 encoder's deepest block; the UNet bottleneck for the seed presets)"
                         + (" (needs --checkpoint: gradients come from the PyTorch model)" if onnx else ""))
     g.add_argument("--cam_class", default=None, metavar="NAME",
                    help="explain this class instead of the predicted one (implies --gradcam)")

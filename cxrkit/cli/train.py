@@ -38,8 +38,10 @@ def parse_args(argv=None):
     g.add_argument("--output_dir", default=R.output_dir, help="holds model_checkpoints/, test_results/, split.json, cache/")
     g.add_argument("--cache_dir", default=R.cache_dir, help="decoded-image cache (default: <output_dir>/cache)")
     g.add_argument("--img_size", type=int, default=D.img_size, help="square input size in pixels")
-    g.add_argument("--val_frac", type=float, default=D.val_frac)
-    g.add_argument("--test_frac", type=float, default=D.test_frac)
+    g.add_argument("--val_frac", type=float, default=D.val_frac,
+                   help="share of each class held out for validation (model selection, temperature, the gate)")
+    g.add_argument("--test_frac", type=float, default=D.test_frac,
+                   help="share of each class held out for the test report (never used to select anything)")
     g.add_argument("--dup_threshold", type=float, default=D.dup_threshold,
                    help="32-px thumbnail correlation above which images are near-duplicates (same split side)")
     g.add_argument("--workers", type=int, default=D.workers, help="decode processes and DataLoader workers")

@@ -32,7 +32,14 @@ MAX_BATCH_SIZE = 1024
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """For every CLI: shows defaults and keeps the description's line breaks (usage examples)."""
+    """For every CLI: shows defaults and keeps the description's line breaks (usage examples). A help
+    text that states its own default, or a default of None (nothing to show), gets no "(default: ...)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default:" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
 
 
 def tmp_name(path) -> Path:
