@@ -52,6 +52,15 @@ REPORT_NAME = "report.html"
 
 
 # ---------------------------------------------------------------------------------------- model
+def _provenance(p: dict | None) -> str:
+    """cxrkit version, the model's SHA-256 (short, full in the tooltip) and the command line (tooltip)."""
+    if not p:
+        return "-"
+    sha = p.get("model_sha256") or ""
+    return (f'cxrkit {_e(p.get("cxrkit_version", "?"))} &middot; model <span title="{_e(sha)}">'
+            f'sha256 {_e(sha[:12])}</span> &middot; <span title="{_e(p.get("command", ""))}">command</span>')
+
+
 def model_info(backend) -> dict:
     """File, preset, input size and calibration of an inference backend (a cxrkit.inference.Backend;
     for the report header)."""
@@ -131,6 +140,7 @@ def _header(summary: dict, model: dict | None, generated: str) -> str:
     items = [
         ("Model", f'<span title="{_e(mfile)}">{_e(mdesc)}</span>'),
         ("Calibration", _e(cal)),
+        ("Provenance", _provenance(s.get("provenance"))),
         ("Backend", _e(backend)),
         ("Inputs", f'<span title="{_e(src)}">{_e(src if len(src) <= 60 else "..." + src[-57:])}</span>'),
         ("Images", f'{_num("n_inputs", s.get("n_inputs"), str(s.get("n_inputs")))} in, '

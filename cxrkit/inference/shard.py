@@ -356,6 +356,8 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
                              "note": f"summed over the {n} shards (each one's own wall clock), so images_per_second "
                                      f"is per process, not the cluster's"}
     summary["merged_from"] = [str(d) for d in dirs]
+    from .summary import provenance  # the merge's own: its command line and date, the shards' model
+    summary["provenance"] = provenance((summary.get("provenance") or {}).get("model_file") or "")
     _merge_dicom_out(summary, loaded)
     if "outputs" in summary:
         summary["outputs"] = {**summary["outputs"], "report": "report.html (thumbnails in thumbs/)" if report else None,

@@ -2,6 +2,8 @@
 merge recomputes from the shards' CSV rows (classification_summary)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..core import ood, quality, shift_check
@@ -107,6 +109,7 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
     if tally.y_true:
         summary["classification"] = classification_summary(tally.y_true, tally.y_probs, tally.names, tally.y_flagged,
                                                            tally.y_gated, tally.y_seen, tally.include_training_images)
+    summary["provenance"] = provenance(backend.model_file)
     summary["in_training_set"] = in_training_block(rows, tally.train_hashes is not None, tally.include_training_images)
     if tally.dices:
         summary["segmentation"] = _segmentation(tally)
@@ -114,6 +117,21 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
         summary.update(opts.extra_summary)
     summary["outputs"]["report"] = "report.html (thumbnails in thumbs/)" if opts.report else None
     return summary
+
+
+def provenance(model_file) -> dict:
+    """Who made these outputs: cxrkit's version, the model file and its SHA-256, the command line, the date."""
+    import datetime
+    import sys
+    from .. import __version__
+    from ..core.io_utils import sha256_file
+    try:
+        sha = sha256_file(model_file)
+    except OSError:
+        sha = None
+    return {"cxrkit_version": __version__, "model_file": str(model_file), "model_sha256": sha,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def in_training_block(rows, checked: bool, included: bool) -> dict:

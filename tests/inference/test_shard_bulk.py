@@ -233,3 +233,15 @@ def test_a_requeued_shard_replaces_its_own_outputs_and_nothing_else(syn, tmp_pat
                                   "--shard", "1/2"])
     assert rc == 2
     assert_one_line_error(capsys, "holds an earlier run's outputs", "--overwrite", log_lines_ok=True)
+
+
+def test_summary_and_report_carry_provenance(syn, tmp_path):
+    """cxrkit version, the model's SHA-256, the command line and the date, in summary.json and the report."""
+    import cxrkit
+    from cxrkit.core.io_utils import sha256_file
+    s, _ = _infer(syn, tmp_path / "p")
+    p = s["provenance"]
+    assert p["cxrkit_version"] == cxrkit.__version__ and p["model_sha256"] == sha256_file(REPO / ONNX_PATH)
+    assert p["date"] and "command" in p
+    html = (tmp_path / "p" / "report.html").read_text()
+    assert f"sha256 {p['model_sha256'][:12]}" in html and f"cxrkit {cxrkit.__version__}" in html
