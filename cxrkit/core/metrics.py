@@ -124,8 +124,17 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
     for i, name in enumerate(classes):
         pos = y_true == i
         auc = roc_auc(pos, probs[:, i]) if pos.any() and (~pos).any() else None
-        out["per_class"][name] = {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                                  "support": int(true_n[i]), "roc_auc": auc}
+        tn = int(cm.sum() - true_n[i] - pred_n[i] + cm[i, i])
+        neg, pred_neg = int(cm.sum() - true_n[i]), int(cm.sum() - pred_n[i])
+        out["per_class"][name] = {
+            "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+            "support": int(true_n[i]), "roc_auc": auc,
+            # one-vs-rest screening figures with Wilson 95% intervals: sensitivity = recall, PPV = precision
+            "specificity": tn / neg if neg else 0.0, "npv": tn / pred_neg if pred_neg else 0.0,
+            "recall_ci95": list(wilson_interval(int(cm[i, i]), int(true_n[i]))),
+            "specificity_ci95": list(wilson_interval(tn, neg)),
+            "precision_ci95": list(wilson_interval(int(cm[i, i]), int(pred_n[i]))),
+            "npv_ci95": list(wilson_interval(tn, pred_neg))}
     aucs = [v["roc_auc"] for v in out["per_class"].values() if v["roc_auc"] is not None]
     out["macro_roc_auc"] = float(np.mean(aucs)) if aucs else None
     return out

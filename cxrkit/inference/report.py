@@ -226,17 +226,24 @@ def _confusion(c: dict, names: list) -> str:
 
 
 def _per_class(c: dict, names: list) -> str:
+    """One-vs-rest figures per class: sensitivity, specificity, PPV, NPV (Wilson 95% intervals), F1, AUC."""
+    cols = (("recall", "sensitivity"), ("specificity", "specificity"), ("precision", "PPV"), ("npv", "NPV"))
     rows = []
     for nm in names:
         pc = c["per_class"][nm]
         k = f"classification/per_class/{nm}"
-        rows.append(f'<tr><td class="l">{_e(nm)}</td>'
-                    + "".join(f"<td>{_num(f'{k}/{m}', pc[m], _f3(pc[m]))}</td>"
-                              for m in ("precision", "recall", "f1"))
+        cells = []
+        for m, _ in cols:
+            ci = pc.get(f"{m}_ci95")
+            ci_s = f'<div class="ci">{_f3(ci[0])}&ndash;{_f3(ci[1])}</div>' if ci else ""
+            cells.append(f"<td>{_num(f'{k}/{m}', pc.get(m), _f3(pc.get(m)))}{ci_s}</td>")
+        rows.append(f'<tr><td class="l">{_e(nm)}</td>' + "".join(cells)
+                    + f"<td>{_num(k + '/f1', pc['f1'], _f3(pc['f1']))}</td>"
                     + f"<td>{_num(k + '/support', pc['support'], str(pc['support']))}</td>"
                     + f"<td>{_num(k + '/roc_auc', pc.get('roc_auc'), _f3(pc.get('roc_auc')))}</td></tr>")
-    return ('<div class="panel pc"><h2>Per class</h2><table><tr><th class="l">class</th><th>precision</th>'
-                 f'<th>recall</th><th>F1</th><th>support</th><th>ROC-AUC</th></tr>{"".join(rows)}</table></div>')
+    head = "".join(f"<th>{label}</th>" for _, label in cols)
+    return ('<div class="panel pc"><h2>Per class (one vs rest, 95% intervals)</h2><table><tr><th class="l">class</th>'
+            f'{head}<th>F1</th><th>support</th><th>ROC-AUC</th></tr>{"".join(rows)}</table></div>')
 
 
 def _predicted_counts(summary: dict, names: list) -> str:

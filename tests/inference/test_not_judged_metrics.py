@@ -16,3 +16,12 @@ def test_metrics_leave_out_not_judged_images_and_count_them():
     assert classification_summary(y, p, NAMES, gated=[True] * 4) is None  # nothing judged: no metrics
     full = classification_summary(y, p, NAMES, gated=[False] * 4)
     assert full["accuracy"] == 0.75 and "n_not_judged_left_out" not in full
+
+
+def test_per_class_screening_figures_with_intervals():
+    """Sensitivity, specificity, PPV and NPV one-vs-rest, each with a Wilson 95% interval."""
+    from cxrkit.core.metrics import classification_metrics, wilson_interval
+    m = classification_metrics(np.array([0, 0, 1, 1]), np.array([[.9, .1], [.4, .6], [.2, .8], [.3, .7]]), NAMES)
+    c = m["per_class"]["COVID"]   # TP 1, FN 1, FP 0, TN 2
+    assert (c["recall"], c["specificity"], c["precision"], c["npv"]) == (0.5, 1.0, 1.0, 2 / 3)
+    assert c["npv_ci95"] == list(wilson_interval(2, 3)) and c["recall_ci95"] == list(wilson_interval(1, 2))
