@@ -219,9 +219,10 @@ def _confusion(c: dict, names: list) -> str:
             frac = v / tot if tot else 0.0
             cells.append(f'<td style="{_cm_colour(frac, i == j)}" title="true {_e(nm)}, predicted '
                          f'{_e(names[j])}: {v} of {tot} ({frac * 100:.0f}%)">'
-                         f'{_num(f"classification/confusion_matrix/{i}/{j}", v, str(v))}</td>')
+                         f'{_num(f"classification/confusion_matrix/{i}/{j}", v, str(v))}'
+                         f'<div class="ci">{frac * 100:.0f}%</div></td>')  # the row-normalised share
         body.append(f'<tr><th class="l rl">{_e(nm)}</th>{"".join(cells)}</tr>')
-    return ('<div class="panel cm"><h2>Confusion matrix</h2><table><tr><th class="ax l">true &darr; / '
+    return ('<div class="panel cm"><h2>Confusion matrix <small>(counts; % of the true class)</small></h2><table><tr><th class="ax l">true &darr; / '
                  f'predicted &rarr;</th>{head}</tr>{"".join(body)}</table></div>')
 
 
