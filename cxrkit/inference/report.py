@@ -247,6 +247,53 @@ def _per_class(c: dict, names: list) -> str:
             f'{head}<th>F1</th><th>support</th><th>ROC-AUC</th></tr>{"".join(rows)}</table></div>')
 
 
+def _histogram_svg(values, lo_mark=None, hi_mark=None, bins: int = 30, label: str = "") -> str:
+    """A small inline SVG histogram; dashed red lines at the model's reference limits (None: none)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    if v.size == 0:
+        return '<p class="note">no values</p>'
+    marks = [m for m in (lo_mark, hi_mark) if m is not None]
+    a, b = float(min(v.min(), *marks)), float(max(v.max(), *marks))
+    b = b if b > a else a + 1.0
+    counts, edges = np.histogram(v, bins=bins, range=(a, b))
+    w, h, top = 320, 90, max(1, int(counts.max()))
+    bw = w / bins
+    bars = "".join(f'<rect x="{i * bw:.1f}" y="{h - c / top * h:.1f}" width="{bw - 1:.1f}" height="{c / top * h:.1f}" '
+                   f'fill="#6b8fb5"><title>{edges[i]:.3g}-{edges[i + 1]:.3g}: {c}</title></rect>'
+                   for i, c in enumerate(counts))
+    lines = "".join(f'<line x1="{(m - a) / (b - a) * w:.1f}" x2="{(m - a) / (b - a) * w:.1f}" y1="0" y2="{h}" '
+                    f'stroke="#c0392b" stroke-dasharray="4 3"><title>model limit {m:.3g}</title></line>' for m in marks)
+    return (f'<svg viewBox="0 -4 {w} {h + 18}" width="{w}" height="{h + 18}" role="img" aria-label="{_e(label)}">'
+            f'{bars}{lines}<text x="0" y="{h + 14}" font-size="10">{a:.3g}</text>'
+            f'<text x="{w}" y="{h + 14}" font-size="10" text-anchor="end">{b:.3g}</text></svg>')
+
+
+def _distributions(summary: dict, rows: list[dict]) -> str:
+    """This run's ood_score and lung-area distributions against the model's own limits (the gate's
+    threshold; the training lung-area range)."""
+    def num(r, k):
+        try:
+            return float(r.get(k))
+        except (TypeError, ValueError):
+            return None
+    q = summary.get("quality") or {}
+    thr = (q.get("ood") or {}).get("threshold")
+    rng = q.get("lung_area_range") or {}
+    parts = []
+    scores = [num(r, "ood_score") for r in rows]
+    if any(x is not None for x in scores):
+        parts.append('<div class="panel"><h2>Out-of-distribution score</h2>'
+                     + _histogram_svg(scores, None, thr, label="ood_score histogram")
+                     + f'<p class="note">dashed: the gate\'s threshold {_f3(thr)}; above it an image is not judged</p></div>')
+    areas = [num(r, "lung_area_fraction") for r in rows]
+    if any(x is not None for x in areas):
+        parts.append('<div class="panel"><h2>Predicted lung area</h2>'
+                     + _histogram_svg(areas, rng.get("low"), rng.get("high"), label="lung area histogram")
+                     + f'<p class="note">dashed: the training range {_f3(rng.get("low"))}&ndash;{_f3(rng.get("high"))} '
+                       f'(outside: lung_area_out_of_range)</p></div>')
+    return f'<section class="row" id="distributions">{"".join(parts)}</section>' if parts else ""
+
+
 def _predicted_counts(summary: dict, names: list) -> str:
     counts = summary.get("predicted_counts") or {}
     rows = "".join(f'<tr><td class="l">{_e(k)}</td><td>{_num("predicted_counts/" + k, v, str(v))}</td></tr>'
@@ -394,7 +441,7 @@ def render_report(summary: dict, rows: list[dict], *, model: dict | None = None,
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             + _header(summary, model, generated) + "\n<main>\n" + _metrics(summary) + "\n"
-            + _not_judged(rows) + "\n" + _gallery(summary, rows, cap, base) + "\n" + _problems(summary)
+            + _not_judged(rows) + "\n" + _distributions(summary, rows) + "\n" + _gallery(summary, rows, cap, base) + "\n" + _problems(summary)
             + "\n</main>\n"
             + f"<footer>Files: {files} &middot; annotated/ (full images) &middot; thumbs/. "
               f"{_e(summary.get('note', DISCLAIMER))}</footer>\n"

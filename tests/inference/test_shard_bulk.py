@@ -245,3 +245,11 @@ def test_summary_and_report_carry_provenance(syn, tmp_path):
     assert p["date"] and "command" in p
     html = (tmp_path / "p" / "report.html").read_text()
     assert f"sha256 {p['model_sha256'][:12]}" in html and f"cxrkit {cxrkit.__version__}" in html
+
+
+def test_report_shows_score_and_lung_area_histograms_against_the_models_limits(syn, tmp_path):
+    s, rows = _infer(syn, tmp_path / "h")
+    html = (tmp_path / "h" / "report.html").read_text()
+    assert 'id="distributions"' in html and html.count("<svg") >= 2
+    thr = s["quality"]["ood"]["threshold"]
+    assert f"model limit {thr:.3g}" in html  # the gate's threshold drawn on the ood_score histogram
