@@ -291,7 +291,69 @@ def _distributions(summary: dict, rows: list[dict]) -> str:
                      + _histogram_svg(areas, rng.get("low"), rng.get("high"), label="lung area histogram")
                      + f'<p class="note">dashed: the training range {_f3(rng.get("low"))}&ndash;{_f3(rng.get("high"))} '
                        f'(outside: lung_area_out_of_range)</p></div>')
+    parts += _roc_and_calibration(summary, rows)
     return f'<section class="row" id="distributions">{"".join(parts)}</section>' if parts else ""
+
+
+_ROC_COLOURS = ("#c0392b", "#2e7d32", "#1f5fa8", "#8e44ad", "#b9770e", "#555555")
+
+
+def _labelled(summary: dict, rows: list[dict]):
+    """(true class index, calibrated probabilities) of the judged labelled rows, what the metrics score."""
+    from ..core.ood import not_judged
+    names = list(summary.get("class_names") or [])
+    y, p = [], []
+    for r in rows:
+        if r.get("true_class") in names and not not_judged(r.get("quality_flags")):
+            try:
+                p.append([float(r[f"prob_{c}"]) for c in names])
+            except (KeyError, TypeError, ValueError):
+                continue
+            y.append(names.index(r["true_class"]))
+    return names, np.asarray(y, np.int64), np.asarray(p, np.float64).reshape(-1, len(names))
+
+
+def _roc_and_calibration(summary: dict, rows: list[dict]) -> list[str]:
+    """ROC curves per class (one vs rest) and a reliability diagram with ECE and Brier score."""
+    from ..core.metrics import expected_calibration_error
+    names, y, p = _labelled(summary, rows)
+    if len(y) < 2:
+        return []
+    w = h = 200
+    curves, legend = [], []
+    for j, nm in enumerate(names):
+        pos = y == j
+        if not pos.any() or pos.all():
+            continue
+        order = np.argsort(-p[:, j], kind="stable")
+        tpr = np.concatenate([[0], np.cumsum(pos[order]) / pos.sum()])
+        fpr = np.concatenate([[0], np.cumsum(~pos[order]) / (~pos).sum()])
+        pts = " ".join(f"{x * w:.1f},{h - t * h:.1f}" for x, t in zip(fpr, tpr))
+        col = _ROC_COLOURS[j % len(_ROC_COLOURS)]
+        curves.append(f'<polyline points="{pts}" fill="none" stroke="{col}" stroke-width="1.5"></polyline>')
+        legend.append(f'<span style="color:{col}">&#9632; {_e(nm)}</span>')
+    roc = (f'<div class="panel"><h2>ROC curves (one vs rest)</h2><svg viewBox="-2 -2 {w + 4} {h + 4}" width="{w}" '
+           f'height="{h}" role="img" aria-label="ROC curves"><rect x="0" y="0" width="{w}" height="{h}" fill="none" '
+           f'stroke="#999"></rect><line x1="0" y1="{h}" x2="{w}" y2="0" stroke="#bbb" stroke-dasharray="3 3"></line>'
+           f'{"".join(curves)}</svg><p class="note">{" ".join(legend)} &middot; x: 1 - specificity, y: '
+           f'sensitivity</p></div>')
+    conf, correct = p.max(1), (p.argmax(1) == y).astype(np.float64)
+    ece, _ = expected_calibration_error(y, p)
+    brier = float(np.mean(np.sum((p - np.eye(len(names))[y]) ** 2, axis=1)))
+    edges = np.linspace(0, 1, 11)
+    dots = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            cx, cy, n = conf[m].mean(), correct[m].mean(), int(m.sum())
+            dots.append(f'<circle cx="{cx * w:.1f}" cy="{h - cy * h:.1f}" r="{2 + min(6, n ** 0.5 / 2):.1f}" '
+                        f'fill="#1f5fa8"><title>confidence {lo:.1f}-{hi:.1f}: {n} images, accuracy {cy:.2f}</title></circle>')
+    cal = (f'<div class="panel"><h2>Calibration</h2><svg viewBox="-2 -2 {w + 4} {h + 4}" width="{w}" height="{h}" '
+           f'role="img" aria-label="reliability diagram"><rect x="0" y="0" width="{w}" height="{h}" fill="none" '
+           f'stroke="#999"></rect><line x1="0" y1="{h}" x2="{w}" y2="0" stroke="#bbb" stroke-dasharray="3 3"></line>'
+           f'{"".join(dots)}</svg><p class="note">x: confidence, y: accuracy (judged labelled images, '
+           f'n = {len(y)}) &middot; ECE {ece:.3f} &middot; Brier {brier:.3f}</p></div>')
+    return [roc, cal]
 
 
 def _predicted_counts(summary: dict, names: list) -> str:

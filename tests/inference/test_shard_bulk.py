@@ -253,3 +253,15 @@ def test_report_shows_score_and_lung_area_histograms_against_the_models_limits(s
     assert 'id="distributions"' in html and html.count("<svg") >= 2
     thr = s["quality"]["ood"]["threshold"]
     assert f"model limit {thr:.3g}" in html  # the gate's threshold drawn on the ood_score histogram
+
+
+def test_report_roc_and_calibration_panels_from_labelled_rows():
+    """ROC curves per class and a reliability diagram with ECE and Brier, from the judged labelled rows."""
+    from cxrkit.inference.report import _roc_and_calibration
+    summary = {"class_names": ["COVID", "Normal"]}
+    rows = [{"true_class": t, "prob_COVID": f"{pc:.2f}", "prob_Normal": f"{1 - pc:.2f}", "quality_flags": q}
+            for t, pc, q in (("COVID", .9, ""), ("COVID", .6, ""), ("Normal", .2, ""), ("Normal", .7, ""),
+                             ("Normal", .95, "not_chest_xray"))]
+    roc, cal = _roc_and_calibration(summary, rows)
+    assert roc.count("<polyline") == 2 and "ROC curves" in roc
+    assert "n = 4" in cal and "ECE" in cal and "Brier" in cal  # the not-judged row is left out
