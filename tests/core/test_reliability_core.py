@@ -118,3 +118,46 @@ def test_decode_threads_share_one_byte_budget():
     with b.hold(500):             # a request over the whole budget still runs, alone
         assert b.used == 100
     assert b.used == 0
+
+
+def _zero_png_16bit_rgba(path, side: int) -> None:
+    """A valid 16-bit RGBA PNG of side x side zeros, written row by row (never held in memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    comp, row = zlib.compressobj(9), b"\x00" * (1 + side * 8)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 16, 6, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.mark.slow
+def test_four_huge_16bit_rgba_pngs_keep_peak_memory_low(tmp_path):
+    """Four 9990 x 9990 16-bit RGBA PNGs (about 0.8 MB each on disk, 761 MB each decoded) beside a real-sized
+    image: refused by their headers, so the run's peak RSS stays far under 1.5 GB."""
+    import json
+    import subprocess
+    import sys
+
+    import cv2
+    import numpy as np
+
+    from tests.helpers import REPO
+    d = tmp_path / "in"
+    d.mkdir()
+    for k in range(4):
+        _zero_png_16bit_rgba(d / f"huge{k}.png", 9990)
+    cv2.imwrite(str(d / "ok.png"), np.full((512, 512), 100, np.uint8))
+    code = ("import resource, sys; from cxrkit.cli import infer_onnx; "
+            f"rc = infer_onnx.main(['--data_dir', {str(d)!r}, '--save_dir', {str(tmp_path / 'out')!r}, "
+            "'--outputs', 'csv', '--quiet', '--workers', '4']); "
+            "print('RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rss_mb = int(p.stdout.split("RSS_KB")[1].split()[0]) / 1024
+    assert rss_mb < 1536, rss_mb
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["n_processed"] == 1 and len(s["skipped"]) == 4
+    assert all("decode budget" in x["reason"] for x in s["skipped"])
