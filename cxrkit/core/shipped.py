@@ -44,5 +44,10 @@ def resolve_default(path, default: str, flag: str) -> Path:
     for c in candidates(default):
         if c.is_file():
             return c
+    hint = ""
+    from .config import CHECKPOINT_PATH
+    if str(default) == CHECKPOINT_PATH:  # the wheel carries the ONNX model only (32 MB less to install)
+        hint = (f" (the shipped checkpoint is not in the wheel: take {CHECKPOINT_PATH} from the project's git "
+                f"repository; its SHA-256 is source_checkpoint.sha256 in the installed ONNX meta)")
     raise FileNotFoundError(f"{flag} {default}: not found under the working directory, the source checkout or "
-                            f"the installed package ({sys.prefix}/{SHARE_DIR}); pass {flag} PATH")
+                            f"the installed package ({sys.prefix}/{SHARE_DIR}); pass {flag} PATH{hint}")
