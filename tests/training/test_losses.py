@@ -159,4 +159,7 @@ def test_numpy_classification_metrics_match_scikit_learn():
         assert pc["roc_auc"] == pytest.approx(roc_auc_score(y == i, probs[:, i]))
     # a class never predicted and never present: zeros, no AUC, no crash
     m2 = classification_metrics(np.array([0, 0, 1]), np.array([[.9, .1, 0], [.8, .2, 0], [.3, .7, 0]]), ["a", "b", "c"])
-    assert m2["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "roc_auc": None}
+    c = m2["per_class"]["c"]
+    assert {k: c[k] for k in ("precision", "recall", "f1", "support", "roc_auc")} == \
+        {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "roc_auc": None}
+    assert c["specificity"] == 1.0 and c["npv"] == 1.0 and c["recall_ci95"] == [0.0, 1.0]  # no positives: 0/0
