@@ -20,6 +20,11 @@ MAX_DISTANCE = 2  # JPEG q80 re-encodes of real films: <= 2 bits; 3 of 179,700 d
 _BITS = (1 << np.arange(64, dtype=np.uint64)).astype(np.uint64)
 
 
+def row_in_training(quality_flags: str) -> bool:
+    """Whether a predictions.csv row's ';'-joined quality_flags hold in_training_set."""
+    return FLAG_IN_TRAINING in str(quality_flags or "").split(";")
+
+
 def image_hash(u8: np.ndarray) -> np.uint64:
     """The 64-bit perceptual hash of one 8-bit grey image (any size)."""
     small = cv2.resize(np.asarray(u8, np.uint8), (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)

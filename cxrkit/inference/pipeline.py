@@ -119,8 +119,7 @@ class _Tally:
     def __init__(self, names, size, area_rng, gate, opts: PipelineOptions):
         self.names, self.size, self.area_rng, self.gate = names, size, area_rng, gate
         self.annotate, self.save_masks, self.save_cams = opts.annotate, opts.save_masks, opts.save_cams
-        self.rows, self.y_true, self.y_probs, self.y_flagged, self.y_gated = [], [], [], [], []
-        self.y_seen, self.train_hashes = [], None  # inputs the model trained on; its hashes (_prepare)
+        self.rows, self.train_hashes = [], None  # the CSV rows (the metrics come from them); training hashes
         self.include_training_images = opts.include_training_images
         self.dices, self.ious, self.dices_model = [], [], []
         self.flag_counts = {c: 0 for c in quality.FLAG_CODES + ood.OOD_FLAG_CODES + (shift_check.FLAG_FOLDER_SHIFT,
@@ -158,15 +157,7 @@ class _Tally:
             self.dices.append(r.dice)
             self.ious.append(r.iou)
             self.dices_model.append(binary_dice_iou(lung, resize_mask(d.gt_mask, self.size))[0])
-        row = r.to_csv()
-        if tc is not None:
-            self.y_true.append(self.names.index(tc))
-            # metrics use the probabilities exactly as predictions.csv holds them, so the CSV alone (e.g. a
-            # merge of shard runs, cxrkit.inference.shard) reproduces every metric of this run
-            self.y_probs.append(np.array([float(row[f"prob_{c}"]) for c in self.names]))
-            self.y_flagged.append(bool(d.flags))
-            self.y_gated.append(ood.is_gated(d.flags))  # left out of the metrics (summary.classification_summary)
-            self.y_seen.append(fingerprint.FLAG_IN_TRAINING in d.flags)  # also, unless include_training_images
+        row = r.to_csv()  # the metrics read these rows, exactly as predictions.csv holds them
         self.rows.append(row)
         return row
 
@@ -359,7 +350,6 @@ def _folder_shift(backend, tally: _Tally) -> None:
         for row in tally.rows:
             row["quality_flags"] = ";".join(filter(None, [row["quality_flags"], shift_check.FLAG_FOLDER_SHIFT]))
         tally.flag_counts[shift_check.FLAG_FOLDER_SHIFT] = len(tally.rows)
-        tally.y_flagged = [True] * len(tally.y_flagged)
 
 
 def _finish(run: _Run, items, t0: float) -> dict:

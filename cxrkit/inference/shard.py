@@ -267,22 +267,15 @@ def _in_input_order(dirs, loaded) -> tuple[list, list, list, list]:
 
 def _merge_metrics(summary: dict, loaded, rows: list, names: list) -> None:
     """summary's quality counts, classification and segmentation, recounted over every shard."""
-    from .summary import classification_summary, in_training_block
-    from ..core.fingerprint import FLAG_IN_TRAINING
+    from .summary import classification_from_rows, in_training_block
     q = summary.get("quality")
     if isinstance(q, dict) and "counts" in q:
         q["counts"] = {c: sum((s.get("quality") or {}).get("counts", {}).get(c, 0) for s, _, _ in loaded)
                        for c in q["counts"]}
         q["n_flagged"] = sum(bool(r.get("quality_flags")) for r in rows)
         q["n_not_judged"] = sum(not_judged(r.get("quality_flags")) for r in rows)
-    labelled = [r for r in rows if r.get("true_class")]
-    summary["classification"] = classification_summary(
-        [names.index(r["true_class"]) for r in labelled],
-        [[float(r[f"prob_{c}"]) for c in names] for r in labelled], names,
-        [bool(r.get("quality_flags")) for r in labelled],
-        [not_judged(r.get("quality_flags")) for r in labelled],
-        [FLAG_IN_TRAINING in str(r.get("quality_flags") or "").split(";") for r in labelled],
-        bool((summary.get("in_training_set") or {}).get("in_metrics"))) if labelled else None
+    summary["classification"] = classification_from_rows(
+        rows, names, bool((summary.get("in_training_set") or {}).get("in_metrics")))
     if "in_training_set" in summary:  # the shards' common setting; the count over the merged rows
         summary["in_training_set"] = in_training_block(rows, summary["in_training_set"].get("checked", False),
                                                        summary["in_training_set"].get("in_metrics", False))

@@ -46,6 +46,20 @@ def classification_summary(y_true, y_probs, names, flagged=None, gated=None, see
     return m
 
 
+def classification_from_rows(rows, names, include_seen: bool = False) -> dict | None:
+    """classification_summary of predictions.csv rows (a run's and a merge's: the CSV alone reproduces every
+    figure): the labelled rows, their flags, and whether they are gated or were trained on."""
+    from ..core.fingerprint import row_in_training
+    labelled = [r for r in rows if r.get("true_class")]
+    if not labelled:
+        return None
+    flags = [r.get("quality_flags") for r in labelled]
+    return classification_summary([names.index(r["true_class"]) for r in labelled],
+                                  [[float(r[f"prob_{c}"]) for c in names] for r in labelled], names,
+                                  [bool(f) for f in flags], [ood.not_judged(f) for f in flags],
+                                  [row_in_training(f) for f in flags], include_seen)
+
+
 CSV_NOTES = {"prob_<class>": "calibrated class probabilities, model class order",
              "predicted_class/confidence": "the class and its probability; EMPTY for an image not judged (a gate "
                                            "flag in quality_flags: not_chest_xray, inverted, rotated, "
@@ -106,9 +120,7 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
     }
     if tally.mask_problems:
         summary["mask_problems"] = tally.mask_problems
-    if tally.y_true:
-        summary["classification"] = classification_summary(tally.y_true, tally.y_probs, tally.names, tally.y_flagged,
-                                                           tally.y_gated, tally.y_seen, tally.include_training_images)
+    summary["classification"] = classification_from_rows(rows, tally.names, tally.include_training_images)
     summary["provenance"] = provenance(backend.model_file)
     summary["in_training_set"] = in_training_block(rows, tally.train_hashes is not None, tally.include_training_images)
     if tally.dices:
@@ -136,8 +148,8 @@ def provenance(model_file) -> dict:
 
 def in_training_block(rows, checked: bool, included: bool) -> dict:
     """summary.json's in_training_set: how many inputs the model trained on (a run's and a merge's)."""
-    from ..core.fingerprint import FLAG_IN_TRAINING
-    n = int(sum(FLAG_IN_TRAINING in str(r.get("quality_flags") or "").split(";") for r in rows))
+    from ..core.fingerprint import row_in_training
+    n = int(sum(row_in_training(r.get("quality_flags")) for r in rows))
     return {"checked": checked, "n": n, "of": len(rows), "in_metrics": bool(included),
             "note": ("inputs whose perceptual hash matches one of the model's training images (flag in_training_set); "
                      + ("counted in the metrics (--include_training_images)" if included else
