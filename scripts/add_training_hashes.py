@@ -24,7 +24,7 @@ from cxrkit.core.checkpoint import load_checkpoint  # noqa: E402
 from cxrkit.core.config import CHECKPOINT_PATH, ONNX_PATH  # noqa: E402
 from cxrkit.core.fingerprint import hashes, pack  # noqa: E402
 from cxrkit.training.data import load_data  # noqa: E402
-from fit_shift_reference import add_to_model  # noqa: E402
+from script_io import add_to_model  # noqa: E402
 
 
 def main(argv=None) -> int:

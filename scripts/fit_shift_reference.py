@@ -15,7 +15,6 @@ all images and stores the reference in the checkpoint (--checkpoint) and the ONN
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,12 +22,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from cxrkit.core import quality, shift_check  # noqa: E402
 from cxrkit.core.config import CHECKPOINT_PATH, ONNX_PATH  # noqa: E402
 from cxrkit.core.decode import list_images, read_gray  # noqa: E402
 from cxrkit.core.model_input import lung_mask, resize_gray, to_model_input_np  # noqa: E402
 from cxrkit.training.shifts import apply_shift  # noqa: E402
+from script_io import add_to_model, write_result  # noqa: E402
 
 SHIFTS = ("gamma", "contrast", "blur", "sharpen", "noise", "jpeg", "downup", "border_text", "collimation", "clahe")
 
@@ -113,34 +114,13 @@ def measure(a, backend, images, values, groups) -> None:
     md += [f"| {k} | {r:.3f} |" for k, r in rep["detection_n200"].items()]
     print("\n".join(md))
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(rep, indent=1))
-        out.with_suffix(".md").write_text("\n".join(md) + "\n")
+        write_result(a.out, rep, md)
 
 
 def write_reference(ref: dict, checkpoint, onnx_path) -> None:
     """Store the reference in the checkpoint (atomically) and in the ONNX meta file beside the model."""
     add_to_model(checkpoint, onnx_path, {"shift_reference": ref}, {"shift_reference": ref})
     print(f"wrote the shift reference ({len(ref['values'])} images) into {checkpoint} and its ONNX meta")
-
-
-def add_to_model(checkpoint, onnx_path, ck_update: dict, meta_update: dict) -> None:
-    """Add fitted statistics (not weights) to the checkpoint (atomically) and the ONNX meta beside the
-    model; the meta's source_checkpoint hash follows the checkpoint, since the graph still comes from it."""
-    from cxrkit.core.checkpoint import atomic_torch_save, load_checkpoint
-    from cxrkit.core.io_utils import meta_path_for, sha256_file, write_json_atomic
-    ck = load_checkpoint(checkpoint)
-    ck.update(ck_update)
-    atomic_torch_save(ck, checkpoint)
-    meta_p = meta_path_for(onnx_path)
-    meta = json.loads(Path(meta_p).read_text())
-    meta.update(meta_update)
-    src = meta.get("source_checkpoint") or {}
-    if src.get("file") == Path(checkpoint).name:
-        meta["source_checkpoint"] = {**src, "sha256": sha256_file(checkpoint),
-                                     "note": f"{', '.join(meta_update)} added after export (weights unchanged)"}
-    write_json_atomic(meta_p, meta)
 
 
 if __name__ == "__main__":

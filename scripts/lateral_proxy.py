@@ -35,6 +35,7 @@ from cxrkit.core.metrics import wilson_interval  # noqa: E402
 from cxrkit.core.model_input import lung_mask, resize_gray, to_model_input_np  # noqa: E402
 from cxrkit.core.ood import two_lungs, view_check_fields  # noqa: E402
 from robustness import labelled_images  # noqa: E402
+from script_io import add_to_model, write_result  # noqa: E402
 
 
 def one_side(img: np.ndarray, side: int, keep: float = 0.55) -> np.ndarray:
@@ -98,12 +99,8 @@ def main(argv=None) -> int:
                       "proxy_set_aside")) + " |")
     print("\n".join(md))
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(rep, indent=1))
-        out.with_suffix(".md").write_text("\n".join(md) + "\n")
+        write_result(a.out, rep, md)
     if a.write:
-        from fit_shift_reference import add_to_model
         from cxrkit.core.checkpoint import load_checkpoint
         fields = view_check_fields(frontal_all)
         ck_ood = {**(load_checkpoint(a.checkpoint).get("ood") or {}), **fields}

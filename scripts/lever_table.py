@@ -14,7 +14,6 @@ every image is scored, so the arms are compared on the same images. Writes <out>
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from cxrkit.core.decode import read_gray  # noqa: E402
 from cxrkit.core.metrics import wilson_interval  # noqa: E402
 from cxrkit.training.shifts import apply_shift  # noqa: E402
 from robustness import labelled_images, predict  # noqa: E402
+from script_io import write_result  # noqa: E402
 
 DEFAULT_CONDITIONS = ("none", "clahe@0.5", "clahe@1", "gamma@1", "contrast@1", "blur@1", "sharpen@1", "noise@0.5",
                       "noise@1", "jpeg@1", "downup@1", "border_text@1", "collimation@0.5", "collimation@1")
@@ -91,10 +91,7 @@ def main(argv=None) -> int:
                   f"{row[n]['diff_vs_baseline']['ci95'][1]:+.3f}]" for n, _ in arms[1:]]
         md.append(f"| {cond} | " + " | ".join(cells) + " |")
     print("\n".join(md))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rep, indent=1))
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_result(a.out, rep, md)
     return 0
 
 

@@ -12,7 +12,6 @@ trained on all of cxr4). Prints a markdown table and writes <out>.json and <out>
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,12 +19,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from cxrkit.core.config import ONNX_PATH  # noqa: E402
 from cxrkit.core.decode import list_images, read_gray  # noqa: E402
 from cxrkit.core.metrics import classification_metrics, expected_calibration_error, softmax, wilson_interval  # noqa: E402
 from cxrkit.core.model_input import resize_gray, to_model_input_np  # noqa: E402
 from cxrkit.training.shifts import SHIFTS, apply_shift  # noqa: E402
+from script_io import write_result  # noqa: E402
 
 
 def labelled_images(data_dir, class_names, per_class: int, seed: int):
@@ -105,10 +106,7 @@ def main(argv=None) -> int:
                      + ("-" if r["gated"] is None else f"{r['gated']:.3f}") + " |")
     md = "\n".join(lines) + "\n"
     print(md)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rep, indent=1))
-    out.with_suffix(".md").write_text(md)
+    write_result(a.out, rep, md)
     return 0
 
 

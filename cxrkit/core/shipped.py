@@ -24,7 +24,7 @@ SHARE_DIR = Path("share") / "cxrkit" / "models"
 def candidates(default: str) -> list[Path]:
     """Places a default model path may be found, best first (the working directory not included)."""
     rel = Path(default)
-    out = [Path(__file__).resolve().parents[1] / rel]  # the checkout, when cxrkit is not installed as a wheel
+    out = [Path(__file__).resolve().parents[2] / rel]  # the checkout (cxrkit/core/ is two levels down)
     prefixes = [sys.prefix, getattr(sys, "base_prefix", sys.prefix)]
     try:
         prefixes.append(site.getuserbase())
