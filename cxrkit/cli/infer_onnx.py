@@ -28,6 +28,10 @@ def _model_args(g):
                    help="ONNX Runtime execution providers in priority order (e.g. CUDAExecutionProvider, or "
                         "cuda cpu); CPU is always appended as the fallback")
     g.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = number of physical cores)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: BF16 in OpenVINO where the CPU has AMX or AVX-512 BF16, OpenVINO is installed "
+                        "(the [fast] extra) and the model's own BF16 check passed, else FP32 in ONNX Runtime; "
+                        "summary.json says which ran and why")
 
 
 def parse_args(argv=None):
@@ -41,7 +45,7 @@ def main(argv=None) -> int:
     def make_backend():
         onnx_path = resolve_default(args.onnx_path, ONNX_PATH, "--onnx_path")  # the installed copy too
         return OnnxBackend(onnx_path, args.meta_path, providers=args.providers, use_cuda=args.use_cuda,
-                           intra_op_threads=args.threads or None)
+                           intra_op_threads=args.threads or None, precision=args.precision)
 
     # Grad-CAM: gradients from --checkpoint, on CUDA with --use_cuda (OnnxBackend.explainer)
     return run_cli(args, make_backend, cam_checkpoint=args.checkpoint,

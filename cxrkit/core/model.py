@@ -15,6 +15,7 @@ the checkpoints' state-dict prefixes and so stay as they are).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Protocol
 
@@ -271,7 +272,11 @@ class EnsembleNet(nn.Module):
         outs = [m(x) for m in self.members]
         n = float(len(outs))
         lung = torch.stack([torch.sigmoid(o.segmentation.float()) for o in outs]).mean(0).clamp(1e-6, 1 - 1e-6)
-        logp = torch.logsumexp(torch.stack([torch.log_softmax(o.classification.float(), 1) for o in outs]), 0)
+        # log of the mean probability, as a stable log-sum-exp written with element-wise ops only: OpenVINO's
+        # ONNX reader turns an opset-17 ReduceLogSumExp over the member axis into a scalar
+        logps = [torch.log_softmax(o.classification.float(), 1) for o in outs]
+        top = functools.reduce(torch.maximum, logps)
+        logp = top + torch.log(functools.reduce(torch.add, [torch.exp(lp - top) for lp in logps]))
         return ModelOutput(torch.logit(lung), logp - math.log(n))
 
 

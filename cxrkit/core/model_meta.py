@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import CheckpointError, CxrkitError, InferenceError
 from .io_utils import GRAPH_KEY_PREFIX
@@ -52,6 +52,7 @@ class ModelMeta:
     meta_id: str | None = None          # the export's identity, repeated in the graph
     shift_reference: dict | None = None  # the run-level shift warning's in-source sample (core.shift_check)
     training_hashes: str | None = None   # perceptual hashes of the training images (core.fingerprint)
+    fast_paths: dict | None = None       # reduced-precision runs checked against FP32 (scripts/fast_paths.py)
     where: str = "model"
     error: type = CxrkitError           # what check() raises (CheckpointError / InferenceError)
 
@@ -65,7 +66,7 @@ class ModelMeta:
                 gate=GateSpec.from_dict(ck.get("ood")), model_config=ck.get("model_config") or {},
                 recipe=ck.get("recipe"), normalization=ck.get("normalization"),
                 trained_img_size=int(ck["img_size"]), shift_reference=ck.get("shift_reference"),
-                training_hashes=ck.get("training_hashes"), where=where,
+                training_hashes=ck.get("training_hashes"), fast_paths=ck.get("fast_paths"), where=where,
                 error=CheckpointError)
         m.check()
         return m
@@ -87,7 +88,7 @@ class ModelMeta:
                 model_config=meta.get("model_config") or {}, recipe=meta.get("recipe"),
                 normalization=meta.get("normalization"), trained_img_size=meta.get("trained_img_size"),
                 meta_id=meta.get("meta_id"), shift_reference=meta.get("shift_reference"),
-                training_hashes=meta.get("training_hashes"), where=where,
+                training_hashes=meta.get("training_hashes"), fast_paths=meta.get("fast_paths"), where=where,
                 error=InferenceError)
         m.check()
         return m
@@ -102,7 +103,21 @@ class ModelMeta:
                 "ood": None if self.gate is None else self.gate.public().to_dict(),
                 "calibration": ONNX_CALIBRATION, "model_config": self.model_config, "recipe": self.recipe,
                 **({"shift_reference": self.shift_reference} if self.shift_reference else {}),
-                **({"training_hashes": self.training_hashes} if self.training_hashes else {})}
+                **({"training_hashes": self.training_hashes} if self.training_hashes else {}),
+                **({"fast_paths": self.fast_paths} if self.fast_paths else {})}
+
+    def for_precision(self, precision: str) -> "ModelMeta":
+        """The meta a run at `precision` uses. FP32 is the model as fitted. A reduced precision moves the
+        gate's score a little (its features pass through the reduced-precision layers): its own threshold
+        and shift reference, fitted by the same rules on the same films (fast_paths[precision], written by
+        scripts/fast_paths.py), replace FP32's; without them the FP32 ones are kept."""
+        fp = (self.fast_paths or {}).get(precision) if precision != "fp32" else None
+        if not fp:
+            return self
+        gate = self.gate
+        if gate is not None and fp.get("ood_threshold") is not None:
+            gate = replace(gate, threshold=float(fp["ood_threshold"]))
+        return replace(self, gate=gate, shift_reference=fp.get("shift_reference") or self.shift_reference)
 
     # ---------------------------------------------------------------------------------- checks
     def check(self) -> "ModelMeta":

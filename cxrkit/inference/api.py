@@ -234,13 +234,14 @@ _BACKENDS = {"onnx": "onnx", "onnxruntime": "onnx", "ort": "onnx", "torch": "tor
 
 
 def load(path=None, backend: str | None = None, device: str | None = None, checkpoint=None,
-         ood_threshold: float | None = None, threads: int | None = None) -> Model:
+         ood_threshold: float | None = None, threads: int | None = None, precision: str = "auto") -> Model:
     """A Model from an .onnx (ONNX Runtime, <path>.meta.json beside it) or a .pth checkpoint (PyTorch).
     path None: the shipped ONNX model (or, with backend="torch", the shipped checkpoint), found in the
     working directory, the source checkout or the installed package (cxrkit.core.shipped).
     backend: "onnx" or "torch" (None: from the file's extension). device: "cpu", "cuda", "cuda:N" or
     "auto" (ONNX: "cuda" puts CUDAExecutionProvider first). checkpoint: for an ONNX model, the .pth
-    that explain() takes its gradients from. threads: ONNX Runtime intra-op threads."""
+    that explain() takes its gradients from. threads: ONNX Runtime intra-op threads. precision (ONNX):
+    "auto", "fp32" or "bf16" (cxrkit.inference.backends.choose_precision)."""
     kind = _BACKENDS.get(str(backend).lower()) if backend is not None else None
     if backend is not None and kind is None:
         raise InferenceError(f"backend {backend!r}: use 'onnx' or 'torch'")
@@ -255,5 +256,6 @@ def load(path=None, backend: str | None = None, device: str | None = None, check
         return Model(TorchBackend(path, device), checkpoint=path, ood_threshold=ood_threshold)
     from .backends import OnnxBackend
     use_cuda = str(device or "cpu").lower().startswith("cuda")
-    return Model(OnnxBackend(path, use_cuda=use_cuda, intra_op_threads=threads), checkpoint=checkpoint,
+    return Model(OnnxBackend(path, use_cuda=use_cuda, intra_op_threads=threads, precision=precision),
+                 checkpoint=checkpoint,
                  ood_threshold=ood_threshold)

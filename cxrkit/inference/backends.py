@@ -14,6 +14,7 @@ from ..core.errors import InferenceError
 from ..core.io_utils import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, meta_path_for, sha256_file
 from ..core.model_meta import ModelMeta
 from ..core.model_input import check_input
+from ..core.metrics import softmax as softmax_np
 from ..core.gradcam import GradCamExplainer
 
 
@@ -203,6 +204,8 @@ def resolve_providers(providers=None, use_cuda: bool = False, available=None) ->
     """Requested providers (names or short aliases, comma lists allowed) that this onnxruntime has,
     CUDA first when use_cuda, CPU always last as the fallback; unavailable ones are dropped with a
     warning."""
+    if not providers and not use_cuda:
+        return ["CPUExecutionProvider"]  # (onnxruntime not imported: a BF16 run may never need it)
     if available is None:
         import onnxruntime as ort
         available = ort.get_available_providers()
@@ -229,6 +232,143 @@ def resolve_providers(providers=None, use_cuda: bool = False, available=None) ->
     return out
 
 
+# ------------------------------------------------------------------------------------- engines
+PRECISIONS = ("auto", "fp32", "bf16")
+FAST_EXTRA = "pip install 'cxrkit[fast]'"
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version; None when it is not installed (it comes with the [fast] extra)."""
+    import importlib.util
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("openvino")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def bf16_verdict(meta: ModelMeta) -> dict | None:
+    """The model's own BF16 check (scripts/fast_paths.py --write stores it): None when it was never checked."""
+    return (meta.fast_paths or {}).get("bf16")
+
+
+def choose_precision(requested: str, meta: ModelMeta, cpu_only: bool, flags=None,
+                     openvino: str | None | bool = True) -> tuple[str, str]:
+    """(precision, why): "bf16" runs the graph in OpenVINO with BF16 matrix work, "fp32" in ONNX Runtime.
+    auto takes BF16 only where all hold: a CPU run, OpenVINO installed, a CPU with AMX or AVX-512 BF16
+    (elsewhere BF16 is emulated and slower), and a model whose own BF16 check passed (its class, gate and
+    lungs agree with FP32 within the guards: scripts/fast_paths.py). --precision bf16 asks for it anyway
+    (refused, one line, where it cannot run). openvino: its version, None when absent, True to look it up."""
+    from ..core import cpu
+    if requested not in PRECISIONS:
+        raise InferenceError(f"--precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested == "fp32":
+        return "fp32", "asked for (--precision fp32)"
+    ov = openvino_version() if openvino is True else openvino
+    have = cpu.bf16_flags(flags)
+    problem = ("BF16 runs on the CPU only (a GPU provider or --use_cuda was asked for)" if not cpu_only else
+               f"OpenVINO is not installed ({FAST_EXTRA})" if not ov else
+               f"this CPU has no {' or '.join(cpu.BF16_FLAGS)} (BF16 would be emulated, slower than FP32)"
+               if not have else None)
+    if requested == "bf16":
+        if problem:
+            raise InferenceError(f"--precision bf16: {problem}; use --precision fp32 (or auto)")
+        return "bf16", f"asked for (--precision bf16; CPU has {', '.join(have)})"
+    verdict = bf16_verdict(meta)
+    if problem is None and not (verdict or {}).get("passed"):
+        problem = ("the model's BF16 check " + ("failed" if verdict else "was never run")
+                   + " (scripts/fast_paths.py), so FP32 is used")
+    if problem:
+        return "fp32", problem
+    return "bf16", f"CPU has {', '.join(have)}, OpenVINO {ov}, the model's BF16 check passed"
+
+
+def model_cache_dir() -> Path | None:
+    """Where OpenVINO keeps compiled models between runs (a run then starts 0.2 s sooner): $CXRKIT_CACHE_DIR
+    ("off" disables it), else $XDG_CACHE_HOME/cxrkit or ~/.cache/cxrkit, under openvino/; None where it cannot
+    be written (the model is then compiled every run)."""
+    env = os.environ.get("CXRKIT_CACHE_DIR", "")
+    if env.lower() == "off":
+        return None
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxrkit"
+    d = base / "openvino"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return d if os.access(d, os.W_OK) else None
+
+
+def _ov_shape(ps) -> list:
+    return [d.get_length() if d.is_static else None for d in ps]
+
+
+class _OrtEngine:
+    """The graph in ONNX Runtime (FP32): a small CPU runs one op at a time, each on every physical core."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, providers: list[str], threads: int, arena: bool = True):
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        # arena=False: memory is returned after each run. For the BF16 path's referee, whose batches are a
+        # varying number of close calls: with the arena, every new batch shape grew it (+50 MB over 10,000 films)
+        so.enable_cpu_mem_arena = arena
+        # idle intra-op threads sleep instead of spinning: on a machine whose cores are shared (decode and
+        # writer threads, other jobs) spinning starves them; 1.5x the CSV-only throughput measured here (docs/SPEED.md)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        self.active_providers = self.session.get_providers()
+        self.inputs = [(i.name, list(i.shape)) for i in self.session.get_inputs()]
+        self.outputs = {o.name: list(o.shape) for o in self.session.get_outputs()}
+        self.props = dict(self.session.get_modelmeta().custom_metadata_map or {})
+        self.version = ort.__version__
+
+    def run(self, names: list[str], feed: dict) -> list:
+        return self.session.run(names, feed)
+
+
+class _OpenVinoEngine:
+    """The same graph in OpenVINO on the CPU with BF16 inference precision (AMX / AVX-512 BF16 kernels)."""
+
+    name = "openvino"
+
+    def __init__(self, path: Path, threads: int):
+        import threading
+        import openvino as ov
+        core = ov.Core()
+        cache = model_cache_dir()
+        if cache is not None:
+            core.set_property({"CACHE_DIR": str(cache)})
+        model = core.read_model(str(path))
+        self.inputs = [(p.get_any_name(), _ov_shape(p.get_partial_shape())) for p in model.inputs]
+        self.outputs = {n: _ov_shape(p.get_partial_shape()) for p in model.outputs for n in p.get_names()}
+        rt = model.get_rt_info()
+        fw = rt["framework"] if "framework" in rt else {}  # the ONNX file's metadata_props
+        fw = fw if isinstance(fw, dict) else fw.astype(dict)
+        self.props = {k: v if isinstance(v, str) else v.astype(str) for k, v in fw.items()}
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                          "INFERENCE_PRECISION_HINT": "bf16",
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+        self._request = self.compiled.create_infer_request()
+        self._ports = {n: p for p in self.compiled.outputs for n in p.get_names()}  # every name of each port
+        self._lock = threading.Lock()  # one infer request: one call at a time
+        self.active_providers = ["OpenVINO CPU (bf16)"]
+        self.version = openvino_version()
+
+    def run(self, names: list[str], feed: dict) -> list:
+        with self._lock:
+            res = self._request.infer(feed)
+            return [np.array(res[self._ports[n]]) for n in names]  # copies: the request reuses its buffers
+
+
 _UNBOUND_WARNED: set[str] = set()  # ONNX files without a graph binding already warned about (once each)
 
 
@@ -238,8 +378,7 @@ class OnnxBackend(_MetaView):
     name = "onnxruntime"
 
     def __init__(self, onnx_path, meta_path=None, providers=None, use_cuda: bool = False,
-                 intra_op_threads: int | None = None):
-        import onnxruntime as ort
+                 intra_op_threads: int | None = None, precision: str = "auto"):
         self.onnx_path = self.model_file = Path(onnx_path)
         self.use_cuda = bool(use_cuda)
         if not self.onnx_path.is_file():
@@ -260,33 +399,50 @@ class OnnxBackend(_MetaView):
         self.meta_file = meta  # the whole file: provenance (onnx_sha256, source_checkpoint, opset) too
         self.meta = ModelMeta.from_onnx_meta(meta, str(self.meta_path))  # InferenceError
         self.providers = resolve_providers(providers, use_cuda)
-        so = ort.SessionOptions()
-        # a small CPU: one op at a time, each using every physical core; full graph optimisation
         self.intra_op_threads = int(intra_op_threads or physical_cores())
-        so.intra_op_num_threads = self.intra_op_threads
-        # idle intra-op threads sleep instead of spinning: on a machine whose cores are shared (decode and
-        # writer threads, other jobs) spinning starves them; 1.5x the CSV-only throughput measured here (docs/SPEED.md)
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.onnx_path), so, providers=self.providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            msg = str(e).splitlines()[0][:300] if str(e) else ""
-            raise InferenceError(f"{self.onnx_path}: ONNX Runtime cannot load it ({type(e).__name__}: {msg})") from None
-        self.active_providers = self.session.get_providers()
+        self.precision, self.precision_reason = choose_precision(precision, self.meta,
+                                                                 cpu_only=self.providers == ["CPUExecutionProvider"])
+        self.engine = self._make_engine(precision)
+        self.active_providers = self.engine.active_providers
         if "CUDAExecutionProvider" in self.providers and "CUDAExecutionProvider" not in self.active_providers:
             log.warning("CUDA was requested but ONNX Runtime runs on %s", ", ".join(self.active_providers))
-        self._check_model_matches_meta()
+        self._check_model_matches_meta()  # against the meta as exported (the graph's binding is FP32's)
+        self.meta = self.meta.for_precision(self.precision)  # BF16: its own gate threshold and shift reference
+        self.referee_margin = ((bf16_verdict(self.meta) or {}).get("fp32_referee_margin")
+                               if self.precision == "bf16" else None)
+        self._referee, self.n_refereed = None, 0
+        if self.referee_margin:  # made in the background: most runs meet a close call, few at their start
+            from concurrent.futures import ThreadPoolExecutor
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrkit-referee")
+            self._referee = pool.submit(_OrtEngine, self.onnx_path, ["CPUExecutionProvider"], self.intra_op_threads,
+                                        arena=False)
+            pool.shutdown(wait=False)
+
+    def _make_engine(self, requested: str):
+        """The engine of self.precision; under auto, an OpenVINO that cannot compile the graph falls back to
+        ONNX Runtime FP32 (and the run says why)."""
+        try:
+            if self.precision == "bf16":
+                try:
+                    return _OpenVinoEngine(self.onnx_path, self.intra_op_threads)
+                except Exception as e:  # noqa: BLE001 - OpenVINO raises its own types
+                    if requested == "bf16":
+                        raise
+                    self.precision, self.precision_reason = "fp32", (
+                        f"OpenVINO could not compile the graph ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                    log.warning("BF16 path off: %s; using ONNX Runtime FP32", self.precision_reason)
+            return _OrtEngine(self.onnx_path, self.providers, self.intra_op_threads)
+        except Exception as e:  # noqa: BLE001 - ORT / OpenVINO raise their own exception types
+            msg = str(e).splitlines()[0][:300] if str(e) else ""
+            raise InferenceError(f"{self.onnx_path}: {'OpenVINO' if self.precision == 'bf16' else 'ONNX Runtime'} "
+                                 f"cannot load it ({type(e).__name__}: {msg})") from None
 
     def _check_model_matches_meta(self):
-        ins, outs = self.session.get_inputs(), {o.name: o for o in self.session.get_outputs()}
-        if len(ins) != 1 or ins[0].name != INPUT_NAME or any(n not in outs for n in OUTPUT_NAMES):
-            raise InferenceError(f"{self.onnx_path}: not a cxrkit export (inputs {[i.name for i in ins]}, outputs "
+        ins, outs = self.engine.inputs, self.engine.outputs
+        if len(ins) != 1 or ins[0][0] != INPUT_NAME or any(n not in outs for n in OUTPUT_NAMES):
+            raise InferenceError(f"{self.onnx_path}: not a cxrkit export (inputs {[i[0] for i in ins]}, outputs "
                                  f"{list(outs)}; expected '{INPUT_NAME}' -> {list(OUTPUT_NAMES)})")
-        shp = ins[0].shape
+        shp = ins[0][1]
         if len(shp) != 4 or (isinstance(shp[1], int) and shp[1] != 3):
             raise InferenceError(f"{self.onnx_path}: input shape {shp}, expected (batch, 3, H, W)")
         for d in shp[2:]:
@@ -294,7 +450,7 @@ class OnnxBackend(_MetaView):
                 raise InferenceError(f"{self.meta_path} says img_size {self.img_size} but {self.onnx_path} takes "
                                      f"{shp[2]}x{shp[3]} images: the meta file belongs to another export; "
                                      f"re-export or pass the matching --meta_path")
-        c = outs["classification"].shape
+        c = outs["classification"]
         if len(c) != 2 or (isinstance(c[1], int) and c[1] != len(self.class_names)):
             raise InferenceError(f"{self.meta_path} lists {len(self.class_names)} class names but {self.onnx_path} "
                                  f"outputs {c[1] if len(c) == 2 else c} classes: the meta file belongs to another "
@@ -317,7 +473,7 @@ class OnnxBackend(_MetaView):
         if want and want != sha256_file(self.onnx_path):
             raise InferenceError(f"{self.meta_path} was written for another ONNX file (its onnx_sha256 is not "
                                  f"{self.onnx_path}'s): {fix}")
-        props = dict(self.session.get_modelmeta().custom_metadata_map or {})
+        props = self.engine.props
         if not any(k.startswith("cxrkit_") for k in props):
             key = str(self.onnx_path.resolve())
             if key not in _UNBOUND_WARNED:
@@ -335,30 +491,63 @@ class OnnxBackend(_MetaView):
         return self.forward_ood(x)[:2]
 
     def forward_ood(self, x: np.ndarray):
-        """forward, plus the (B,) out-of-distribution score (None when the graph has no gate)."""
+        """forward, plus the (B,) out-of-distribution score (None when the graph has no gate). Under BF16
+        with a referee margin, the class logits of close calls come from FP32 (referee_close_calls)."""
         check_input(x, self.img_size)
         a = np.ascontiguousarray(x, dtype=np.float32)
-        sb, names = self.static_batch, self.outputs
-        if sb is None:
-            res = self.session.run(names, {INPUT_NAME: a})
-        else:  # a fixed-batch export: run in chunks of that size (last one zero-padded)
-            parts, n = [], a.shape[0]
-            for s in range(0, n, sb):
-                chunk = a[s:s + sb]
-                k = chunk.shape[0]
-                if k < sb:
-                    chunk = np.concatenate([chunk, np.zeros((sb - k, *chunk.shape[1:]), np.float32)])
-                parts.append([o[:k] for o in self.session.run(names, {INPUT_NAME: chunk})])
-            res = [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+        res = self._run(self.engine, self.outputs, a)
         ood = np.asarray(res[2], np.float32) if len(res) > 2 else None
-        return np.asarray(res[0], np.float32), np.asarray(res[1], np.float32), ood
+        logits = np.asarray(res[1], np.float32)
+        if self.referee_margin:
+            logits = self.referee_close_calls(a, logits)
+        return np.asarray(res[0], np.float32), logits, ood
+
+    def referee_close_calls(self, a: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """BF16's close calls refereed by FP32: where the two most probable classes (calibrated) lie less
+        than referee_margin apart, BF16 rounding could swap them, so those images' class logits are
+        recomputed in ONNX Runtime FP32 (made on first need). The lungs and the gate's score stay BF16's,
+        which the path's own threshold and shift reference were fitted on. scripts/fast_paths.py fits
+        the margin: the smallest that brings agreement with FP32 to its target on real and shifted films.
+        A referee that could not be made (ONNX Runtime's one-line error) stops the run: no close call is
+        answered by BF16 alone."""
+        p = np.sort(softmax_np(logits / self.temperature), axis=1)
+        close = (p[:, -1] - p[:, -2]) < self.referee_margin
+        if close.any():
+            logits = logits.copy()
+            try:
+                referee = self._referee.result()  # the FP32 engine (made in the background at start-up)
+            except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+                raise InferenceError(f"{self.onnx_path}: the BF16 path's FP32 referee (ONNX Runtime) cannot load it "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                                     f"run with --precision fp32") from None
+            logits[close] = np.asarray(self._run(referee, ["classification"], a[close])[0], np.float32)
+            self.n_refereed += int(close.sum())
+        return logits
+
+    def _run(self, engine, names, a: np.ndarray) -> list:
+        sb = self.static_batch
+        if sb is None:
+            return engine.run(names, {INPUT_NAME: a})
+        parts, n = [], a.shape[0]  # a fixed-batch export: run in chunks of that size (last one zero-padded)
+        for s in range(0, n, sb):
+            chunk = a[s:s + sb]
+            k = chunk.shape[0]
+            if k < sb:
+                chunk = np.concatenate([chunk, np.zeros((sb - k, *chunk.shape[1:]), np.float32)])
+            parts.append([o[:k] for o in engine.run(names, {INPUT_NAME: chunk})])
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
 
     def describe(self) -> dict:
-        import onnxruntime as ort
+        from ..core import cpu
         return {"backend": self.name, "onnx_path": str(self.onnx_path), "meta_path": str(self.meta_path),
-                "providers": self.active_providers, "intra_op_threads": self.intra_op_threads,
-                "graph_optimization": "ORT_ENABLE_ALL", "onnxruntime": ort.__version__,
-                "opset": self.meta_file.get("opset"), "dynamic_batch": self.static_batch is None}
+                "engine": self.engine.name, "engine_version": self.engine.version, "precision": self.precision,
+                "precision_reason": self.precision_reason, "providers": self.active_providers,
+                "intra_op_threads": self.intra_op_threads, "graph_optimization": "ORT_ENABLE_ALL"
+                if self.engine.name == "onnxruntime" else "OpenVINO CPU plugin", "cpu": cpu.describe(),
+                "opset": self.meta_file.get("opset"), "dynamic_batch": self.static_batch is None,
+                **({"fp32_referee": {"margin": self.referee_margin, "images": self.n_refereed,
+                                     "rule": "class logits from FP32 where BF16's top two calibrated probabilities "
+                                             "lie closer than the margin"}} if self.referee_margin else {})}
 
     def explainer(self, checkpoint=None, mismatch_ok: bool = False) -> GradCamExplainer:
         """Grad-CAM from `checkpoint` (ONNX Runtime gives no gradients), on CUDA with --use_cuda when

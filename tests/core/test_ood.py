@@ -167,7 +167,8 @@ def shipped_runs(tmp_path_factory, cxr_data_available):
     src.mkdir()
     want = _generated_set(src)
     runs = {}
-    for name, backend in (("pth", TorchBackend(SHIPPED_CK, "cpu")), ("onnx", OnnxBackend(SHIPPED_ONNX))):
+    # PyTorch against ONNX Runtime FP32 (the BF16 path has its own threshold and is checked in test_speed_paths)
+    for name, backend in (("pth", TorchBackend(SHIPPED_CK, "cpu")), ("onnx", OnnxBackend(SHIPPED_ONNX, precision="fp32"))):
         assert backend.ood and backend.ood["threshold"] > 0
         items = [InputItem(path=p, rel=p.name) for p in sorted(src.iterdir())]
         out = root / name
@@ -210,10 +211,10 @@ def test_threshold_override_and_overlay_names_the_reason(shipped_runs, tmp_path)
     src = next(iter(runs["onnx"]["rows"].values()))["image_path"]
     folder = Path(src).parent
     items = [InputItem(path=folder / "real0.png", rel="real0.png")]
-    s = run_pipeline(OnnxBackend(SHIPPED_ONNX), items, tmp_path / "o",
+    s = run_pipeline(OnnxBackend(SHIPPED_ONNX, precision="fp32"), items, tmp_path / "o",
                      PipelineOptions(progress=False, report=False, ood_threshold=1e-3))
     assert s["quality"]["counts"][ood.FLAG_NOT_CXR] == 1 and s["quality"]["ood"]["source"] == "--ood_threshold"
     ann = cv2.imread(str(runs["onnx"]["out"] / runs["onnx"]["rows"]["other_0.dcm"]["annotated_png"]))
     assert tuple(int(v) for v in ann[0, 0]) == (0, 0, 255)  # red frame: flagged
     js = json.loads((runs["onnx"]["out"] / "summary.json").read_text())
-    assert js["quality"]["ood"]["threshold"] == pytest.approx(OnnxBackend(SHIPPED_ONNX).ood["threshold"])
+    assert js["quality"]["ood"]["threshold"] == pytest.approx(OnnxBackend(SHIPPED_ONNX, precision="fp32").ood["threshold"])
