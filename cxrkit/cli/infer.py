@@ -49,7 +49,10 @@ def add_run_args(p):
     g.add_argument("--batch_size", type=int, default=D.batch_size, help="images per model call")
     g.add_argument("--tta", type=int, default=D.tta,
                    help=f"test-time augmentation views (1 = plain inference, at most {MAX_TTA})")
-    g.add_argument("--workers", type=int, default=D.workers, help="image-decoding threads")
+    g.add_argument("--workers", type=int, default=D.workers, help="image decoders (threads or processes)")
+    g.add_argument("--decode", default=D.decode, choices=["auto", "threads", "processes"],
+                   help="where images are decoded: worker processes (no shared interpreter lock; auto takes them "
+                        "for 64+ inputs whose files are 1 MB or more, i.e. full-size films) or threads")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--ood_threshold", type=float, default=None, metavar="SCORE",
                    help="out-of-distribution threshold: ood_score above it is flagged not_chest_xray (default: the "
@@ -163,7 +166,8 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
     backend = make_backend()
     opts = PipelineOptions(batch_size=args.batch_size, tta=args.tta, cam_class=args.cam_class,
                            save_cams=args.save_cams, save_masks=outs["save_masks"], report=outs["report"],
-                           annotate=outs["annotate"], workers=args.workers, progress=not args.quiet,
+                           annotate=outs["annotate"], workers=args.workers, decode=args.decode,
+                           progress=not args.quiet,
                            overwrite=args.overwrite, ood_threshold=args.ood_threshold,
                            include_training_images=args.include_training_images, dicom_out=args.dicom_out)
     check_options(backend.class_names, opts)
@@ -193,7 +197,9 @@ def _run(args, make_backend, cam_checkpoint, cam_mismatch_ok) -> int:
         return fail(f"none of the {summary['n_inputs']} inputs could be decoded (reasons in "
                     f"{Path(args.save_dir) / 'summary.json'})")
     thr = summary["throughput"]
-    line = (f"{summary['backend']}: {summary['n_processed']} images ({summary['n_skipped']} skipped) in "
+    bi = summary.get("backend_info") or {}
+    how = f" ({bi['precision'].upper()}, {bi['engine']})" if bi.get("precision") else ""
+    line = (f"{summary['backend']}{how}: {summary['n_processed']} images ({summary['n_skipped']} skipped) in "
             f"{thr['seconds']:.1f} s ({thr['images_per_second']:.1f} img/s)")
     if summary["classification"]:
         c = summary["classification"]

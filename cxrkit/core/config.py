@@ -201,7 +201,8 @@ class InferConfig:
     seed: int = 42                # for --num_samples
     batch_size: int = 16          # images per model call (ONNX Runtime is at its throughput plateau by 16)
     tta: int = 1                  # views; more views: docs/FIGURES.md, "Calibration, TTA and shortcut figures"
-    workers: int = min(4, os.cpu_count() or 1)  # image-decoding threads
+    workers: int = min(4, os.cpu_count() or 1)  # image decoders (threads or processes)
+    decode: str = "auto"          # auto: worker processes for archives of full-size films, else threads
     device: str = "auto"          # PyTorch backend: auto, cpu, cuda or cuda:N
 
 

@@ -3,6 +3,7 @@ the same numbers: decoding a file inside one guard (decode_item), the model on a
 and the flags of one image (image_flags)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ class Decoded:
     stats: dict | None = None      # cxrkit.core.quality.image_stats of model_u8
     flags: tuple = ()              # quality flag codes (set once the model has run)
     dicom: dict | None = None      # a DICOM input's header fields (cxrkit.core.decode.DICOM_TAGS)
+    seconds: tuple = (0.0, 0.0)    # time spent decoding the file, and preprocessing it (summary stage_seconds)
 
 
 def decode_item(item: InputItem, size: int, display_h: int) -> Decoded:
@@ -36,12 +38,15 @@ def decode_item(item: InputItem, size: int, display_h: int) -> Decoded:
     image statistics) runs inside one guard: any exception is this file's skip reason, never the run's end."""
     tags: dict = {}
     try:
+        t0 = time.perf_counter()
         g, notes = read_gray_info(item.path, tags)
+        t1 = time.perf_counter()
         if g.ndim != 2 or g.dtype != np.uint8:
             raise ImageReadError(item.path, f"decoded to an unsupported array {tuple(g.shape)} {g.dtype}")
         d = Decoded(item, model_u8=resize_gray(g, size),
                      display=display_image(g, display_h) if display_h else None, orig_shape=g.shape[:2])
         d.notes, d.stats, d.dicom = tuple(notes), quality.image_stats(d.model_u8), tags or None
+        d.seconds = (t1 - t0, time.perf_counter() - t1)
     except ImageReadError as e:
         return Decoded(item, error=e.reason)
     except Exception as e:  # noqa: BLE001 - one bad file never stops the run

@@ -28,6 +28,41 @@ from .render import _Writer, render_annotation, write_csv_atomic, write_npy, wri
 log = logging.getLogger("cxrkit")
 
 
+# -------------------------------------------------------------------------------------- decoding
+DECODE_MODES = ("auto", "threads", "processes")
+PROCESS_MIN_IMAGES = 64            # fewer: starting the worker processes is not repaid
+PROCESS_MIN_FILE_BYTES = 1 << 20   # a 256-px PNG (~70 KB) decodes in about a millisecond: threads keep up
+
+
+def decode_mode(opts, items) -> str:
+    """Threads or processes for decoding. Processes where the model would otherwise wait: 64+ inputs
+    whose files (the median of the first 16) are 1 MB or more, full-size films whose decoding holds
+    Python's interpreter lock in parts (header parsing, pydicom) and takes longer than the model."""
+    if opts.decode != "auto":
+        return opts.decode
+    if len(items) < PROCESS_MIN_IMAGES or opts.workers < 2:
+        return "threads"
+    sizes = []
+    for it in items[:16]:
+        try:
+            sizes.append(it.path.stat().st_size)
+        except OSError:
+            pass
+    return "processes" if sizes and float(np.median(sizes)) >= PROCESS_MIN_FILE_BYTES else "threads"
+
+
+def _decode_pool(mode: str, workers: int):
+    if mode == "threads":
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxrkit-decode")
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    # forkserver: workers start from a clean process that imported only the decoder, never from this one
+    # (a fork of a process running ONNX Runtime, writer and decode threads can inherit a held lock)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["cxrkit.inference.per_image"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
 # -------------------------------------------------------------------------------------- pipeline
 def planned_outputs(items, save_masks=False, save_cams=False, report=False, annotate=True,
                     dicom_out=False) -> list[str]:
@@ -35,9 +70,11 @@ def planned_outputs(items, save_masks=False, save_cams=False, report=False, anno
     dicom_out: the dicom/ SEG and SR of every input that looks like DICOM before the run (a .dcm name or
     the DICM preamble, what the decoder goes by: cxrkit.inference.dicom_out.planned)."""
     from .report import REPORT_NAME
-    from .thumbs import GALLERY_CAP
+    from .thumbs import GALLERY_CAP, WORST_DICE_N, worst_dice_relpath
     from .thumbs import gallery_thumb_relpath, thumb_relpath
     out = ["predictions.csv", "summary.json"] + ([REPORT_NAME] if report else [])
+    if report:  # the lowest-Dice tiles: as many as there are inputs with a lung mask, at most WORST_DICE_N
+        out += [worst_dice_relpath(r) for r in range(min(WORST_DICE_N, sum(it.mask_path is not None for it in items)))]
     if report and not annotate:  # bulk mode: thumbnails only for the gallery's rows (write_gallery_thumbnails)
         out += [gallery_thumb_relpath(r) for r in range(min(len(items), GALLERY_CAP))]
     for it in items:
@@ -72,7 +109,8 @@ class PipelineOptions:
     save_masks: bool = False
     report: bool = True
     annotate: bool = True
-    workers: int | None = None    # image-decoding threads; None or 0: InferConfig.workers
+    workers: int | None = None    # image decoders; None or 0: InferConfig.workers
+    decode: str = InferConfig.decode  # "threads", "processes" or "auto" (decode_mode)
     progress: bool = True
     display_size: int = 512
     overwrite: bool = False
@@ -94,8 +132,10 @@ def check_options(names, opts: PipelineOptions) -> int | None:
     if cam_class is not None and cam_class not in names:
         raise InferenceError(f"--cam_class {cam_class!r} is not a model class; choose one of {names}")
     if workers is not None and workers < 0:
-        raise InferenceError(f"--workers must be >= 0 (image-decoding threads; 0 = one per core, at most 4), "
+        raise InferenceError(f"--workers must be >= 0 (image decoders; 0 = one per core, at most 4), "
                              f"got {workers}")
+    if opts.decode not in DECODE_MODES:
+        raise InferenceError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {opts.decode!r}")
     return None if cam_class is None else names.index(cam_class)
 
 
@@ -122,14 +162,23 @@ class _Tally:
         self.rows, self.train_hashes = [], None  # the CSV rows (the metrics come from them); training hashes
         self.include_training_images = opts.include_training_images
         self.dices, self.ious, self.dices_model = [], [], []
+        self.worst_dice = []  # (dice, n, image_path, tile): the WORST_DICE_N lowest, for the report
+        self.report = opts.report
         self.flag_counts = {c: 0 for c in quality.FLAG_CODES + ood.OOD_FLAG_CODES + (shift_check.FLAG_FOLDER_SHIFT,
                                                                                         fingerprint.FLAG_IN_TRAINING)}
         self.shift_rows, self.shift_block = [], None  # shift_check's features per image; its verdict
         self.skipped, self.mask_problems, self.input_notes = [], [], []
         self.n_done, self.model_seconds = 0, 0.0
+        self.decode_seconds = self.preprocess_seconds = self.write_seconds = 0.0
+
+    def stage_seconds(self) -> dict:
+        return {"decode": self.decode_seconds, "preprocess": self.preprocess_seconds, "model": self.model_seconds,
+                "write": self.write_seconds}
 
     def add_decoded(self, d: Decoded) -> bool:
         """Records d's skip reason, mask problem and notes; False when d was not decoded."""
+        self.decode_seconds += d.seconds[0]
+        self.preprocess_seconds += d.seconds[1]
         if d.error is not None:
             self.skipped.append({"path": str(d.item.path), "reason": d.error})
             log.warning("skipped %s: %s", d.item.path, d.error)
@@ -157,9 +206,36 @@ class _Tally:
             self.dices.append(r.dice)
             self.ious.append(r.iou)
             self.dices_model.append(binary_dice_iou(lung, resize_mask(d.gt_mask, self.size))[0])
+            if self.report:
+                self._keep_if_worst(d, seg, r.dice)
         row = r.to_csv()  # the metrics read these rows, exactly as predictions.csv holds them
         self.rows.append(row)
         return row
+
+
+    def _keep_if_worst(self, d, seg, dice: float) -> None:
+        """Keep the tile of one of the WORST_DICE_N lowest Dice so far (bounded memory: a dozen small tiles)."""
+        from .thumbs import WORST_DICE_N, make_dice_tile
+        w = self.worst_dice
+        if len(w) >= WORST_DICE_N and dice >= w[-1][0]:
+            return
+        tile = make_dice_tile(d.display if d.display is not None else d.model_u8, seg, d.gt_mask)
+        w.append((dice, len(self.rows), str(d.item.path), tile))
+        w.sort(key=lambda t: (t[0], t[1]))
+        del w[WORST_DICE_N:]
+
+    def write_worst_dice(self, save_dir: Path) -> list[dict]:
+        """The kept tiles as thumbs/worst_dice/NN.jpg, lowest Dice first; their entries for summary.json."""
+        from .thumbs import worst_dice_relpath
+        from ..core.io_utils import write_bytes_atomic
+        import cv2
+        out = []
+        for rank, (dice, _, path, tile) in enumerate(self.worst_dice):
+            rel = worst_dice_relpath(rank)
+            (save_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(save_dir / rel, cv2.imencode(".jpg", tile, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
+            out.append({"image_path": path, "dice": float(dice), "tile": rel})
+        return out
 
 
 @dataclass
@@ -225,6 +301,7 @@ def _prepare(backend, items: list[InputItem], save_dir: Path, opts: PipelineOpti
             raise os_error(e, d, "create the folder") from None
     area_rng = quality.resolve_lung_area_range(backend.lung_area_range)
     opts = replace(opts, workers=int(opts.workers or InferConfig.workers))
+    opts = replace(opts, decode=decode_mode(opts, items))  # resolved: summary.json says which ran
     notes = ([f"probabilities calibrated (T={temp:.3g})"] if backend.calibration_problem is None
              else [f"probabilities NOT calibrated (T={temp:.3g})"])
     notes += [f"TTA: {opts.tta} views"] if opts.tta > 1 else []
@@ -238,6 +315,11 @@ def _write_job(run: _Run):
     opts, save_dir = run.opts, run.save_dir
 
     def write_job(job):
+        t0 = time.perf_counter()
+        _write_one(job)
+        run.tally.write_seconds += time.perf_counter() - t0  # the one writer thread
+
+    def _write_one(job):
         d, seg, probs, cam_map, cam_name = job
         stem = d.item.out_stem
         if opts.annotate:
@@ -316,7 +398,7 @@ def _batch_loop(run: _Run, items) -> None:
     from tqdm import tqdm
     opts = run.opts
     per_image_files = opts.annotate or opts.save_masks or opts.save_cams or opts.dicom_out
-    pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="cxrkit-decode")
+    pool = _decode_pool(opts.decode, opts.workers)
     writer = _Writer(_write_job(run), maxsize=max(4, 2 * opts.batch_size))
     writer.start()
     ok = False
@@ -364,7 +446,10 @@ def _finish(run: _Run, items, t0: float) -> dict:
             run.dicom.write_reports()
         cols = PredictionRow.columns(run.names, opts.save_masks, opts.cam is not None)
         write_csv_atomic(save_dir / "predictions.csv", cols, tally.rows)
+        worst = tally.write_worst_dice(save_dir) if opts.report else []
         summary = build_summary(run.backend, items, tally, opts, time.perf_counter() - t0)
+        if worst:
+            summary["segmentation"]["lowest_dice"] = worst
         if run.dicom is not None:
             summary["dicom_out"] = run.dicom.block()
             summary["outputs"]["dicom"] = "dicom/ (a DICOM SEG and SR per DICOM input)"

@@ -105,11 +105,14 @@ def build_summary(backend, items, tally, opts, seconds: float) -> dict:
     summary = {
         **model_block(backend, len(items), n_done, tally.skipped),
         "calibration": "probabilities in predictions.csv = softmax(logits / temperature), averaged over TTA views",
-        "tta": int(opts.tta), "batch_size": int(opts.batch_size), "decode_workers": opts.workers,
+        "tta": int(opts.tta), "batch_size": int(opts.batch_size), "decode_workers": opts.workers, "decode": opts.decode,
         "throughput": {"seconds": seconds, "images_per_second": n_done / seconds if seconds > 0 else None,
-                       "model_seconds": tally.model_seconds,
+                       "model_seconds": tally.model_seconds, "stage_seconds": tally.stage_seconds(),
                        "note": "seconds = wall clock of the whole pipeline (decode, model, overlays, files); "
-                               "model_seconds = time in the backend incl. TTA"},
+                               "model_seconds = time in the backend incl. TTA; stage_seconds = time summed over "
+                               "the threads doing each stage (decode: file to 8-bit grey; preprocess: resize, "
+                               "display image, statistics; write: overlays, thumbnails, masks, DICOM SEG), which "
+                               "overlap, so they do not add up to seconds"},
         **predicted_counts(rows, tally.names),
         "csv_notes": CSV_NOTES, "quality": _quality(tally), "shift_check": tally.shift_block, "notes": tally.input_notes,
         "classification": None, "segmentation": None, "gradcam": _gradcam(opts),
