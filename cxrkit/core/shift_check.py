@@ -23,6 +23,7 @@ ALPHA = 0.01          # fires at p < alpha; false alarms on in-source folders: M
 MIN_IMAGES = 30       # fewer: not tested (a median of a handful of films says little)
 N_NULL = 1000         # simulated folders
 MAX_DRAW = 2000       # a larger folder is compared through a random 2,000 of its images
+DRAW_CHUNK = 50       # simulated folders computed at a time (bounds the test's memory; same numbers)
 FLAG_FOLDER_SHIFT = "folder_shift"  # on every row of a folder where the warning fires
 FLAG_MEANING = {FLAG_FOLDER_SHIFT: "the folder as a whole differs from the training data (summary.json shift_check): "
                                    "the probabilities are not calibrated for it and accuracy is likely lower"}
@@ -44,8 +45,17 @@ def mixed_draws(groups, n: int, n_draws: int, rng) -> np.ndarray:
     size = np.bincount(inverse, minlength=len(names))
     start = np.concatenate([[0], np.cumsum(size)[:-1]])
     cum = np.cumsum(rng.dirichlet(np.ones(len(names)), n_draws), axis=1)
-    label = np.minimum((rng.random((n_draws, n))[..., None] > cum[:, None, :]).sum(-1), len(names) - 1)
-    return order[start[label] + (rng.random((n_draws, n)) * size[label]).astype(np.int64)]
+    u = rng.random((n_draws, n))
+    label = np.empty((n_draws, n), np.int64)
+    for s in range(0, n_draws, DRAW_CHUNK):  # in chunks: the (draws, n, groups) comparison stays small
+        label[s:s + DRAW_CHUNK] = np.minimum((u[s:s + DRAW_CHUNK, :, None] > cum[s:s + DRAW_CHUNK, None, :]).sum(-1),
+                                             len(names) - 1)
+    del u
+    out = np.empty((n_draws, n), np.int64)
+    for s in range(0, n_draws, DRAW_CHUNK):  # the same stream of numbers as one call, chunk by chunk
+        lab = label[s:s + DRAW_CHUNK]
+        out[s:s + DRAW_CHUNK] = order[start[lab] + (rng.random(lab.shape) * size[lab]).astype(np.int64)]
+    return out
 
 
 def make_reference(values: np.ndarray, groups, alpha: float = ALPHA) -> dict:
@@ -71,7 +81,8 @@ def folder_check(values: np.ndarray, reference: dict, seed: int = 0) -> dict:
         x, n = x[rng.choice(n, MAX_DRAW, replace=False)], MAX_DRAW
     ref, groups = np.asarray(reference["values"], np.float64), np.asarray(reference["groups"])
     use = ~np.all(np.isnan(x), axis=0) & ~np.all(np.isnan(ref), axis=0)  # no gate: ood_score left out
-    null = np.median(ref[:, use][mixed_draws(groups, n, int(reference.get("n_null", N_NULL)), rng)], axis=1)
+    idx, r = mixed_draws(groups, n, int(reference.get("n_null", N_NULL)), rng), ref[:, use]
+    null = np.concatenate([np.median(r[idx[s:s + DRAW_CHUNK]], axis=1) for s in range(0, len(idx), DRAW_CHUNK)])
     mu, sd = null.mean(0), null.std(0) + 1e-9
     med = np.nanmedian(x[:, use], axis=0)
     feats = [f for f, u in zip(FEATURES, use) if u]
