@@ -412,6 +412,26 @@ def _figure(row: dict, base_dir: Path | None) -> str:
             + f'<div class="fn">{_e(name)}{extra}</div></figcaption></figure>')
 
 
+def _worst_dice(summary: dict, base_dir: Path | None) -> str:
+    """The lowest-Dice images with the ground-truth (green) and predicted (yellow) lung outlines."""
+    worst = (summary.get("segmentation") or {}).get("lowest_dice") or []
+    if not worst:
+        return ""
+    figs = []
+    for w in worst:
+        tile = str(w.get("tile") or "")
+        if base_dir is not None and tile and not (base_dir / tile).is_file():
+            tile = ""
+        name = Path(str(w.get("image_path", ""))).name
+        img = (f'<img src="{_href(tile)}" alt="{_e(name)}" loading="lazy">' if tile
+               else '<span class="ph">no image</span>')
+        figs.append(f'<div class="wd">{img}<div title="{_e(w.get("image_path", ""))}">Dice {float(w["dice"]):.3f}'
+                    f'</div><div class="fn">{_e(name)}</div></div>')
+    return (f'<section id="worst-dice"><h2>Lowest Dice <span class="note">&middot; the {len(worst)} images whose '
+            f'predicted lungs match their masks least; outlines: <b style="color:#50dc50">ground truth</b>, '
+            f'<b style="color:#ffe600">prediction</b></span></h2><div class="grid">{"".join(figs)}</div></section>')
+
+
 def _gallery(summary: dict, rows: list[dict], cap: int, base_dir: Path | None) -> str:
     if not rows:
         return '<section id="gallery"><h2>Images</h2><p class="note">No image was processed.</p></section>'
@@ -503,7 +523,8 @@ def render_report(summary: dict, rows: list[dict], *, model: dict | None = None,
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             + _header(summary, model, generated) + "\n<main>\n" + _metrics(summary) + "\n"
-            + _not_judged(rows) + "\n" + _distributions(summary, rows) + "\n" + _gallery(summary, rows, cap, base) + "\n" + _problems(summary)
+            + _not_judged(rows) + "\n" + _distributions(summary, rows) + "\n" + _worst_dice(summary, base) + "\n"
+            + _gallery(summary, rows, cap, base) + "\n" + _problems(summary)
             + "\n</main>\n"
             + f"<footer>Files: {files} &middot; annotated/ (full images) &middot; thumbs/. "
               f"{_e(summary.get('note', DISCLAIMER))}</footer>\n"

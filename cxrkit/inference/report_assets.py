@@ -33,6 +33,8 @@ td.l,th.l{text-align:left}
 .filters select{font:inherit;padding:1px 3px}
 .note{color:#56606c;margin:0 0 8px}
 .grid{display:flex;flex-wrap:wrap;gap:8px}
+.wd{width:250px;background:#fff;border:1px solid #dde1e6;border-radius:5px;padding:4px;font-size:12px}
+.wd img{display:block;width:240px;height:240px;object-fit:contain;background:#111}
 figure.g{margin:0;width:170px;background:#fff;border:1px solid #dde1e6;border-radius:5px;padding:4px;overflow:hidden}
 figure.g[hidden]{display:none}
 figure.g.err{border:2px solid #d0342c;padding:3px}

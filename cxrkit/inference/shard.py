@@ -26,6 +26,7 @@ summary.json, so the merge always finds N folders. Torch-free, like the ONNX pat
 from __future__ import annotations
 
 import copy
+import shutil
 import csv
 import hashlib
 import json
@@ -352,16 +353,40 @@ def merge(dirs, out_dir, *, overwrite: bool = False, report: bool = True) -> dic
     from .summary import provenance  # the merge's own: its command line and date, the shards' model
     summary["provenance"] = provenance((summary.get("provenance") or {}).get("model_file") or "")
     _merge_dicom_out(summary, loaded)
+    tiles = _merge_lowest_dice(summary, loaded, dirs, rows) if report else []
+    if not report and summary.get("segmentation"):
+        summary["segmentation"].pop("lowest_dice", None)
     if "outputs" in summary:
         summary["outputs"] = {**summary["outputs"], "report": "report.html (thumbnails in thumbs/)" if report else None,
                               "note": "annotated/, masks/, cams/ and dicom/ (when written) stay in the shard "
                                       "folders"}
 
-    _write_merged(Path(out_dir), dirs, header, rows, summary, model, report, overwrite)
+    _write_merged(Path(out_dir), dirs, header, rows, summary, model, report, overwrite, tiles)
     return summary
 
 
-def _write_merged(out: Path, dirs, header, rows, summary, model, report: bool, overwrite: bool) -> None:
+def _merge_lowest_dice(summary: dict, loaded, dirs, rows: list) -> list[tuple[Path, str]]:
+    """The lowest-Dice tiles of the whole run: each shard kept its own lowest WORST_DICE_N, so the lowest
+    of their union are the run's (ties in input order, as a single run breaks them). Sets
+    summary["segmentation"]["lowest_dice"]; returns the (shard tile, merged tile) copies to make."""
+    from .thumbs import WORST_DICE_N, worst_dice_relpath
+    order = {r["image_path"]: i for i, r in enumerate(rows)}
+    found = [(float(w["dice"]), order.get(w["image_path"], len(order)), d, w) for d, (s, _, _) in zip(dirs, loaded)
+             for w in ((s.get("segmentation") or {}).get("lowest_dice") or [])]
+    found.sort(key=lambda t: (t[0], t[1]))
+    if not found or not summary.get("segmentation"):
+        return []
+    copies, entries = [], []
+    for rank, (dice, _, d, w) in enumerate(found[:WORST_DICE_N]):
+        rel = worst_dice_relpath(rank)
+        copies.append((Path(d) / w["tile"], rel))
+        entries.append({"image_path": w["image_path"], "dice": dice, "tile": rel})
+    summary["segmentation"]["lowest_dice"] = entries
+    return copies
+
+
+def _write_merged(out: Path, dirs, header, rows, summary, model, report: bool, overwrite: bool,
+                  tiles=()) -> None:
     """Claim --out for everything the merge writes (checked before it writes), then write it."""
     from .render import write_csv_atomic
     from ..core.io_utils import write_json_atomic
@@ -371,13 +396,17 @@ def _write_merged(out: Path, dirs, header, rows, summary, model, report: bool, o
     _check_out_not_a_shard(out, dirs)
     claim = claim_save_dir(out, overwrite, flag="--out", tool="cxrkit merge")
     claim.plan(["predictions.csv", "summary.json"]  # everything the merge writes: checked before it writes
-               + ([REPORT_NAME] + gallery_thumb_relpaths(rows) if report else []))
+               + ([REPORT_NAME] + gallery_thumb_relpaths(rows) + [rel for _, rel in tiles] if report else []))
     claim.acquire()
     try:
         write_csv_atomic(out / "predictions.csv", header, rows)
         write_json_atomic(out / "summary.json", summary)
         if report:
             write_gallery_thumbnails(out, rows, thumb_dirs=dirs)
+            for src, rel in tiles:  # a tile a shard lost is left out (the report shows "no image")
+                if src.is_file():
+                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, out / rel)
             write_report(out, summary, rows, model=model)
         claim.finish()
     finally:

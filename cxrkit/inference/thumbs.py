@@ -16,6 +16,9 @@ log = logging.getLogger("cxrkit")
 THUMB_DIR = "thumbs"
 THUMB_HEIGHT = 160
 GALLERY_CAP = 300   # report.html shows at most this many images
+WORST_DICE_N = 12   # report.html's "lowest Dice" tiles (true and predicted lung outlines)
+WORST_DICE_DIR = "lowest_dice"
+TRUE_BGR, PRED_BGR = (80, 220, 80), (0, 230, 255)  # outline colours: ground truth green, prediction yellow
 
 
 def is_error(row: dict) -> bool:
@@ -36,6 +39,23 @@ def gallery_thumb_relpath(rank: int) -> str:
 def thumb_relpath(stem: str) -> str:
     """The thumbnail of the image whose outputs are named `stem`, relative to save_dir."""
     return f"{THUMB_DIR}/{stem}.jpg"
+
+
+def worst_dice_relpath(rank: int) -> str:
+    return f"{WORST_DICE_DIR}/{rank:02d}.jpg"
+
+
+def make_dice_tile(gray: np.ndarray, seg_prob: np.ndarray, gt_mask: np.ndarray, height: int = 2 * THUMB_HEIGHT):
+    """A BGR tile: the X-ray with the ground-truth lung outline (green) and the predicted one (yellow)."""
+    h, w = gray.shape[:2]
+    tw = max(1, int(round(w * height / h)))
+    small = cv2.resize(gray, (tw, height), interpolation=cv2.INTER_AREA if h > height else cv2.INTER_LINEAR)
+    bgr = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR)
+    truth = cv2.resize(gt_mask.astype(np.uint8), (tw, height), interpolation=cv2.INTER_NEAREST)
+    for m, colour in ((truth, TRUE_BGR), (lung_mask(seg_prob, (height, tw)).astype(np.uint8), PRED_BGR)):
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(bgr, contours, -1, colour, 2, cv2.LINE_AA)
+    return bgr
 
 
 def make_thumbnail(gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_HEIGHT) -> np.ndarray:

@@ -303,8 +303,13 @@ def test_report_parses_and_links_exist(report_runs, which):
     assert len(page.figures) == len(rows) == 12
     # each gallery item opens the annotated PNG of its row; thumbnails are small JPEGs
     assert sorted(l for l in page.links if l.startswith("annotated/")) == sorted(r["annotated_png"] for r in rows)
-    thumbs = sorted((d / "thumbs").iterdir())
+    thumbs = sorted(t for t in (d / "thumbs").iterdir() if t.is_file())
     assert len(thumbs) == 12 and all(t.suffix == ".jpg" for t in thumbs)
+    # the lowest-Dice tiles (true and predicted outlines), lowest first, one per input with a mask up to 12
+    worst = summary["segmentation"]["lowest_dice"]
+    dices = sorted(float(r["dice"]) for r in rows if r.get("dice"))
+    assert [w["dice"] for w in worst] == pytest.approx(dices[:len(worst)], abs=1e-6) and len(worst) == min(12, len(dices))
+    assert all((d / w["tile"]).is_file() for w in worst) and "worst-dice" in (d / "report.html").read_text()
     assert all(cv2.imread(str(t)).shape[0] == THUMB_HEIGHT for t in thumbs)
     assert all(t.stat().st_size < 30_000 for t in thumbs)
     assert sorted(l for l in page.links if l.startswith("thumbs/")) == sorted(f"thumbs/{t.name}" for t in thumbs)
