@@ -33,5 +33,8 @@ test: install
 predict: install
 	$(PY) run_onnx_inference.py --data_dir $(DATA) --save_dir $(OUT)/predictions --num_samples 48 --overwrite
 
+# the real-use benchmark (docs/SPEED.md): whole process, 256-px and full-size PNG, DICOM and JPEG, default and
+# bulk mode, beside the plain seed pipeline; run it on an idle machine
 benchmark: install
-	$(PY) scripts/benchmark_inference.py --n_images 48 --seed_arch_baseline
+	$(PY) -m pip install -q -e .[bench]
+	$(PY) scripts/benchmark_real_use.py --model_only --memory_check

@@ -103,6 +103,17 @@ def model_only(forward, u8: list[np.ndarray], batch: int) -> float:
     return time.perf_counter() - t0
 
 
+def plain_read(path):
+    """How a naive script reads a file: OpenCV's 8-bit grey (a DICOM through pydicom, scaled to 8 bits)."""
+    import cv2
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        import pydicom
+        a = pydicom.dcmread(str(path)).pixel_array.astype(np.float32)
+        img = ((a - a.min()) / (a.max() - a.min() + 1e-6) * 255).astype(np.uint8)
+    return img
+
+
 def plain_per_image_pipeline(model, paths, size: int, temperature: float, class_names, out_dir: Path) -> float:
     """The naive loop: read, resize, eager forward of ONE image, one matplotlib figure per image."""
     import cv2
@@ -112,7 +123,7 @@ def plain_per_image_pipeline(model, paths, size: int, temperature: float, class_
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for i, p in enumerate(paths):
-        img = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+        img = plain_read(p)
         img = cv2.resize(img, (size, size))
         x = torch.from_numpy(img).float().div(255.0)[None, None].repeat(1, 3, 1, 1)
         with torch.no_grad():
