@@ -59,6 +59,9 @@ def parse_args(argv=None):
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=D.pretrained,
                    help="lite0: start the encoder from ImageNet weights (the preset's default: yes); "
                         "--no-pretrained is the from-scratch ablation")
+    g.add_argument("--input_zscore", action="store_true", default=D.input_zscore,
+                   help="standardise each film inside the network (its own mean and spread removed): the intensity "
+                        "standardisation lever of docs/new_hospital/levers_cross_pool.md")
     g.add_argument("--init_from", metavar="CHECKPOINT", default=D.init_from,
                    help="fine-tune: start from this checkpoint's weights (same --arch and classes; fresh optimizer)")
     g = p.add_argument_group("optimisation")

@@ -44,6 +44,9 @@ class ModelConfig:
     # input normalisation, applied inside the network so every caller feeds RGB in [0, 1]
     mean: tuple = DEFAULT_MEAN
     std: tuple = DEFAULT_STD
+    # then, optionally, each film's own mean and spread removed (per-image z-score; issue 22's intensity
+    # standardisation lever, --input_zscore): a film's exposure and processing no longer set its input range
+    input_zscore: bool = False
     # classification head
     cls_source: str = "top"       # "top": GAP of the full-res map (seed); "multiscale": GAP of every
                                   # encoder level + bottleneck + top map, concatenated
@@ -154,6 +157,7 @@ class TrainConfig:
     # recipe), or every weight from a checkpoint of the same config and classes (fresh optimizer)
     pretrained: bool | None = None
     init_from: str | None = None
+    input_zscore: bool = False     # ModelConfig.input_zscore (issue 22 lever c)
     prior_correction: bool = True  # after training: classifier bias -= log(class weight) (cxrkit.training.calibration)
 
     @classmethod

@@ -81,6 +81,15 @@ def _unet_levels(unet: UNet) -> list[nn.Module]:
     return levels
 
 
+def _normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The network's input normalisation: the config's mean / std, then (input_zscore) each image's own
+    mean and spread removed."""
+    x = (x - module.mean) / module.std
+    if module.cfg.input_zscore:
+        x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) / (x.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+    return x
+
+
 def _register_normalisation(module: nn.Module, cfg: ModelConfig) -> None:
     """mean / std as non-persistent buffers: normalisation lives in the network (and so in the ONNX
     graph), so every caller feeds RGB in [0, 1]."""
@@ -169,7 +178,7 @@ class CXRMultiTaskNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         self._captured = []
-        feats = self.unet((x - self.mean) / self.std)
+        feats = self.unet(_normalised(self, x))
         pooled = [feats.mean(dim=(2, 3))]
         if self.cfg.cls_source == "multiscale":
             pooled = [f.mean(dim=(2, 3)) for f in self._captured] + pooled
@@ -228,7 +237,7 @@ class Lite0MultiTaskNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         size = x.shape[-2:]
-        taps, head = self.encoder.forward_features((x - self.mean) / self.std)
+        taps, head = self.encoder.forward_features(_normalised(self, x))
         y = taps[-1]
         for blk, skip in zip(self.decoder, taps[-2::-1]):
             y = blk(y, skip)

@@ -45,6 +45,7 @@ def model_config(cfg: TrainConfig, num_classes: int) -> ModelConfig:
         if mcfg.backbone != "lite0" and cfg.pretrained:
             raise UsageError(f"--pretrained: --arch {cfg.arch} has no pretrained encoder; use --arch lite0")
         mcfg.pretrained = bool(cfg.pretrained)
+    mcfg.input_zscore = bool(cfg.input_zscore)
     check_img_size(mcfg, cfg.img_size)
     return mcfg
 

@@ -156,3 +156,21 @@ def test_output_stride_is_the_one_size_rule():
                 check_img_size(m.cfg, bad)
     with torch.no_grad():  # a size the rule accepts runs, and the mask comes back at the input size
         assert lite.eval()(torch.rand(1, 3, 64, 64)).segmentation.shape[-2:] == (64, 64)
+
+
+def test_input_zscore_makes_the_model_blind_to_a_films_exposure():
+    """--input_zscore (issue 22's intensity standardisation lever): each film's own mean and spread are
+    removed inside the network, so a brighter or flatter copy of a film gives the same outputs."""
+    import torch
+    from cxrkit.core.config import ModelConfig, make_config
+    from cxrkit.core.model import build_model
+    cfg = make_config("lite0", num_classes=4)
+    cfg.input_zscore = True
+    torch.manual_seed(0)
+    m = build_model(cfg).eval()
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        a, b = m(x), m(0.6 * x + 0.3)
+    assert torch.allclose(a.classification, b.classification, atol=1e-4)
+    assert torch.allclose(a.segmentation, b.segmentation, atol=1e-3)
+    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "input_zscore"}).input_zscore is False
