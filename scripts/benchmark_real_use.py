@@ -52,6 +52,8 @@ def model_only_rows(onnx_path, films, batches=(1, 8, 16, 32, 64)) -> list[dict]:
         except InferenceError as e:
             print(f"model only, {prec}: not here ({e})")
             continue
+        if b._referee is not None:
+            b._referee.result()  # its session is built in the background: not while the model is timed
         b.referee_margin = None  # the model alone, no FP32 referee
         x = to_model_input_np(np.stack([load_for_model(f, b.img_size) for f in films[:64]]))
         for bs in batches:

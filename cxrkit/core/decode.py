@@ -382,7 +382,7 @@ def _dicom_gray_by_lut(arr: np.ndarray, ds, mono1: bool) -> np.ndarray | None:
     if not ((d >= 0).all() or (d <= 0).all()):
         return None  # extremes of the image need not be at its extreme stored values
     lut = _range_to_u8(t, float(min(t[0], t[-1])), float(max(t[0], t[-1])), mono1)
-    if lo_raw >= 0:  # index by the stored value itself (no shifted copy of the image)
+    if 0 <= lo_raw and hi_raw < LUT_MAX_SPAN:  # index by the stored value itself (no shifted copy of the image)
         return np.concatenate([np.zeros(lo_raw, np.uint8), lut])[arr]
     return lut[arr.astype(np.int32) - lo_raw]
 
@@ -493,11 +493,12 @@ def _png_grey_fast(buf: np.ndarray) -> np.ndarray | None:
     if colour != 0 or depth not in (8, 16) or interlace != 0 or w < 1 or h < 1:
         return None
     bpp, stride = depth // 8, w * (depth // 8)
-    try:
-        raw = isal_zlib.decompress(idat)
+    want = h * (stride + 1)
+    try:  # never more than the header's size (+1 to see an over-long stream): a lying header cannot blow it up
+        raw = isal_zlib.decompressobj().decompress(idat, want + 1)
     except Exception:  # noqa: BLE001 - a damaged stream: OpenCV's decode gives the file's own error
         return None
-    if len(raw) != h * (stride + 1):
+    if len(raw) != want:
         return None
     rows = np.frombuffer(raw, np.uint8).reshape(h, stride + 1)
     kinds = rows[:, 0]

@@ -428,8 +428,9 @@ class OnnxBackend(_MetaView):
                 except Exception as e:  # noqa: BLE001 - OpenVINO raises its own types
                     if requested == "bf16":
                         raise
+                    first = str(e).splitlines()[0][:200] if str(e).strip() else ""
                     self.precision, self.precision_reason = "fp32", (
-                        f"OpenVINO could not compile the graph ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                        f"OpenVINO could not compile the graph ({type(e).__name__}: {first})")
                     log.warning("BF16 path off: %s; using ONNX Runtime FP32", self.precision_reason)
             return _OrtEngine(self.onnx_path, self.providers, self.intra_op_threads)
         except Exception as e:  # noqa: BLE001 - ORT / OpenVINO raise their own exception types

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +49,11 @@ def decode_mode(opts, items) -> str:
         except OSError:
             pass
     return "processes" if sizes and float(np.median(sizes)) >= PROCESS_MIN_FILE_BYTES else "threads"
+
+
+def decode_target(fut) -> str:
+    it = getattr(fut, "cxrkit_item", None)
+    return str(it.path) if it is not None else "an input"
 
 
 def _decode_pool(mode: str, workers: int):
@@ -110,7 +115,10 @@ class PipelineOptions:
     report: bool = True
     annotate: bool = True
     workers: int | None = None    # image decoders; None or 0: InferConfig.workers
-    decode: str = InferConfig.decode  # "threads", "processes" or "auto" (decode_mode)
+    # "threads", "processes" or "auto" (decode_mode). Library callers get threads: worker processes re-import
+    # the caller's __main__, which a script without an `if __name__ == "__main__":` guard cannot survive; the
+    # CLIs pass InferConfig.decode ("auto")
+    decode: str = "threads"
     progress: bool = True
     display_size: int = 512
     overwrite: bool = False
@@ -350,13 +358,20 @@ def _decoded_batches(run: _Run, items, pool, bar):
             nxt = next(it, None)
             if nxt is None:
                 return
-            pending.append(pool.submit(decode_item, nxt, run.size, display_h))
+            fut = pool.submit(decode_item, nxt, run.size, display_h)
+            fut.cxrkit_item = nxt  # named in the error should a worker process die on it
+            pending.append(fut)
 
     fill()
     while pending:
         batch = []
         while pending and len(batch) < opts.batch_size:
-            d = pending.popleft().result()
+            fut = pending.popleft()
+            try:
+                d = fut.result()
+            except BrokenExecutor:
+                raise InferenceError("a decoding worker process died (out of memory, or a decoder crashed) near "
+                                     f"{decode_target(fut)}; rerun with --decode threads or fewer --workers") from None
             fill()
             if not tally.add_decoded(d):
                 bar.update(1)
