@@ -91,7 +91,7 @@ def measure(a, backend, images, values, groups) -> None:
     """False alarms on in-source folders and detection of shifted ones (half the images fit, half test)."""
     rng = np.random.default_rng(a.seed)
     half = np.zeros(len(groups), bool)
-    for g in set(groups):
+    for g in sorted(set(groups)):  # sorted: a set of strings iterates in a per-process order
         m = np.flatnonzero(groups == g)
         half[rng.permutation(m)[: len(m) // 2]] = True
     ref = shift_check.make_reference(values[half], groups[half])
