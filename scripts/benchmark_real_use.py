@@ -48,13 +48,10 @@ def model_only_rows(onnx_path, films, batches=(1, 8, 16, 32, 64)) -> list[dict]:
     rows = []
     for prec in ("fp32", "bf16"):
         try:
-            b = OnnxBackend(onnx_path, precision=prec)
+            b = OnnxBackend(onnx_path, precision=prec, fp32_referee=False)  # the model alone
         except InferenceError as e:
             print(f"model only, {prec}: not here ({e})")
             continue
-        if b._referee is not None:
-            b._referee.result()  # its session is built in the background: not while the model is timed
-        b.referee_margin = None  # the model alone, no FP32 referee
         x = to_model_input_np(np.stack([load_for_model(f, b.img_size) for f in films[:64]]))
         for bs in batches:
             b.forward_ood(x[:bs])  # warm-up (first call of a shape)

@@ -87,9 +87,9 @@ def outputs(backend, images, batch: int = 64, lungs: bool = True):
 
 def refereed(bf16_logits, fp32_logits, temperature: float, margin: float):
     """What the BF16 backend returns with an FP32 referee (OnnxBackend.referee_close_calls): FP32's logits
-    where BF16's top two calibrated probabilities lie closer than `margin`; and the share refereed."""
-    p = np.sort(softmax(bf16_logits, temperature), axis=1)
-    close = (p[:, -1] - p[:, -2]) < margin
+    where BF16's call is close (backends.close_calls, the backend's own rule); and the share refereed."""
+    from cxrkit.inference.backends import close_calls
+    close = close_calls(bf16_logits, temperature, margin)
     return np.where(close[:, None], fp32_logits, bf16_logits), float(close.mean())
 
 
@@ -139,8 +139,8 @@ def main(argv=None) -> int:
     from cxrkit.core import cpu
     from cxrkit.inference.backends import OnnxBackend, openvino_version
     fp32 = OnnxBackend(a.onnx_path, precision="fp32")
-    bf16 = OnnxBackend(a.onnx_path, precision="bf16")  # one-line error where the CPU or OpenVINO lacks it
-    bf16.referee_margin = None  # raw BF16 here; the referee is simulated below (refereed)
+    # one-line error where the CPU or OpenVINO lacks it; BF16 alone here, the referee is simulated (refereed)
+    bf16 = OnnxBackend(a.onnx_path, precision="bf16", fp32_referee=False)
     names, gate, temp = fp32.class_names, fp32.meta.resolve_gate(), fp32.temperature
     if gate is None:
         p.error(f"{a.onnx_path} carries no out-of-distribution gate: this check compares the gate's rates and refits "

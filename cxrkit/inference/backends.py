@@ -285,6 +285,20 @@ def choose_precision(requested: str, meta: ModelMeta, cpu_only: bool, flags=None
     return "bf16", f"CPU has {', '.join(have)}, OpenVINO {ov}, the model's BF16 check passed"
 
 
+def close_calls(logits: np.ndarray, temperature: float, margin: float) -> np.ndarray:
+    """Which images are close calls: their two most probable classes (calibrated) lie less than `margin`
+    apart. The BF16 path's FP32 referee answers them (OnnxBackend.referee_close_calls); scripts/fast_paths.py
+    fits the margin with this same rule."""
+    p = np.sort(softmax_np(logits, temperature), axis=1)
+    return (p[:, -1] - p[:, -2]) < margin
+
+
+def _error_text(e: BaseException, limit: int = 300) -> str:
+    """An engine's exception as "Type: its first line" (ONNX Runtime and OpenVINO messages run to pages)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
 def model_cache_dir() -> Path | None:
     """Where OpenVINO keeps compiled models between runs (a run then starts 0.2 s sooner): $CXRKIT_CACHE_DIR
     ("off" disables it), else $XDG_CACHE_HOME/cxrkit or ~/.cache/cxrkit, under openvino/; None where it cannot
@@ -378,7 +392,7 @@ class OnnxBackend(_MetaView):
     name = "onnxruntime"
 
     def __init__(self, onnx_path, meta_path=None, providers=None, use_cuda: bool = False,
-                 intra_op_threads: int | None = None, precision: str = "auto"):
+                 intra_op_threads: int | None = None, precision: str = "auto", fp32_referee: bool = True):
         self.onnx_path = self.model_file = Path(onnx_path)
         self.use_cuda = bool(use_cuda)
         if not self.onnx_path.is_file():
@@ -408,8 +422,9 @@ class OnnxBackend(_MetaView):
             log.warning("CUDA was requested but ONNX Runtime runs on %s", ", ".join(self.active_providers))
         self._check_model_matches_meta()  # against the meta as exported (the graph's binding is FP32's)
         self.meta = self.meta.for_precision(self.precision)  # BF16: its own gate threshold and shift reference
+        # fp32_referee=False: BF16 alone (scripts/fast_paths.py measures it so; the benchmark times the model)
         self.referee_margin = ((bf16_verdict(self.meta) or {}).get("fp32_referee_margin")
-                               if self.precision == "bf16" else None)
+                               if self.precision == "bf16" and fp32_referee else None)
         self._referee, self.n_refereed = None, 0
         if self.referee_margin:  # made in the background: most runs meet a close call, few at their start
             from concurrent.futures import ThreadPoolExecutor
@@ -428,15 +443,13 @@ class OnnxBackend(_MetaView):
                 except Exception as e:  # noqa: BLE001 - OpenVINO raises its own types
                     if requested == "bf16":
                         raise
-                    first = str(e).splitlines()[0][:200] if str(e).strip() else ""
                     self.precision, self.precision_reason = "fp32", (
-                        f"OpenVINO could not compile the graph ({type(e).__name__}: {first})")
+                        f"OpenVINO could not compile the graph ({_error_text(e, 200)})")
                     log.warning("BF16 path off: %s; using ONNX Runtime FP32", self.precision_reason)
             return _OrtEngine(self.onnx_path, self.providers, self.intra_op_threads)
         except Exception as e:  # noqa: BLE001 - ORT / OpenVINO raise their own exception types
-            msg = str(e).splitlines()[0][:300] if str(e) else ""
             raise InferenceError(f"{self.onnx_path}: {'OpenVINO' if self.precision == 'bf16' else 'ONNX Runtime'} "
-                                 f"cannot load it ({type(e).__name__}: {msg})") from None
+                                 f"cannot load it ({_error_text(e)})") from None
 
     def _check_model_matches_meta(self):
         ins, outs = self.engine.inputs, self.engine.outputs
@@ -506,21 +519,20 @@ class OnnxBackend(_MetaView):
     def referee_close_calls(self, a: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """BF16's close calls refereed by FP32: where the two most probable classes (calibrated) lie less
         than referee_margin apart, BF16 rounding could swap them, so those images' class logits are
-        recomputed in ONNX Runtime FP32 (made on first need). The lungs and the gate's score stay BF16's,
+        recomputed in ONNX Runtime FP32 (its session built in the background at start-up). The lungs and
+        the gate's score stay BF16's,
         which the path's own threshold and shift reference were fitted on. scripts/fast_paths.py fits
         the margin: the smallest that brings agreement with FP32 to its target on real and shifted films.
         A referee that could not be made (ONNX Runtime's one-line error) stops the run: no close call is
         answered by BF16 alone."""
-        p = np.sort(softmax_np(logits / self.temperature), axis=1)
-        close = (p[:, -1] - p[:, -2]) < self.referee_margin
+        close = close_calls(logits, self.temperature, self.referee_margin)
         if close.any():
             logits = logits.copy()
             try:
                 referee = self._referee.result()  # the FP32 engine (made in the background at start-up)
             except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
                 raise InferenceError(f"{self.onnx_path}: the BF16 path's FP32 referee (ONNX Runtime) cannot load it "
-                                     f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                                     f"run with --precision fp32") from None
+                                     f"({_error_text(e, 200)}); run with --precision fp32") from None
             logits[close] = np.asarray(self._run(referee, ["classification"], a[close])[0], np.float32)
             self.n_refereed += int(close.sum())
         return logits
