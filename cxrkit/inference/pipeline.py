@@ -51,11 +51,6 @@ def decode_mode(opts, items) -> str:
     return "processes" if sizes and float(np.median(sizes)) >= PROCESS_MIN_FILE_BYTES else "threads"
 
 
-def decode_target(fut) -> str:
-    it = getattr(fut, "cxrkit_item", None)
-    return str(it.path) if it is not None else "an input"
-
-
 def _decode_pool(mode: str, workers: int):
     if mode == "threads":
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxrkit-decode")
@@ -220,7 +215,6 @@ class _Tally:
         self.rows.append(row)
         return row
 
-
     def _keep_if_worst(self, d, seg, dice: float) -> None:
         """Keep the tile of one of the WORST_DICE_N lowest Dice so far (bounded memory: a dozen small tiles)."""
         from .thumbs import WORST_DICE_N, make_dice_tile
@@ -233,15 +227,13 @@ class _Tally:
         del w[WORST_DICE_N:]
 
     def write_worst_dice(self, save_dir: Path) -> list[dict]:
-        """The kept tiles as thumbs/worst_dice/NN.jpg, lowest Dice first; their entries for summary.json."""
-        from .thumbs import worst_dice_relpath
-        from ..core.io_utils import write_bytes_atomic
-        import cv2
+        """The kept tiles as lowest_dice/NN.jpg, lowest Dice first; their entries for summary.json."""
+        from .thumbs import worst_dice_relpath, write_jpeg
         out = []
         for rank, (dice, _, path, tile) in enumerate(self.worst_dice):
             rel = worst_dice_relpath(rank)
             (save_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(save_dir / rel, cv2.imencode(".jpg", tile, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
+            write_jpeg(save_dir / rel, tile, 85)
             out.append({"image_path": path, "dice": float(dice), "tile": rel})
         return out
 
@@ -358,20 +350,18 @@ def _decoded_batches(run: _Run, items, pool, bar):
             nxt = next(it, None)
             if nxt is None:
                 return
-            fut = pool.submit(decode_item, nxt, run.size, display_h)
-            fut.cxrkit_item = nxt  # named in the error should a worker process die on it
-            pending.append(fut)
+            pending.append((pool.submit(decode_item, nxt, run.size, display_h), nxt))  # the item names a dead worker
 
     fill()
     while pending:
         batch = []
         while pending and len(batch) < opts.batch_size:
-            fut = pending.popleft()
+            fut, item = pending.popleft()
             try:
                 d = fut.result()
             except BrokenExecutor:
                 raise InferenceError("a decoding worker process died (out of memory, or a decoder crashed) near "
-                                     f"{decode_target(fut)}; rerun with --decode threads or fewer --workers") from None
+                                     f"{item.path}; rerun with --decode threads or fewer --workers") from None
             fill()
             if not tally.add_decoded(d):
                 bar.update(1)

@@ -72,13 +72,18 @@ def make_thumbnail(gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_H
     return bgr
 
 
-def write_thumbnail(path, gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_HEIGHT,
-                    quality: int = 82) -> None:
-    """make_thumbnail as a JPEG, written atomically (tmp file + os.replace)."""
-    ok, buf = cv2.imencode(".jpg", make_thumbnail(gray, seg_prob, height), [cv2.IMWRITE_JPEG_QUALITY, quality])
+def write_jpeg(path, img: np.ndarray, quality: int) -> None:
+    """A BGR / grey image as a JPEG, written atomically (tmp file + os.replace)."""
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise OSError(f"JPEG encoding failed for {path}")
     write_bytes_atomic(path, buf.tobytes())
+
+
+def write_thumbnail(path, gray: np.ndarray, seg_prob: np.ndarray, height: int = THUMB_HEIGHT,
+                    quality: int = 82) -> None:
+    """make_thumbnail as a JPEG, written atomically."""
+    write_jpeg(path, make_thumbnail(gray, seg_prob, height), quality)
 
 
 def gallery_thumb_relpaths(rows: list[dict], cap: int | None = None) -> list[str]:
