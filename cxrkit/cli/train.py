@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..core.config import OUTSIDE_LUNG_FILLS, PRESETS, RunOptions, TrainConfig, make_config
+from ..core.config import LUNG_FOCUS_MODES, OUTSIDE_LUNG_FILLS, PRESETS, RunOptions, TrainConfig, make_config
 from ..core.io_utils import HelpFormatter
 from .common import run_command
 
@@ -62,6 +62,13 @@ def parse_args(argv=None):
     g.add_argument("--input_zscore", action="store_true", default=D.input_zscore,
                    help="standardise each film inside the network (its own mean and spread removed): the intensity "
                         "standardisation lever of docs/new_hospital/levers_cross_pool.md")
+    g.add_argument("--lung_focus", choices=LUNG_FOCUS_MODES, default=D.lung_focus,
+                   help="lite0: classify a square crop around the predicted lungs with a second encoder (crop), and "
+                        "with everything outside the predicted lungs greyed (crop_mask): issue 22's lung-ROI levers")
+    g.add_argument("--focus_margin", type=float, default=D.focus_margin,
+                   help="with --lung_focus: crop half-side = (1 + margin) x the lungs' larger half-extent")
+    g.add_argument("--focus_size", type=int, default=D.focus_size,
+                   help="with --lung_focus: crop side in pixels (0: --img_size)")
     g.add_argument("--init_from", metavar="CHECKPOINT", default=D.init_from,
                    help="fine-tune: start from this checkpoint's weights (same --arch and classes; fresh optimizer)")
     g = p.add_argument_group("optimisation")

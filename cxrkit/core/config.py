@@ -47,6 +47,12 @@ class ModelConfig:
     # then, optionally, each film's own mean and spread removed (per-image z-score; issue 22's intensity
     # standardisation lever, --input_zscore): a film's exposure and processing no longer set its input range
     input_zscore: bool = False
+    # issue 22 levers (b)/(e), lite0 only: the class is read from a square crop around the PREDICTED lungs by a
+    # second EfficientNet-Lite0 ("crop"), optionally with everything outside the dilated predicted lungs set to
+    # the crop's mean grey ("crop_mask", lungs-only input); one graph, so the ONNX export carries it
+    lung_focus: str = "off"       # one of LUNG_FOCUS_MODES
+    focus_margin: float = 0.10    # the crop's half-side = (1 + margin) x the lungs' larger half-extent
+    focus_size: int = 0           # the crop's side in pixels (0: the input's)
     # classification head
     cls_source: str = "top"       # "top": GAP of the full-res map (seed); "multiscale": GAP of every
                                   # encoder level + bottleneck + top map, concatenated
@@ -98,6 +104,7 @@ def make_config(preset: str = "lite0", num_classes: int = 4, **overrides) -> Mod
 
 
 OUTSIDE_LUNG_FILLS = ("noise", "blur", "constant")
+LUNG_FOCUS_MODES = ("off", "crop", "crop_mask")  # ModelConfig.lung_focus
 
 
 @dataclass
@@ -158,6 +165,9 @@ class TrainConfig:
     pretrained: bool | None = None
     init_from: str | None = None
     input_zscore: bool = False     # ModelConfig.input_zscore (issue 22 lever c)
+    lung_focus: str = "off"        # ModelConfig.lung_focus, focus_margin, focus_size (issue 22 levers b, e)
+    focus_margin: float = 0.10
+    focus_size: int = 0
     prior_correction: bool = True  # after training: classifier bias -= log(class weight) (cxrkit.training.calibration)
 
     @classmethod

@@ -24,7 +24,7 @@ from torch import nn
 from monai.networks.nets import UNet
 from monai.networks.nets.basic_unet import UpCat
 
-from .config import ModelConfig
+from .config import LUNG_FOCUS_MODES, LUNG_THRESHOLD, ModelConfig
 from .encoders import (LITE0_HEAD_CHANNELS, LITE0_OUTPUT_STRIDE, LITE0_TAP_CHANNELS, LITE0_TAPS,
                        EfficientNetLite0, load_lite0_imagenet)
 from .errors import UsageError
@@ -187,6 +187,40 @@ class CXRMultiTaskNet(nn.Module):
         return ModelOutput(self.seg_head(feats), cls)
 
 
+def lung_crop(x: torch.Tensor, lung: torch.Tensor, margin: float, size: int, mask_outside: bool) -> torch.Tensor:
+    """The square crop (size x size, bilinear) of x (B, C, H, W) around the lungs of `lung` (B, 1, H, W)
+    probabilities: centred on the lungs' bounding box, half-side (1 + margin) x its larger half-extent; the
+    whole film where no pixel is lung; zeros beyond the film's edge. mask_outside: everything outside the
+    lungs (dilated by 3% of the side, the lung border stays) becomes the crop's mean grey.
+    Written with element-wise ops, reductions and GridSample only, so it exports to ONNX (opset >= 16)."""
+    b, _, h, w = x.shape
+    on = (lung > LUNG_THRESHOLD).to(x.dtype)
+
+    def extent(hit: torch.Tensor, n: int):  # hit (B, n) in {0, 1} -> first and last lung index, (B,)
+        idx = torch.arange(n, device=x.device, dtype=x.dtype)
+        lo = torch.where(hit > 0, idx, torch.full_like(idx, float(n))).amin(dim=1)
+        hi = torch.where(hit > 0, idx, torch.full_like(idx, -1.0)).amax(dim=1)
+        empty = hi < lo
+        return torch.where(empty, torch.zeros_like(lo), lo), torch.where(empty, torch.full_like(hi, n - 1.0), hi)
+
+    y0, y1 = extent(on.amax(dim=3).flatten(1), h)
+    x0, x1 = extent(on.amax(dim=2).flatten(1), w)
+    half = torch.maximum(y1 - y0 + 1, x1 - x0 + 1) * (0.5 * (1 + margin))     # pixels
+    base = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) * (2.0 / size) - 1  # (-1, 1)
+    # grid_sample's coordinates (align_corners=False): -1 and 1 are the film's outer pixel edges
+    gx = ((x0 + x1 + 1) / w - 1).unsqueeze(1) + (2 * half / w).unsqueeze(1) * base  # (B, size)
+    gy = ((y0 + y1 + 1) / h - 1).unsqueeze(1) + (2 * half / h).unsqueeze(1) * base
+    grid = torch.stack([gx.unsqueeze(1).expand(-1, size, -1), gy.unsqueeze(2).expand(-1, -1, size)], dim=3)
+    crop = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if not mask_outside:
+        return crop
+    r = max(1, round(0.03 * size))
+    keep = nn.functional.grid_sample(on, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    keep = nn.functional.max_pool2d((keep > 0.5).to(x.dtype), 2 * r + 1, stride=1, padding=r)
+    keep = torch.maximum(keep, (on.amax(dim=(1, 2, 3)) == 0).to(x.dtype).view(-1, 1, 1, 1))  # no lungs: whole film
+    return crop * keep + crop.mean(dim=(1, 2, 3), keepdim=True) * (1 - keep)
+
+
 class Lite0MultiTaskNet(nn.Module):
     """EfficientNet-Lite0 encoder -> U-Net decoder of MONAI `UpCat` blocks (skips at strides 16, 8, 4, 2)
     -> seg head at stride 2, logits upsampled x2 (bilinear); GAP of the encoder's 1280-ch head map ->
@@ -194,14 +228,21 @@ class Lite0MultiTaskNet(nn.Module):
 
     Why the mask is predicted at stride 2: a fifth decoder block at full resolution made CPU training
     1.2x to 1.6x slower (two measurements on a 2-core Xeon, 128 px, batch 32); lung outlines are smooth.
+
+    cfg.lung_focus != "off" (issue 22's lung-ROI levers): the class comes instead from a second encoder
+    (`focus_encoder`) reading lung_crop() of the film around the predicted (detached) lungs; the first
+    encoder still feeds the decoder and the out-of-distribution gate, so both see the whole film.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if len(cfg.decoder_channels) != 4:
             raise ValueError("lite0 needs 4 decoder_channels (strides 16, 8, 4, 2)")
+        if cfg.lung_focus not in LUNG_FOCUS_MODES:
+            raise ValueError(f"lung_focus must be one of {LUNG_FOCUS_MODES}, got {cfg.lung_focus!r}")
         self.cfg = cfg
         self.encoder = EfficientNetLite0()
+        self.focus_encoder = EfficientNetLite0() if cfg.lung_focus != "off" else None
         ins = (LITE0_TAP_CHANNELS[-1], *cfg.decoder_channels[:-1])
         skips = LITE0_TAP_CHANNELS[-2::-1]  # 112, 40, 24, 16
         self.decoder = nn.ModuleList(
@@ -217,6 +258,9 @@ class Lite0MultiTaskNet(nn.Module):
     @property
     def bottleneck(self) -> nn.Module:
         """The encoder's last block (stride 32), the default Grad-CAM layer."""
+        if self.focus_encoder is not None:  # its map would be in the crop's coordinates, not the film's
+            raise UsageError("Grad-CAM is not available for a lung-focus model (its class is read from a crop "
+                             "around the predicted lungs, not from the film); run without --gradcam")
         return self.encoder._blocks[-1]
 
     @property
@@ -224,8 +268,8 @@ class Lite0MultiTaskNet(nn.Module):
         return output_stride(self.cfg)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
-        """The EfficientNet-Lite0 encoder's (ImageNet weights when cfg.pretrained)."""
-        return list(self.encoder.parameters())
+        """The EfficientNet-Lite0 encoders' (ImageNet weights when cfg.pretrained)."""
+        return [p for e in (self.encoder, self.focus_encoder) if e is not None for p in e.parameters()]
 
     def ood_layers(self) -> list[nn.Module]:
         """The stride-16 encoder block (112 channels): where the probe and scripts/ood_eval.py found
@@ -233,7 +277,9 @@ class Lite0MultiTaskNet(nn.Module):
         return [self.encoder._blocks[LITE0_TAPS[3]]]
 
     def load_pretrained_encoder(self) -> None:
-        load_lite0_imagenet(self.encoder)
+        for e in (self.encoder, self.focus_encoder):
+            if e is not None:
+                load_lite0_imagenet(e)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         size = x.shape[-2:]
@@ -242,6 +288,11 @@ class Lite0MultiTaskNet(nn.Module):
         for blk, skip in zip(self.decoder, taps[-2::-1]):
             y = blk(y, skip)
         seg = nn.functional.interpolate(self.seg_head(y), size=size, mode="bilinear", align_corners=False)
+        if self.focus_encoder is not None:
+            c = self.cfg
+            crop = lung_crop(x, torch.sigmoid(seg.detach()), c.focus_margin, c.focus_size or int(size[-1]),
+                             c.lung_focus == "crop_mask")
+            _, head = self.focus_encoder.forward_features(_normalised(self, crop))
         return ModelOutput(seg, self.cls_head(head.mean(dim=(2, 3))))
 
 

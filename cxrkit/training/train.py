@@ -46,6 +46,9 @@ def model_config(cfg: TrainConfig, num_classes: int) -> ModelConfig:
             raise UsageError(f"--pretrained: --arch {cfg.arch} has no pretrained encoder; use --arch lite0")
         mcfg.pretrained = bool(cfg.pretrained)
     mcfg.input_zscore = bool(cfg.input_zscore)
+    if cfg.lung_focus != "off" and mcfg.backbone != "lite0":
+        raise UsageError(f"--lung_focus: --arch {cfg.arch} has no second encoder; use --arch lite0")
+    mcfg.lung_focus, mcfg.focus_margin, mcfg.focus_size = cfg.lung_focus, float(cfg.focus_margin), int(cfg.focus_size)
     check_img_size(mcfg, cfg.img_size)
     return mcfg
 

@@ -174,3 +174,56 @@ def test_input_zscore_makes_the_model_blind_to_a_films_exposure():
     assert torch.allclose(a.classification, b.classification, atol=1e-4)
     assert torch.allclose(a.segmentation, b.segmentation, atol=1e-3)
     assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "input_zscore"}).input_zscore is False
+
+
+def test_lung_crop_frames_the_lungs_and_falls_back_to_the_whole_film():
+    """lung_crop (issue 22's lung-ROI lever): the crop is centred on the lungs' box, its half-side is the
+    margin times the box's larger half-extent, and a film with no lung pixel is kept whole."""
+    from cxrkit.core.model import lung_crop
+    x = torch.zeros(2, 3, 64, 64)
+    x[:, :, 16:48, 8:40] = 1.0          # a bright 32 x 32 square...
+    lung = torch.zeros(2, 1, 64, 64)
+    lung[0, :, 16:48, 8:40] = 1.0        # ...that is the lungs of film 0; film 1 has none
+    crop = lung_crop(x, lung, margin=0.0, size=32, mask_outside=False)
+    assert crop.shape == (2, 3, 32, 32)
+    assert torch.allclose(crop[0], torch.ones(3, 32, 32), atol=1e-5)   # exactly the square
+    assert torch.allclose(crop[1], nn.functional.interpolate(x[1:], size=32, mode="bilinear",
+                                                             align_corners=False, antialias=False)[0], atol=1e-5)
+    wide = lung_crop(x, lung, margin=1.0, size=64, mask_outside=False)  # half-side doubled: the square fills the middle half
+    assert wide[0, 0, 32, 32] == 1 and wide[0, 0, 4, 32] == 0 and 0.2 < wide[0].mean() < 0.3
+    x[:, :, 0:8, :] = 0.5                # something outside the lungs...
+    masked = lung_crop(x, lung, margin=1.0, size=64, mask_outside=True)
+    grey = lung_crop(x, lung, 1.0, 64, False)[0].mean()
+    assert (masked[0, :, :4] - grey).abs().max() < 1e-5  # ...is greyed with the crop's mean
+    assert masked[0, 0, 32, 32] == 1
+    assert torch.equal(lung_crop(x, lung, 1.0, 64, True)[1], lung_crop(x, lung, 1.0, 64, False)[1])  # no lungs: all kept
+
+
+@pytest.mark.parametrize("mode", ["crop", "crop_mask"])
+def test_lung_focus_model_reads_its_class_from_the_crop_and_exports(mode, tmp_path):
+    """--lung_focus: a second encoder classifies the crop around the predicted lungs; what lies outside
+    that crop cannot change the class, gradients reach both encoders, and the ONNX graph (GridSample)
+    gives PyTorch's outputs, at any batch size."""
+    from cxrkit.core.errors import UsageError
+    cfg = make_config("lite0", num_classes=4, lung_focus=mode)
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    x = torch.rand(3, 3, 64, 64)
+    m(x).classification.sum().backward()
+    assert m.focus_encoder._conv_stem.weight.grad.abs().sum() > 0
+    assert m.encoder._conv_stem.weight.grad is None or m.encoder._conv_stem.weight.grad.abs().sum() == 0  # mask detached
+    m.eval()
+    with pytest.raises(UsageError, match="Grad-CAM"):
+        m.bottleneck
+    import numpy as np
+    import onnxruntime as ort
+    path = tmp_path / "f.onnx"
+    torch.onnx.export(m, x, str(path), opset_version=17, input_names=["image"], dynamo=False,
+                      output_names=["segmentation", "classification"], dynamic_axes={"image": {0: "b"}})
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for xb in (x, x[:1]):
+        with torch.no_grad():
+            ref = m(xb)
+        seg, cls = sess.run(None, {"image": xb.numpy()})
+        assert np.abs(cls - ref.classification.numpy()).max() < 1e-4
+        assert np.abs(seg - ref.segmentation.numpy()).max() < 1e-3
