@@ -150,14 +150,17 @@ def decide(score: float, threshold: float, view_scores: dict) -> list[str]:
 
 
 def score_views(score_fn, x: np.ndarray, scores: np.ndarray, threshold: float) -> list[dict]:
-    """{view: score} per image: each image's needed views, all scored in ONE call of
-    score_fn((N, 3, S, S) float32) -> (N,) scores."""
+    """{view: score} per image: each image's needed views, scored by
+    score_fn((N, 3, S, S) float32) -> (N,) scores in calls of at most len(x) views: an engine first given
+    a batch larger than the run's allocates anew (OpenVINO: 88 MB for 32 views of 16 films, met late in
+    a long run, so peak memory grew with the number of films)."""
     jobs = [(i, v) for i in range(len(x)) for v in views_needed(float(scores[i]), threshold)]
     out = [{} for _ in range(len(x))]
     if not jobs:
         return out
     xv = np.stack([make_view(x[i:i + 1], v)[0] for i, v in jobs])
-    sv = np.asarray(score_fn(xv), np.float64).reshape(-1)
+    sv = np.concatenate([np.asarray(score_fn(xv[s:s + len(x)]), np.float64).reshape(-1)
+                         for s in range(0, len(xv), len(x))])
     for (i, v), s in zip(jobs, sv):
         out[i][v] = float(s)
     return out

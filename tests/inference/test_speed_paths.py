@@ -98,6 +98,40 @@ def test_bf16_agrees_with_fp32_on_real_films(cxr_eval_dir):
     assert np.array_equal(of > fp.meta.gate.threshold, ob > bf.meta.gate.threshold)
 
 
+# ------------------------------------------------------------------------------------- memory
+def test_engine_calls_never_exceed_a_fixed_batch_so_peak_memory_stays_flat():
+    """Peak memory must not grow with the number of films (issue 26). An engine allocates anew for a batch
+    larger than any before, so the gate's re-scored views go in calls no larger than the run's batch, and
+    the FP32 referee's close calls in zero-padded chunks of REFEREE_BATCH; both give the one-call answers."""
+    from cxrkit.core.ood import VIEWS, make_view, score_views
+    from cxrkit.inference.backends import REFEREE_BATCH
+    rng = np.random.default_rng(0)
+    x = rng.random((5, 3, 8, 8), dtype=np.float32)
+    sizes = []
+
+    def score(xv):
+        sizes.append(len(xv))
+        return xv.reshape(len(xv), -1).mean(1)
+    got = score_views(score, x, np.full(5, 10.0), threshold=1.0)  # every film over: all views needed
+    assert max(sizes) <= len(x) and sum(sizes) == len(x) * len(VIEWS)
+    assert got[3] == {v: pytest.approx(float(score(make_view(x[3:4], v))[0])) for v in VIEWS}
+
+    class Engine:
+        def __init__(self):
+            self.shapes = []
+
+        def run(self, names, feed):
+            a = next(iter(feed.values()))
+            self.shapes.append(a.shape[0])
+            return [a.reshape(len(a), -1)[:, :4].copy()]
+    if not SHIPPED.is_file():
+        pytest.skip(f"shipped model {SHIPPED} not found")
+    b, eng = OnnxBackend(SHIPPED, precision="fp32"), Engine()
+    a = rng.random((REFEREE_BATCH * 2 + 1, 3, 8, 8), dtype=np.float32)
+    out = b._run(eng, ["classification"], a, REFEREE_BATCH)[0]
+    assert set(eng.shapes) == {REFEREE_BATCH} and np.array_equal(out, a.reshape(len(a), -1)[:, :4])
+
+
 # ------------------------------------------------------------------------------------- decoding
 def test_16bit_to_8bit_shortcut_is_the_rule_byte_for_byte():
     for depth in (9, 12, 16):
