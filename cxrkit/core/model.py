@@ -187,24 +187,31 @@ class CXRMultiTaskNet(nn.Module):
         return ModelOutput(self.seg_head(feats), cls)
 
 
+# lung_crop's box leaves out this share of the lung pixels at each side (robust to stray blobs)
+FOCUS_TRIM = 0.01
+
+
 def lung_crop(x: torch.Tensor, lung: torch.Tensor, margin: float, size: int, mask_outside: bool) -> torch.Tensor:
     """The square crop (size x size, bilinear) of x (B, C, H, W) around the lungs of `lung` (B, 1, H, W)
-    probabilities: centred on the lungs' bounding box, half-side (1 + margin) x its larger half-extent; the
-    whole film where no pixel is lung; zeros beyond the film's edge. mask_outside: everything outside the
-    lungs (dilated by 3% of the side, the lung border stays) becomes the crop's mean grey.
-    Written with element-wise ops, reductions and GridSample only, so it exports to ONNX (opset >= 16)."""
+    probabilities: centred on the lungs' box, half-side (1 + margin) x its larger half-extent; the whole
+    film where no pixel is lung; zeros beyond the film's edge. The box leaves out the outermost
+    FOCUS_TRIM of the lung pixels on each side, so a stray false-positive blob (a label, a shoulder) cannot
+    stretch it. mask_outside: everything outside the lungs (dilated by 3% of the side, the lung border
+    stays) becomes the crop's mean grey.
+    Written with element-wise ops, reductions, CumSum and GridSample only, so it exports to ONNX (opset >= 16)."""
     b, _, h, w = x.shape
     on = (lung > LUNG_THRESHOLD).to(x.dtype)
 
-    def extent(hit: torch.Tensor, n: int):  # hit (B, n) in {0, 1} -> first and last lung index, (B,)
-        idx = torch.arange(n, device=x.device, dtype=x.dtype)
-        lo = torch.where(hit > 0, idx, torch.full_like(idx, float(n))).amin(dim=1)
-        hi = torch.where(hit > 0, idx, torch.full_like(idx, -1.0)).amax(dim=1)
-        empty = hi < lo
+    def extent(count: torch.Tensor, n: int):  # lung pixels per row (or column), (B, n) -> first and last index, (B,)
+        total = count.sum(dim=1, keepdim=True)
+        share = torch.cumsum(count, dim=1) / total.clamp(min=1)          # lung share up to and including i
+        lo = (share < FOCUS_TRIM).to(x.dtype).sum(dim=1)                 # first i past the trimmed share
+        hi = (n - 1) - (share - count / total.clamp(min=1) > 1 - FOCUS_TRIM).to(x.dtype).sum(dim=1)
+        empty = total.flatten() < 1
         return torch.where(empty, torch.zeros_like(lo), lo), torch.where(empty, torch.full_like(hi, n - 1.0), hi)
 
-    y0, y1 = extent(on.amax(dim=3).flatten(1), h)
-    x0, x1 = extent(on.amax(dim=2).flatten(1), w)
+    y0, y1 = extent(on.sum(dim=3).flatten(1), h)
+    x0, x1 = extent(on.sum(dim=2).flatten(1), w)
     half = torch.maximum(y1 - y0 + 1, x1 - x0 + 1) * (0.5 * (1 + margin))     # pixels
     base = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) * (2.0 / size) - 1  # (-1, 1)
     # grid_sample's coordinates (align_corners=False): -1 and 1 are the film's outer pixel edges

@@ -189,6 +189,9 @@ def test_lung_crop_frames_the_lungs_and_falls_back_to_the_whole_film():
     assert torch.allclose(crop[0], torch.ones(3, 32, 32), atol=1e-5)   # exactly the square
     assert torch.allclose(crop[1], nn.functional.interpolate(x[1:], size=32, mode="bilinear",
                                                              align_corners=False, antialias=False)[0], atol=1e-5)
+    stray = lung.clone()
+    stray[0, :, 60, 60] = 1.0            # a one-pixel false positive far away does not stretch the box
+    assert torch.equal(lung_crop(x, stray, 0.0, 32, False), crop)
     wide = lung_crop(x, lung, margin=1.0, size=64, mask_outside=False)  # half-side doubled: the square fills the middle half
     assert wide[0, 0, 32, 32] == 1 and wide[0, 0, 4, 32] == 0 and 0.2 < wide[0].mean() < 0.3
     x[:, :, 0:8, :] = 0.5                # something outside the lungs...
