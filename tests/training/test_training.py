@@ -376,3 +376,29 @@ def test_ddp_two_cpu_processes(mdt_subset, tmp_path):
     model, ck = model_from_checkpoint(out / "model_checkpoints" / "best_covid_model.pth")
     assert not any(k.startswith("module.") for k in ck["state_dict"])
     assert not [q for q in out.rglob("*.tmp")]
+
+
+def test_lung_focus_trains_records_itself_and_exports(mdt_subset, tmp_path, capsys):
+    """--lung_focus crop_mask end to end: one epoch of lite0 (no ImageNet weights) on real films, the
+    checkpoint's config carries the focus settings so it rebuilds alone, and the export's parity check
+    passes on the crop graph. A backbone without a second encoder is refused in one line."""
+    from cxrkit.cli import export as export_cli
+    from cxrkit.core.checkpoint import model_from_checkpoint
+    out = tmp_path / "focus"
+    args = ["--data_dir", str(mdt_subset), "--output_dir", str(out), "--arch", "lite0", "--no-pretrained",
+            "--img_size", "64", "--num_epochs", "1", "--batch_size", "8", "--workers", "0", "--quiet",
+            "--device", "cpu", "--no_report", "--lung_focus", "crop_mask", "--focus_margin", "0.2"]
+    assert model_arch.main(args) == 0
+    ck_path = out / "model_checkpoints" / "best_covid_model.pth"
+    ck = torch.load(ck_path, weights_only=True)
+    assert ck["model_config"]["lung_focus"] == "crop_mask" and ck["model_config"]["focus_margin"] == 0.2
+    model, _ = model_from_checkpoint(ck)
+    assert model.focus_encoder is not None
+    onnx = tmp_path / "focus.onnx"
+    assert export_cli.main(["--checkpoint", str(ck_path), "--onnx_path", str(onnx)]) == 0
+    meta = json.loads(onnx.with_suffix(".onnx.meta.json").read_text())
+    assert meta["parity"]["passed"] is True
+    capsys.readouterr()
+    assert model_arch.main(train_args(mdt_subset, tmp_path / "bad", 32, 1, "--lung_focus", "crop")) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "--lung_focus" in err[0] and "lite0" in err[0]
