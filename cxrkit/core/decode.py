@@ -505,16 +505,15 @@ def _png_grey_fast(buf: np.ndarray) -> np.ndarray | None:
     kinds = rows[:, 0]
     if int(kinds.max(initial=0)) > 2:
         return None  # Average / Paeth rows are sequential within a row: OpenCV's C loop does them
-    if bool((kinds == 1).all()):  # every row Sub (libpng's usual choice for films): one cumsum, no gather/scatter
-        out = np.empty((h, w, bpp), np.uint8)
-        np.cumsum(rows[:, 1:].reshape(h, w, bpp), axis=1, dtype=np.uint8, out=out)
-        out = out.reshape(h, stride)
-        return out if depth == 8 else out.view(">u2").astype(np.uint16)
-    out = rows[:, 1:].copy()
-    sub = np.flatnonzero(kinds == 1)
-    if sub.size:  # each byte plus the reconstructed byte bpp to its left: a running sum per byte lane
-        lanes = out[sub].reshape(sub.size, w, bpp)
-        out[sub] = np.cumsum(lanes, axis=1, dtype=np.uint8).reshape(sub.size, stride)
+    # Sub rows: each byte plus the reconstructed byte bpp to its left, a running sum per byte lane
+    sub = kinds == 1
+    if sub.all():  # libpng's usual choice for films: one cumsum straight from the inflated rows
+        out = np.empty((h, stride), np.uint8)
+        np.cumsum(rows[:, 1:].reshape(h, w, bpp), axis=1, dtype=np.uint8, out=out.reshape(h, w, bpp))
+    else:
+        out = rows[:, 1:].copy()
+        if sub.any():
+            out[sub] = np.cumsum(out[sub].reshape(-1, w, bpp), axis=1, dtype=np.uint8).reshape(-1, stride)
     up = kinds == 2
     if up.any():  # each byte plus the reconstructed byte above: a running sum down each run of Up rows
         starts = np.flatnonzero(up & ~np.concatenate([[False], up[:-1]]))

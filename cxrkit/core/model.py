@@ -199,16 +199,17 @@ def lung_crop(x: torch.Tensor, lung: torch.Tensor, margin: float, size: int, mas
     stretch it. mask_outside: everything outside the lungs (dilated by 3% of the side, the lung border
     stays) becomes the crop's mean grey.
     Written with element-wise ops, reductions, CumSum and GridSample only, so it exports to ONNX (opset >= 16)."""
-    b, _, h, w = x.shape
+    h, w = x.shape[-2:]
     on = (lung > LUNG_THRESHOLD).to(x.dtype)
+    no_lungs = on.amax(dim=(1, 2, 3)) == 0  # (B,): these films are kept whole
 
     def extent(count: torch.Tensor, n: int):  # lung pixels per row (or column), (B, n) -> first and last index, (B,)
-        total = count.sum(dim=1, keepdim=True)
-        share = torch.cumsum(count, dim=1) / total.clamp(min=1)          # lung share up to and including i
+        total = count.sum(dim=1, keepdim=True).clamp(min=1)
+        share = torch.cumsum(count, dim=1) / total                       # lung share up to and including i
         lo = (share < FOCUS_TRIM).to(x.dtype).sum(dim=1)                 # first i past the trimmed share
-        hi = (n - 1) - (share - count / total.clamp(min=1) > 1 - FOCUS_TRIM).to(x.dtype).sum(dim=1)
-        empty = total.flatten() < 1
-        return torch.where(empty, torch.zeros_like(lo), lo), torch.where(empty, torch.full_like(hi, n - 1.0), hi)
+        hi = (n - 1) - (share - count / total > 1 - FOCUS_TRIM).to(x.dtype).sum(dim=1)
+        return (torch.where(no_lungs, torch.zeros_like(lo), lo),
+                torch.where(no_lungs, torch.full_like(hi, n - 1.0), hi))
 
     y0, y1 = extent(on.sum(dim=3).flatten(1), h)
     x0, x1 = extent(on.sum(dim=2).flatten(1), w)
@@ -224,7 +225,7 @@ def lung_crop(x: torch.Tensor, lung: torch.Tensor, margin: float, size: int, mas
     r = max(1, round(0.03 * size))
     keep = nn.functional.grid_sample(on, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     keep = nn.functional.max_pool2d((keep > 0.5).to(x.dtype), 2 * r + 1, stride=1, padding=r)
-    keep = torch.maximum(keep, (on.amax(dim=(1, 2, 3)) == 0).to(x.dtype).view(-1, 1, 1, 1))  # no lungs: whole film
+    keep = torch.maximum(keep, no_lungs.to(x.dtype).view(-1, 1, 1, 1))  # no lungs: the whole film
     return crop * keep + crop.mean(dim=(1, 2, 3), keepdim=True) * (1 - keep)
 
 
