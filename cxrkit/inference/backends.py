@@ -285,9 +285,9 @@ def choose_precision(requested: str, meta: ModelMeta, cpu_only: bool, flags=None
     return "bf16", f"CPU has {', '.join(have)}, OpenVINO {ov}, the model's BF16 check passed"
 
 
-# The FP32 referee runs its close calls in zero-padded chunks of this size: ONNX Runtime (arena off) allocates
-# a run's buffers by batch size, so a batch of 8 close calls first met late in a long run raised its peak memory
-# by 50 MB (peak RSS 483 MiB at 2,748 films, 634 at 10,992); one fixed size bounds it from the first close call
+# The FP32 referee runs its close calls in zero-padded chunks of this size, one batch shape for ONNX Runtime's
+# arena. At their own varying counts its memory grew through a long run: with the arena, every new shape grew
+# the arena (+50 MB over 10,000 films); without it, every call left its buffers to glibc (+25 MB a step)
 REFEREE_BATCH = 4
 
 
@@ -330,13 +330,10 @@ class _OrtEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, providers: list[str], threads: int, arena: bool = True):
+    def __init__(self, path: Path, providers: list[str], threads: int):
         import onnxruntime as ort
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        # arena=False: memory is returned after each run. For the BF16 path's referee, whose batches are a
-        # varying number of close calls: with the arena, every new batch shape grew it (+50 MB over 10,000 films)
-        so.enable_cpu_mem_arena = arena
         # idle intra-op threads sleep instead of spinning: on a machine whose cores are shared (decode and
         # writer threads, other jobs) spinning starves them; 1.5x the CSV-only throughput measured here (docs/SPEED.md)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
