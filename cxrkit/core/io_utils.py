@@ -79,12 +79,20 @@ def write_json_atomic(path, obj, indent: int | None = 2) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=indent).encode())
 
 
+_SHA256_SEEN: dict[tuple, str] = {}  # (path, size, mtime_ns) -> digest: a run hashes its model file once, not at
+# every place that records or checks it (the binding check, the summary's provenance, DICOM's device identity)
+
+
 def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_SEEN:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
+        _SHA256_SEEN[key] = h.hexdigest()
+    return _SHA256_SEEN[key]
 
 
 def meta_path_for(onnx_path) -> Path:
@@ -100,3 +108,50 @@ def meta_path_for(onnx_path) -> Path:
 # order, image size, temperature, lung-area range or identity disagree with the graph's
 # (cxrkit.core.model_meta.ModelMeta.graph_binding / binding_mismatches).
 GRAPH_KEY_PREFIX = "cxrkit_"
+
+
+def onnx_metadata_props(path) -> dict[str, str]:
+    """An ONNX file's own metadata_props (ModelProto field 14: key/value strings), read from the protobuf
+    wire format directly: a few small reads that seek past the graph, so neither onnx nor an inference
+    session is needed to check the binding. {} for a file that is not a well-formed ModelProto."""
+    def varint(f) -> int | None:
+        shift = out = 0
+        while True:
+            b = f.read(1)
+            if not b:
+                return None
+            out |= (b[0] & 0x7F) << shift
+            if b[0] < 0x80:
+                return out
+            shift += 7
+
+    def fields(buf: bytes):  # (field number, bytes) of one StringStringEntryProto's length-delimited fields
+        import io
+        f = io.BytesIO(buf)
+        while (key := varint(f)) is not None:
+            if key & 7 != 2:
+                return
+            n = varint(f)
+            yield key >> 3, f.read(n or 0)
+
+    props = {}
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        while (key := varint(f)) is not None:
+            wire, num = key & 7, key >> 3
+            if wire == 0:
+                varint(f)
+            elif wire == 2:
+                n = varint(f)
+                if n is None or f.tell() + n > size:
+                    return {}
+                if num == 14:
+                    kv = dict(fields(f.read(n)))
+                    props[kv.get(1, b"").decode("utf-8", "replace")] = kv.get(2, b"").decode("utf-8", "replace")
+                else:
+                    f.seek(n, 1)
+            elif wire in (1, 5):
+                f.seek(8 if wire == 1 else 4, 1)
+            else:
+                return {}
+    return props

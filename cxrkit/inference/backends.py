@@ -2,6 +2,7 @@
 contract below)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..core.errors import InferenceError
-from ..core.io_utils import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, meta_path_for, sha256_file
+from ..core.io_utils import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, meta_path_for, onnx_metadata_props, sha256_file
 from ..core.model_meta import ModelMeta
 from ..core.model_input import check_input
 from ..core.metrics import softmax as softmax_np
@@ -237,10 +238,15 @@ PRECISIONS = ("auto", "fp32", "bf16")
 FAST_EXTRA = "pip install 'cxrkit[fast]'"
 
 
+def openvino_installed() -> bool:
+    """Whether OpenVINO (the [fast] extra) can be imported; found without importing it (0.1 ms, not 80)."""
+    import importlib.util
+    return importlib.util.find_spec("openvino") is not None
+
+
 def openvino_version() -> str | None:
     """The installed OpenVINO's version; None when it is not installed (it comes with the [fast] extra)."""
-    import importlib.util
-    if importlib.util.find_spec("openvino") is None:
+    if not openvino_installed():
         return None
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -260,13 +266,14 @@ def choose_precision(requested: str, meta: ModelMeta, cpu_only: bool, flags=None
     auto takes BF16 only where all hold: a CPU run, OpenVINO installed, a CPU with AMX or AVX-512 BF16
     (elsewhere BF16 is emulated and slower), and a model whose own BF16 check passed (its class, gate and
     lungs agree with FP32 within the guards: scripts/fast_paths.py). --precision bf16 asks for it anyway
-    (refused, one line, where it cannot run). openvino: its version, None when absent, True to look it up."""
+    (refused, one line, where it cannot run). openvino: whether it is installed (a version
+    string counts as yes, None as no); True: look it up."""
     from ..core import cpu
     if requested not in PRECISIONS:
         raise InferenceError(f"--precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested == "fp32":
         return "fp32", "asked for (--precision fp32)"
-    ov = openvino_version() if openvino is True else openvino
+    ov = openvino_installed() if openvino is True else openvino
     have = cpu.bf16_flags(flags)
     problem = ("BF16 runs on the CPU only (a GPU provider or --use_cuda was asked for)" if not cpu_only else
                f"OpenVINO is not installed ({FAST_EXTRA})" if not ov else
@@ -345,7 +352,6 @@ class _OrtEngine:
         self.active_providers = self.session.get_providers()
         self.inputs = [(i.name, list(i.shape)) for i in self.session.get_inputs()]
         self.outputs = {o.name: list(o.shape) for o in self.session.get_outputs()}
-        self.props = dict(self.session.get_modelmeta().custom_metadata_map or {})
         self.version = ort.__version__
 
     def run(self, names: list[str], feed: dict) -> list:
@@ -364,21 +370,18 @@ class _OpenVinoEngine:
         cache = model_cache_dir()
         if cache is not None:
             core.set_property({"CACHE_DIR": str(cache)})
-        model = core.read_model(str(path))
-        self.inputs = [(p.get_any_name(), _ov_shape(p.get_partial_shape())) for p in model.inputs]
-        self.outputs = {n: _ov_shape(p.get_partial_shape()) for p in model.outputs for n in p.get_names()}
-        rt = model.get_rt_info()
-        fw = rt["framework"] if "framework" in rt else {}  # the ONNX file's metadata_props
-        fw = fw if isinstance(fw, dict) else fw.astype(dict)
-        self.props = {k: v if isinstance(v, str) else v.astype(str) for k, v in fw.items()}
-        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                          "INFERENCE_PRECISION_HINT": "bf16",
-                                                          "PERFORMANCE_HINT": "LATENCY"})
+        # compiled from the path, not from read_model's graph: with the cache warm OpenVINO then loads the
+        # compiled blob without parsing the ONNX file at all (0.07 s instead of 0.15)
+        self.compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                              "INFERENCE_PRECISION_HINT": "bf16",
+                                                              "PERFORMANCE_HINT": "LATENCY"})
+        self.inputs = [(p.get_any_name(), _ov_shape(p.get_partial_shape())) for p in self.compiled.inputs]
+        self.outputs = {n: _ov_shape(p.get_partial_shape()) for p in self.compiled.outputs for n in p.get_names()}
         self._request = self.compiled.create_infer_request()
         self._ports = {n: p for p in self.compiled.outputs for n in p.get_names()}  # every name of each port
         self._lock = threading.Lock()  # one infer request: one call at a time
         self.active_providers = ["OpenVINO CPU (bf16)"]
-        self.version = openvino_version()
+        self.version = ov.__version__.split("-")[0]  # "2026.4.1-22982-e213a14..." -> the release
 
     def run(self, names: list[str], feed: dict) -> list:
         with self._lock:
@@ -419,7 +422,15 @@ class OnnxBackend(_MetaView):
         self.intra_op_threads = int(intra_op_threads or physical_cores())
         self.precision, self.precision_reason = choose_precision(precision, self.meta,
                                                                  cpu_only=self.providers == ["CPUExecutionProvider"])
-        self.engine = self._make_engine(precision)
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrkit-engine")
+        building = pool.submit(self._make_engine, precision)  # the engine loads while this thread reads the
+        pool.shutdown(wait=False)  # file's own binding facts: its SHA-256 (kept for the run) and its metadata_props
+        try:
+            sha256_file(self.onnx_path)
+            self.graph_props = onnx_metadata_props(self.onnx_path)
+        finally:
+            self.engine = building.result()  # the engine's own error first: a file it cannot load is that
         self.active_providers = self.engine.active_providers
         if "CUDAExecutionProvider" in self.providers and "CUDAExecutionProvider" not in self.active_providers:
             log.warning("CUDA was requested but ONNX Runtime runs on %s", ", ".join(self.active_providers))
@@ -429,11 +440,17 @@ class OnnxBackend(_MetaView):
         self.referee_margin = ((bf16_verdict(self.meta) or {}).get("fp32_referee_margin")
                                if self.precision == "bf16" and fp32_referee else None)
         self._referee, self.n_refereed = None, 0
-        if self.referee_margin:  # made in the background: most runs meet a close call, few at their start
-            from concurrent.futures import ThreadPoolExecutor
+        if self.referee_margin and physical_cores() > 2:  # made in the background on a spare core: most runs
+            # meet a close call, few at their start. On 2 cores it would take the model's and the decoders'
+            # time instead (0.1 s of a 48-film run that never needs it), so it is made at the first close call
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrkit-referee")
             self._referee = pool.submit(_OrtEngine, self.onnx_path, ["CPUExecutionProvider"], self.intra_op_threads)
             pool.shutdown(wait=False)
+
+    @functools.cached_property
+    def _referee_now(self) -> "_OrtEngine":
+        """The FP32 referee made at the first close call (where no spare core made it at start-up), once."""
+        return _OrtEngine(self.onnx_path, ["CPUExecutionProvider"], self.intra_op_threads)
 
     def _make_engine(self, requested: str):
         """The engine of self.precision; under auto, an OpenVINO that cannot compile the graph falls back to
@@ -489,7 +506,7 @@ class OnnxBackend(_MetaView):
         if want and want != sha256_file(self.onnx_path):
             raise InferenceError(f"{self.meta_path} was written for another ONNX file (its onnx_sha256 is not "
                                  f"{self.onnx_path}'s): {fix}")
-        props = self.engine.props
+        props = self.graph_props
         if not any(k.startswith("cxrkit_") for k in props):
             key = str(self.onnx_path.resolve())
             if key not in _UNBOUND_WARNED:
@@ -521,17 +538,15 @@ class OnnxBackend(_MetaView):
     def referee_close_calls(self, a: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """BF16's close calls refereed by FP32: where the two most probable classes (calibrated) lie less
         than referee_margin apart, BF16 rounding could swap them, so those images' class logits are
-        recomputed in ONNX Runtime FP32 (its session built in the background at start-up). The lungs and
-        the gate's score stay BF16's,
-        which the path's own threshold and shift reference were fitted on. scripts/fast_paths.py fits
-        the margin: the smallest that brings agreement with FP32 to its target on real and shifted films.
+        recomputed in ONNX Runtime FP32. The lungs and the gate's score stay BF16's, which the path's own
+        threshold and shift reference were fitted on. scripts/fast_paths.py fits the margin: the smallest that brings agreement with FP32 to its target on real and shifted films.
         A referee that could not be made (ONNX Runtime's one-line error) stops the run: no close call is
         answered by BF16 alone."""
         close = close_calls(logits, self.temperature, self.referee_margin)
         if close.any():
             logits = logits.copy()
-            try:
-                referee = self._referee.result()  # the FP32 engine (made in the background at start-up)
+            try:  # the FP32 engine: made in the background at start-up, or now (2 cores)
+                referee = self._referee.result() if self._referee is not None else self._referee_now
             except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
                 raise InferenceError(f"{self.onnx_path}: the BF16 path's FP32 referee (ONNX Runtime) cannot load it "
                                      f"({_error_text(e, 200)}); run with --precision fp32") from None

@@ -98,6 +98,61 @@ def test_bf16_agrees_with_fp32_on_real_films(cxr_eval_dir):
     assert np.array_equal(of > fp.meta.gate.threshold, ob > bf.meta.gate.threshold)
 
 
+# ------------------------------------------------------------------------------------- start-up
+def test_graph_binding_facts_are_read_from_the_file_without_a_session(tiny_model, tmp_path):
+    """The loader checks the meta file against the graph's own metadata_props without parsing the graph
+    (OpenVINO then loads its cached compiled blob directly): the wire-format reader must give what ONNX
+    Runtime gives, and nothing for a file that is not a ModelProto."""
+    import onnxruntime as ort
+    from cxrkit.core.io_utils import onnx_metadata_props
+    sess = ort.InferenceSession(str(tiny_model.onnx), providers=["CPUExecutionProvider"])
+    want = dict(sess.get_modelmeta().custom_metadata_map)
+    assert onnx_metadata_props(tiny_model.onnx) == want and "cxrkit_class_names" in want
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model at all" * 10)
+    assert onnx_metadata_props(junk) == {}
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(tiny_model.onnx.read_bytes()[:200])  # a torn copy: the graph's length runs past the end
+    assert onnx_metadata_props(cut) == {}
+
+
+def test_the_model_file_is_hashed_once_a_run_and_again_when_it_changes(tmp_path):
+    import hashlib
+    import os
+    from cxrkit.core import io_utils
+    f = tmp_path / "m.onnx"
+    f.write_bytes(b"a" * 1000)
+    assert io_utils.sha256_file(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    calls = []
+    real = hashlib.sha256
+    try:
+        hashlib.sha256 = lambda *a: calls.append(1) or real(*a)
+        io_utils.sha256_file(f)
+        assert not calls  # the binding check, provenance and the DICOM writer share one digest
+        f.write_bytes(b"b" * 1000)
+        os.utime(f, ns=(1, 10 ** 18))  # same size: the changed mtime alone must bring a new digest
+        assert io_utils.sha256_file(f) == real(b"b" * 1000).hexdigest() and calls
+    finally:
+        hashlib.sha256 = real
+
+
+def test_the_fp32_referee_is_made_at_the_first_close_call_where_no_spare_core_made_it():
+    """On 2 cores the referee is not built in the background at start-up (it would take the model's
+    time); the first close call builds it, once, and gets FP32's logits."""
+    if not SHIPPED.is_file():
+        pytest.skip(f"shipped model {SHIPPED} not found")
+    b = OnnxBackend(SHIPPED, precision="fp32")
+    assert b._referee is None
+    x = np.random.default_rng(0).random((3, 3, b.img_size, b.img_size), dtype=np.float32)
+    want = b.forward(x)[1]
+    b.referee_margin = 1.0  # every call close (this backend is FP32 itself: the referee's answers are its own)
+    tie = np.zeros((3, len(b.class_names)), np.float32)
+    np.testing.assert_allclose(b.referee_close_calls(x, tie), want, rtol=1e-4, atol=1e-4)
+    first = b._referee_now
+    b.referee_close_calls(x, tie)
+    assert b._referee_now is first and b.n_refereed == 6
+
+
 # ------------------------------------------------------------------------------------- memory
 def test_engine_calls_never_exceed_a_fixed_batch_so_peak_memory_stays_flat():
     """Peak memory must not grow with the number of films (issue 26). An engine allocates anew for a batch
