@@ -104,7 +104,7 @@ def meta_path_for(onnx_path) -> Path:
 # ----------------------------------------------------------------- ONNX graph <-> meta file binding
 # export_to_onnx writes cxrkit_* entries into the graph's own metadata_props (ONNX key/value strings), and
 # the meta file gets the same random meta_id: the loader (cxrkit.inference.OnnxBackend, reading them with
-# onnxruntime's get_modelmeta(), no onnx / torch import) refuses a meta file whose class names, their
+# onnx_metadata_props below, no onnx / torch / session needed) refuses a meta file whose class names, their
 # order, image size, temperature, lung-area range or identity disagree with the graph's
 # (cxrkit.core.model_meta.ModelMeta.graph_binding / binding_mismatches).
 GRAPH_KEY_PREFIX = "cxrkit_"
