@@ -220,6 +220,11 @@ def test_large_grey_png_fast_path_gives_opencvs_pixels(tmp_path, bits):
     small = tmp_path / "small.png"
     cv2.imwrite(str(small), a[:64, :64])
     assert decode._png_grey_fast(np.fromfile(str(small), np.uint8)) is None
+    if bits == 8:  # one IDAT chunk (the project's own encoder; OpenCV writes many): inflated from the buffer itself
+        noisy = rng.integers(0, 256, (1024, 1024), dtype=np.uint8)
+        one = np.frombuffer(encode_png(noisy), np.uint8)
+        assert isinstance(decode._png_chunks(memoryview(one))[1], memoryview)
+        assert np.array_equal(decode._png_grey_fast(one), noisy)
 
 
 def test_dicom_by_table_is_the_per_pixel_rule_byte_for_byte(tmp_path):
