@@ -134,8 +134,8 @@ def parse_outputs(spec: str, save_masks=False, no_report=False) -> dict:
 
 
 def _model_identity(backend) -> dict:
-    from ..core.io_utils import sha256_file
-    return {**model_info(backend), "sha256": sha256_file(backend.model_file)}
+    from ..core.io_utils import model_sha256
+    return {**model_info(backend), "sha256": model_sha256(backend.model_file)}
 
 
 def _shard_options(args, outs: dict, gradcam: bool) -> dict:

@@ -79,20 +79,29 @@ def write_json_atomic(path, obj, indent: int | None = 2) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=indent).encode())
 
 
-_SHA256_SEEN: dict[tuple, str] = {}  # (path, size, mtime_ns) -> digest: a run hashes its model file once, not at
-# every place that records or checks it (the binding check, the summary's provenance, DICOM's device identity)
-
-
 def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_MODEL_SHA256: dict[tuple, str] = {}
+_MODEL_SHA256_LOCK = threading.Lock()
+
+
+def model_sha256(path) -> str:
+    """A model file's SHA-256, computed once a process: a run records or checks it in several places (the
+    binding check, OpenVINO's cache folder, the summary's provenance, the DICOM writer's device identity).
+    Keyed by the file's inode, size, mtime and ctime: a replaced, rewritten or re-timestamped file (copy2 and
+    utime change ctime) is hashed again. Only for model files: output checks use sha256_file, uncached."""
     st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA256_SEEN:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(chunk), b""):
-                h.update(block)
-        _SHA256_SEEN[key] = h.hexdigest()
-    return _SHA256_SEEN[key]
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _MODEL_SHA256_LOCK:
+        if key not in _MODEL_SHA256:
+            _MODEL_SHA256[key] = sha256_file(path)
+        return _MODEL_SHA256[key]
 
 
 def meta_path_for(onnx_path) -> Path:
@@ -110,10 +119,11 @@ def meta_path_for(onnx_path) -> Path:
 GRAPH_KEY_PREFIX = "cxrkit_"
 
 
-def onnx_metadata_props(path) -> dict[str, str]:
+def onnx_metadata_props(path) -> dict[str, str] | None:
     """An ONNX file's own metadata_props (ModelProto field 14: key/value strings), read from the protobuf
     wire format directly: a few small reads that seek past the graph, so neither onnx nor an inference
-    session is needed to check the binding. {} for a file that is not a well-formed ModelProto."""
+    session is needed to check the binding. None for a file this reader cannot walk (not a ModelProto, torn,
+    or using the deprecated group wire types)."""
     def varint(f) -> int | None:
         shift = out = 0
         while True:
@@ -144,7 +154,7 @@ def onnx_metadata_props(path) -> dict[str, str]:
             elif wire == 2:
                 n = varint(f)
                 if n is None or f.tell() + n > size:
-                    return {}
+                    return None
                 if num == 14:
                     kv = dict(fields(f.read(n)))
                     props[kv.get(1, b"").decode("utf-8", "replace")] = kv.get(2, b"").decode("utf-8", "replace")
@@ -153,5 +163,5 @@ def onnx_metadata_props(path) -> dict[str, str]:
             elif wire in (1, 5):
                 f.seek(8 if wire == 1 else 4, 1)
             else:
-                return {}
+                return None
     return props

@@ -7,12 +7,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..core.errors import InferenceError
-from ..core.io_utils import INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, meta_path_for, onnx_metadata_props, sha256_file
+from ..core.io_utils import (INPUT_NAME, OOD_OUTPUT, OUTPUT_NAMES, meta_path_for, model_sha256, onnx_metadata_props,
+                             sha256_file)
 from ..core.model_meta import ModelMeta
 from ..core.model_input import check_input
 from ..core.metrics import softmax as softmax_np
@@ -289,7 +291,7 @@ def choose_precision(requested: str, meta: ModelMeta, cpu_only: bool, flags=None
                    + " (scripts/fast_paths.py), so FP32 is used")
     if problem:
         return "fp32", problem
-    return "bf16", f"CPU has {', '.join(have)}, OpenVINO {ov}, the model's BF16 check passed"
+    return "bf16", f"CPU has {', '.join(have)}, OpenVINO installed, the model's BF16 check passed"
 
 
 # The FP32 referee runs its close calls in zero-padded chunks of this size, one batch shape for ONNX Runtime's
@@ -363,13 +365,15 @@ class _OpenVinoEngine:
 
     name = "openvino"
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, digest: Callable[[], str]):
         import threading
         import openvino as ov
         core = ov.Core()
         cache = model_cache_dir()
-        if cache is not None:
-            core.set_property({"CACHE_DIR": str(cache)})
+        if cache is not None:  # one folder per model content (digest(): its SHA-256). Compiled from the path,
+            # OpenVINO keys its cache entry by the path, size and mtime in whole seconds, so a replaced file of
+            # the same size (a retrain, `cp -p`, an unpacked archive) could load the old model's blob
+            core.set_property({"CACHE_DIR": str(cache / digest()[:16])})
         # compiled from the path, not from read_model's graph: with the cache warm OpenVINO then loads the
         # compiled blob without parsing the ONNX file at all (0.07 s instead of 0.15)
         self.compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
@@ -422,13 +426,17 @@ class OnnxBackend(_MetaView):
         self.intra_op_threads = int(intra_op_threads or physical_cores())
         self.precision, self.precision_reason = choose_precision(precision, self.meta,
                                                                  cpu_only=self.providers == ["CPUExecutionProvider"])
-        from concurrent.futures import ThreadPoolExecutor
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrkit-engine")
-        building = pool.submit(self._make_engine, precision)  # the engine loads while this thread reads the
-        pool.shutdown(wait=False)  # file's own binding facts: its SHA-256 (kept for the run) and its metadata_props
+        digest = Future()  # the file's SHA-256, hashed here while the engine thread imports its runtime
+        building = pool.submit(self._make_engine, precision, digest.result)
+        pool.shutdown(wait=False)
         try:
-            sha256_file(self.onnx_path)
-            self.graph_props = onnx_metadata_props(self.onnx_path)
+            try:
+                digest.set_result(model_sha256(self.onnx_path))
+            except BaseException as e:
+                digest.set_exception(e)
+                raise
+            self.graph_props = onnx_metadata_props(self.onnx_path)  # the binding facts, read without a session
         finally:
             self.engine = building.result()  # the engine's own error first: a file it cannot load is that
         self.active_providers = self.engine.active_providers
@@ -452,13 +460,13 @@ class OnnxBackend(_MetaView):
         """The FP32 referee made at the first close call (where no spare core made it at start-up), once."""
         return _OrtEngine(self.onnx_path, ["CPUExecutionProvider"], self.intra_op_threads)
 
-    def _make_engine(self, requested: str):
+    def _make_engine(self, requested: str, digest: Callable[[], str]):
         """The engine of self.precision; under auto, an OpenVINO that cannot compile the graph falls back to
-        ONNX Runtime FP32 (and the run says why)."""
+        ONNX Runtime FP32 (and the run says why). digest: the file's SHA-256, when it is known."""
         try:
             if self.precision == "bf16":
                 try:
-                    return _OpenVinoEngine(self.onnx_path, self.intra_op_threads)
+                    return _OpenVinoEngine(self.onnx_path, self.intra_op_threads, digest)
                 except Exception as e:  # noqa: BLE001 - OpenVINO raises its own types
                     if requested == "bf16":
                         raise
@@ -503,10 +511,13 @@ class OnnxBackend(_MetaView):
         fix = ("use the meta file written with this model (re-export with export_to_onnx.py, or pass the matching "
                "--meta_path)")
         want = self.meta_file.get("onnx_sha256")
-        if want and want != sha256_file(self.onnx_path):
+        if want and want != model_sha256(self.onnx_path):
             raise InferenceError(f"{self.meta_path} was written for another ONNX file (its onnx_sha256 is not "
                                  f"{self.onnx_path}'s): {fix}")
         props = self.graph_props
+        if props is None:
+            raise InferenceError(f"{self.onnx_path}: its own metadata cannot be read (not a file export_to_onnx.py "
+                                 f"wrote?), so {self.meta_path} cannot be checked against it: {fix}")
         if not any(k.startswith("cxrkit_") for k in props):
             key = str(self.onnx_path.resolve())
             if key not in _UNBOUND_WARNED:

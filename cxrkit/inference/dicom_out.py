@@ -97,13 +97,13 @@ class DicomWriter:
 
     def __init__(self, backend, save_dir):
         from .. import __version__
-        from ..core.io_utils import sha256_file
+        from ..core.io_utils import model_sha256
         self.hd = require_highdicom()
         logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name every copied module
         self.dir = Path(save_dir) / DICOM_DIR
         self.names = list(backend.class_names)
         mf = Path(backend.model_file)
-        self.model = {"file": mf.name, "sha256": sha256_file(mf), "meta_id": backend.meta.meta_id or "",
+        self.model = {"file": mf.name, "sha256": model_sha256(mf), "meta_id": backend.meta.meta_id or "",
                       "img_size": int(backend.img_size), "backend": backend.name}
         self.version = __version__
         self.pending: list[tuple] = []    # (item, row) of each decoded DICOM input: its SR, once rows are final

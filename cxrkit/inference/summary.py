@@ -139,9 +139,9 @@ def provenance(model_file) -> dict:
     import datetime
     import sys
     from .. import __version__
-    from ..core.io_utils import sha256_file
+    from ..core.io_utils import model_sha256
     try:
-        sha = sha256_file(model_file)
+        sha = model_sha256(model_file)
     except OSError:
         sha = None
     return {"cxrkit_version": __version__, "model_file": str(model_file), "model_sha256": sha,

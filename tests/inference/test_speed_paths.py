@@ -110,10 +110,15 @@ def test_graph_binding_facts_are_read_from_the_file_without_a_session(tiny_model
     assert onnx_metadata_props(tiny_model.onnx) == want and "cxrkit_class_names" in want
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model at all" * 10)
-    assert onnx_metadata_props(junk) == {}
+    assert onnx_metadata_props(junk) is None
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(tiny_model.onnx.read_bytes()[:200])  # a torn copy: the graph's length runs past the end
-    assert onnx_metadata_props(cut) == {}
+    assert onnx_metadata_props(cut) is None
+    # a graph whose metadata this reader cannot walk is refused in one line, not taken as unbound
+    b = OnnxBackend(tiny_model.onnx, precision="fp32")
+    b.graph_props = None
+    with pytest.raises(InferenceError, match="its own metadata cannot be read"):
+        b._check_binding()
 
 
 def test_the_model_file_is_hashed_once_a_run_and_again_when_it_changes(tmp_path):
@@ -122,16 +127,19 @@ def test_the_model_file_is_hashed_once_a_run_and_again_when_it_changes(tmp_path)
     from cxrkit.core import io_utils
     f = tmp_path / "m.onnx"
     f.write_bytes(b"a" * 1000)
-    assert io_utils.sha256_file(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert io_utils.model_sha256(f) == hashlib.sha256(b"a" * 1000).hexdigest()
     calls = []
     real = hashlib.sha256
     try:
         hashlib.sha256 = lambda *a: calls.append(1) or real(*a)
-        io_utils.sha256_file(f)
+        io_utils.model_sha256(f)
         assert not calls  # the binding check, provenance and the DICOM writer share one digest
+        io_utils.sha256_file(f)
+        assert calls  # output checks (outdir, shard manifests) always read the file
+        st = f.stat()
         f.write_bytes(b"b" * 1000)
-        os.utime(f, ns=(1, 10 ** 18))  # same size: the changed mtime alone must bring a new digest
-        assert io_utils.sha256_file(f) == real(b"b" * 1000).hexdigest() and calls
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, mtime put back (cp -p): still hashed anew
+        assert io_utils.model_sha256(f) == real(b"b" * 1000).hexdigest()
     finally:
         hashlib.sha256 = real
 
@@ -151,6 +159,21 @@ def test_the_fp32_referee_is_made_at_the_first_close_call_where_no_spare_core_ma
     first = b._referee_now
     b.referee_close_calls(x, tie)
     assert b._referee_now is first and b.n_refereed == 6
+
+
+@pytest.mark.skipif(not (openvino_version() and cpu.bf16_flags()),
+                    reason="the BF16 path needs OpenVINO (the [fast] extra) and a CPU with AMX or AVX-512 BF16")
+def test_openvino_keeps_one_compiled_model_per_model_content(tiny_model, tmp_path, monkeypatch):
+    """OpenVINO, compiling from a path, would trust path + size + whole-second mtime: the cache folder is
+    named by the file's SHA-256 instead, so a same-size replacement never loads the old model's blob."""
+    import shutil
+    from cxrkit.core.io_utils import model_sha256
+    monkeypatch.setenv("CXRKIT_CACHE_DIR", str(tmp_path / "cache"))
+    m = tmp_path / "m.onnx"
+    shutil.copy2(tiny_model.onnx, m)
+    shutil.copy2(tiny_model.meta_path, tmp_path / "m.onnx.meta.json")
+    OnnxBackend(m, precision="bf16")
+    assert [d.name for d in (tmp_path / "cache" / "openvino").iterdir()] == [model_sha256(m)[:16]]
 
 
 # ------------------------------------------------------------------------------------- memory
