@@ -3,7 +3,8 @@ committed in tests/data/golden_predictions_onnx.csv (made by the code at 6e482cb
 issue 23: gated rows have empty predicted_class / confidence / correct, the model output in unjudged_model_*,
 and the DICOM columns were added; every number unchanged; regenerated again when the shipped model became
 the source-aware ensemble (cxr4 + db_extra, appearance augmentation: MODEL_CARD.md), and again when it was
-re-exported with an element-wise log-sum-exp (OpenVINO reads it; last-digit changes only); made with
+re-exported with an element-wise log-sum-exp (OpenVINO reads it; last-digit changes only), and again when the
+shipped ensemble was retrained with source-balanced sampling (MODEL_CARD.md); made with
 cxrkit.training.synthetic.generate(per_class=3, seed=5); image paths relative to the data folder).
 Text fields must be equal; numbers within 2e-6 (ONNX Runtime kernels round differently on other CPUs).
 FP32 in ONNX Runtime is pinned (--precision fp32): the BF16 path is checked against FP32 elsewhere.
