@@ -452,13 +452,17 @@ class OnnxBackend(_MetaView):
             # meet a close call, few at their start. On 2 cores it would take the model's and the decoders'
             # time instead (0.1 s of a 48-film run that never needs it), so it is made at the first close call
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrkit-referee")
-            self._referee = pool.submit(_OrtEngine, self.onnx_path, ["CPUExecutionProvider"], self.intra_op_threads)
+            self._referee = pool.submit(self._make_referee)
             pool.shutdown(wait=False)
 
-    @functools.cached_property
-    def _referee_now(self) -> "_OrtEngine":
-        """The FP32 referee made at the first close call (where no spare core made it at start-up), once."""
+    def _make_referee(self) -> "_OrtEngine":
         return _OrtEngine(self.onnx_path, ["CPUExecutionProvider"], self.intra_op_threads)
+
+    @functools.cached_property
+    def _referee_engine(self) -> "_OrtEngine":
+        """The FP32 referee at the first close call: the one built in the background at start-up, or (no
+        spare core made it) built now; once either way."""
+        return self._referee.result() if self._referee is not None else self._make_referee()
 
     def _make_engine(self, requested: str, digest: Callable[[], str]):
         """The engine of self.precision; under auto, an OpenVINO that cannot compile the graph falls back to
@@ -550,14 +554,15 @@ class OnnxBackend(_MetaView):
         """BF16's close calls refereed by FP32: where the two most probable classes (calibrated) lie less
         than referee_margin apart, BF16 rounding could swap them, so those images' class logits are
         recomputed in ONNX Runtime FP32. The lungs and the gate's score stay BF16's, which the path's own
-        threshold and shift reference were fitted on. scripts/fast_paths.py fits the margin: the smallest that brings agreement with FP32 to its target on real and shifted films.
+        threshold and shift reference were fitted on. scripts/fast_paths.py fits the margin: the smallest
+        that brings agreement with FP32 to its target on real and shifted films.
         A referee that could not be made (ONNX Runtime's one-line error) stops the run: no close call is
         answered by BF16 alone."""
         close = close_calls(logits, self.temperature, self.referee_margin)
         if close.any():
             logits = logits.copy()
-            try:  # the FP32 engine: made in the background at start-up, or now (2 cores)
-                referee = self._referee.result() if self._referee is not None else self._referee_now
+            try:
+                referee = self._referee_engine
             except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
                 raise InferenceError(f"{self.onnx_path}: the BF16 path's FP32 referee (ONNX Runtime) cannot load it "
                                      f"({_error_text(e, 200)}); run with --precision fp32") from None

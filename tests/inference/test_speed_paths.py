@@ -145,8 +145,9 @@ def test_the_model_file_is_hashed_once_a_run_and_again_when_it_changes(tmp_path)
 
 
 def test_the_fp32_referee_is_made_at_the_first_close_call_where_no_spare_core_made_it():
-    """On 2 cores the referee is not built in the background at start-up (it would take the model's
-    time); the first close call builds it, once, and gets FP32's logits."""
+    """Where nothing built the referee in the background at start-up (2 cores, where it would take the
+    model's time; here an FP32 backend, which has none), the first close call builds it, once, and gets
+    FP32's logits."""
     if not SHIPPED.is_file():
         pytest.skip(f"shipped model {SHIPPED} not found")
     b = OnnxBackend(SHIPPED, precision="fp32")
@@ -156,9 +157,9 @@ def test_the_fp32_referee_is_made_at_the_first_close_call_where_no_spare_core_ma
     b.referee_margin = 1.0  # every call close (this backend is FP32 itself: the referee's answers are its own)
     tie = np.zeros((3, len(b.class_names)), np.float32)
     np.testing.assert_allclose(b.referee_close_calls(x, tie), want, rtol=1e-4, atol=1e-4)
-    first = b._referee_now
+    first = b._referee_engine
     b.referee_close_calls(x, tie)
-    assert b._referee_now is first and b.n_refereed == 6
+    assert b._referee_engine is first and b.n_refereed == 6
 
 
 @pytest.mark.skipif(not (openvino_version() and cpu.bf16_flags()),
