@@ -99,6 +99,11 @@ def parse_args(argv=None):
     g.add_argument("--aug_shifts", type=float, default=D.aug_shifts, metavar="P",
                    help="probability per training image of one random scanner-like intensity shift (noise, blur, "
                         "sharpen, JPEG, down-up sampling, contrast, gamma, burned-in text; level up to 0.7; 0: off)")
+    g.add_argument("--mixstyle", type=float, default=D.mixstyle, metavar="P",
+                   help="probability per training batch of MixStyle: the early encoder blocks' per-channel feature "
+                        "statistics mixed across films, so a source's look stops being a cue (0: off)")
+    g.add_argument("--mixstyle_alpha", type=float, default=D.mixstyle_alpha, metavar="A",
+                   help="with --mixstyle: the mixing weight is drawn from Beta(A, A)")
     g.add_argument("--outside_lung_aug", type=float, default=D.outside_lung_aug, metavar="P",
                    help="probability per masked training image of replacing everything outside the (dilated) lung "
                         "mask by --outside_lung_fill: pushes the classifier towards lung content (0: off)")

@@ -146,6 +146,10 @@ class TrainConfig:
     # ... and on this share, one random intensity shift of cxrkit.training.shifts (noise, blur, sharpen,
     # JPEG, down-up sampling, contrast, gamma, burned-in text) at a random level in [0, 0.7]
     aug_shifts: float = 0.0
+    # MixStyle (issue 22 lever g, cxrkit.training.mixstyle): on this share of the batches, the early
+    # encoder blocks' feature statistics are mixed across films with a Beta(alpha, alpha) weight
+    mixstyle: float = 0.0
+    mixstyle_alpha: float = 0.1
     # outside-lung randomisation (data.outside_lung_randomise): probability per masked sample, fill,
     # and the dilation margin as a fraction of the image size (4 px at 128 px)
     outside_lung_aug: float = 0.75  # chosen by the rule in scripts/outside_lung_table.py (docs/TRAINING.md)

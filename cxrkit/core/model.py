@@ -48,6 +48,10 @@ class MultiTaskNet(Protocol):
     def ood_layers(self) -> list[nn.Module]:
         """The blocks whose pooled outputs the out-of-distribution score reads (cxrkit.core.ood_head)."""
 
+    def style_layers(self) -> list[nn.Module]:
+        """The early encoder blocks whose outputs' feature statistics training may mix across films
+        (--mixstyle, cxrkit.training.mixstyle): shallow enough that their statistics are a film's look."""
+
     def forward(self, x: torch.Tensor) -> "ModelOutput": ...
 
 
@@ -176,6 +180,10 @@ class CXRMultiTaskNet(nn.Module):
         """The encoder level at stride 8."""
         return [self._levels[min(2, len(self._levels) - 1)]]
 
+    def style_layers(self) -> list[nn.Module]:
+        """The encoder levels at strides 2 and 4."""
+        return self._levels[:2]
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         self._captured = []
         feats = self.unet(_normalised(self, x))
@@ -284,6 +292,11 @@ class Lite0MultiTaskNet(nn.Module):
         non-chest inputs separated (docs/TRUST.md, "Out-of-distribution gate")."""
         return [self.encoder._blocks[LITE0_TAPS[3]]]
 
+    def style_layers(self) -> list[nn.Module]:
+        """The last blocks at strides 2, 4 and 8 of each encoder (the paper's choice: the first three
+        stages)."""
+        return [e._blocks[i] for e in (self.encoder, self.focus_encoder) if e is not None for i in LITE0_TAPS[:3]]
+
     def load_pretrained_encoder(self) -> None:
         for e in (self.encoder, self.focus_encoder):
             if e is not None:
@@ -335,6 +348,9 @@ class EnsembleNet(nn.Module):
     def ood_layers(self) -> list[nn.Module]:
         """Every member's: the score reads the features of the whole ensemble."""
         return [b for m in self.members for b in m.ood_layers()]
+
+    def style_layers(self) -> list[nn.Module]:
+        return [b for m in self.members for b in m.style_layers()]
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         outs = [m(x) for m in self.members]

@@ -16,6 +16,7 @@ from ..core.config import ModelConfig, RunOptions, TrainConfig
 from .data import CachedData, augment, make_loader
 from .evaluate import predict_split
 from .losses import MultiTaskLoss, inverse_frequency_weights, validation_loss
+from .mixstyle import StyleMix
 from ..core.metrics import classification_metrics
 from ..core.model_input import to_model_input
 
@@ -107,6 +108,7 @@ class Engine:
     scaler: torch.amp.GradScaler
     loader: torch.utils.data.DataLoader
     mem_fmt: torch.memory_format
+    style_mix: StyleMix | None  # --mixstyle's hooks on the trained (not the EMA) model
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -168,7 +170,8 @@ def make_engine(s: Session, model: torch.nn.Module, train_state: dict | None) ->
     loader = make_loader(s.data, tr_idx, cfg.batch_size, True, cfg.seed, s.rank, s.world, cfg.workers,
                          s.device.type == "cuda", drop_last=per_rank >= cfg.batch_size,
                          balance_sources=cfg.balance_sources)
-    return Engine(model, ema, ddp_model, class_w, criterion, opt, sched, scaler, loader, mem_fmt)
+    style_mix = StyleMix(model, cfg.mixstyle, cfg.mixstyle_alpha) if cfg.mixstyle > 0 else None
+    return Engine(model, ema, ddp_model, class_w, criterion, opt, sched, scaler, loader, mem_fmt, style_mix)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -186,6 +189,8 @@ def train_one_epoch(s: Session, e: Engine, batches, gen: torch.Generator) -> tup
         hm, y = has_mask.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x, m = augment(x, m, cfg, gen, hm)
         x = x.contiguous(memory_format=e.mem_fmt)
+        if e.style_mix is not None:
+            e.style_mix.next_batch(len(y), gen)
         with torch.autocast(device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
             out = e.ddp_model(x)
         parts = e.criterion(out.segmentation, out.classification, m, hm, y)

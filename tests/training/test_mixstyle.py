@@ -1,0 +1,96 @@
+"""MixStyle (--mixstyle, issue 22 lever g): feature statistics mixed across films in training only,
+reproducibly, and never in eval mode, the checkpoint's weights' meaning or the exported graph."""
+import torch
+
+import model_arch
+from cxrkit.core.config import make_config
+from cxrkit.core.model import build_model
+from cxrkit.training.mixstyle import StyleMix
+
+
+def _lite0():
+    torch.manual_seed(0)
+    return build_model(make_config("lite0", num_classes=4))
+
+
+def test_style_layers_are_early_encoder_blocks_of_every_network():
+    lite0 = _lite0()
+    assert len(lite0.style_layers()) == 3
+    assert all(any(layer is b for b in lite0.encoder._blocks) for layer in lite0.style_layers())
+    tiny = build_model(make_config("tiny", num_classes=4))
+    assert len(tiny.style_layers()) == 2
+    ens = build_model(make_config("lite0", num_classes=4, ensemble_size=2))
+    assert len(ens.style_layers()) == 6
+
+
+def test_mixing_gives_each_film_the_blend_of_its_own_and_its_partners_statistics():
+    layer = torch.nn.Identity()
+    holder = torch.nn.Module()
+    holder.style_layers = lambda: [layer]
+    mix = StyleMix(holder, p=1.0, alpha=0.1)
+    x = torch.randn(6, 4, 8, 8) * torch.arange(1, 7).view(6, 1, 1, 1) + torch.arange(6).view(6, 1, 1, 1)
+    mix.next_batch(6, torch.Generator().manual_seed(1))
+    perm, lam = mix.draw
+    out = layer(x)
+    mu, sd = x.mean(dim=(2, 3)), x.var(dim=(2, 3)).sqrt()
+    lam2 = lam.view(-1, 1)
+    torch.testing.assert_close(out.mean(dim=(2, 3)), lam2 * mu + (1 - lam2) * mu[perm], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.var(dim=(2, 3)).sqrt(), lam2 * sd + (1 - lam2) * sd[perm], atol=1e-3, rtol=1e-3)
+    layer.eval()
+    assert torch.equal(layer(x), x)  # eval mode: untouched
+
+
+def test_draws_are_reproducible_and_the_share_of_mixed_batches_follows_p():
+    holder = torch.nn.Module()
+    holder.style_layers = lambda: []
+    mix = StyleMix(holder, p=0.5, alpha=0.1)
+    draws = []
+    for seed in (3, 3):
+        gen = torch.Generator().manual_seed(seed)
+        mix.next_batch(8, gen)
+        draws.append(mix.draw)
+    assert draws[0] is not None or draws[1] is None
+    if draws[0] is not None:
+        assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    gen = torch.Generator().manual_seed(0)
+    mixed = 0
+    for _ in range(400):
+        mix.next_batch(8, gen)
+        mixed += mix.draw is not None
+    assert 150 < mixed < 250
+
+
+def test_a_network_in_training_changes_and_in_eval_does_not():
+    model = _lite0()
+    x = torch.rand(4, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x).classification
+    mix = StyleMix(model, p=1.0, alpha=0.1)
+    mix.next_batch(4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x).classification, ref)  # eval (what is exported): no effect
+        model.train()
+        mixed = model(x).classification
+        mix.remove()
+        plain = model(x).classification
+    assert not torch.allclose(mixed, plain)
+
+
+def test_a_mixstyle_run_is_recorded_and_resumes_bit_identically(mdt_subset, tmp_path):
+    def args(out, *extra):
+        return ["--data_dir", str(mdt_subset), "--output_dir", str(out), "--arch", "tiny", "--img_size", "32",
+                "--num_epochs", "2", "--batch_size", "8", "--workers", "0", "--quiet", "--device", "cpu",
+                "--mixstyle", "1.0", *extra]
+    a, b, plain = tmp_path / "a", tmp_path / "b", tmp_path / "plain"
+    assert model_arch.main(args(a)) == 0
+    assert model_arch.main(args(b, "--stop_after_epoch", "1")) == 0
+    assert model_arch.main(args(b, "--resume")) == 0
+    assert model_arch.main(args(plain)[:-2] + ["--mixstyle", "0"]) == 0
+    load = lambda d: torch.load(d / "model_checkpoints" / "last_checkpoint.pth", weights_only=True)  # noqa: E731
+    la, lb, lp = load(a), load(b), load(plain)
+    for k, v in la["state_dict"].items():
+        assert torch.equal(v, lb["state_dict"][k]), k
+    assert any(not torch.equal(v, lp["state_dict"][k]) for k, v in la["state_dict"].items() if v.is_floating_point())
+    best = torch.load(a / "model_checkpoints" / "best_covid_model.pth", weights_only=True)
+    assert best["recipe"]["mixstyle"] == 1.0
