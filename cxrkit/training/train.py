@@ -140,9 +140,12 @@ def load_split(cfg: TrainConfig, data: CachedData, split_path: Path, rank: int, 
 def init_model(s: Session) -> torch.nn.Module:
     """The network with its starting weights: seeded init, ImageNet encoder, or --init_from's."""
     torch.manual_seed(s.cfg.seed)  # weight init follows --seed (same init on every rank, every run)
-    # ImageNet weights only for a fresh start: --resume and --init_from overwrite every weight anyway
-    model = build_model(s.model_cfg, load_pretrained=not s.opts.resume and not s.cfg.init_from)
-    if s.cfg.init_from and not s.opts.resume:
+    # ImageNet weights only for a fresh start: a resumed run and --init_from overwrite every weight anyway.
+    # "--resume" before the first checkpoint exists is a fresh start (a queued or cluster job passes it
+    # every time), so it gets the same starting weights as one without the flag
+    fresh = not resumable(s)
+    model = build_model(s.model_cfg, load_pretrained=fresh and not s.cfg.init_from)
+    if s.cfg.init_from and fresh:
         init_from_checkpoint(model, s.model_cfg, s.classes, s.cfg.init_from)
         if s.rank == 0:
             log.info("initialised weights from %s (fresh optimizer and schedule)", s.cfg.init_from)
@@ -150,14 +153,18 @@ def init_model(s: Session) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------- resume
+def resumable(s: Session) -> bool:
+    """--resume was given and there is a last checkpoint to continue from."""
+    return bool(s.opts.resume) and (s.ck_dir / LAST).is_file()
+
+
 def resume(s: Session, model: torch.nn.Module) -> tuple[Progress, dict | None]:
     """--resume: the raw weights and progress of <output_dir>/model_checkpoints/last_checkpoint.pth
     (its optimizer state etc. are returned for make_engine); a fresh start without one."""
     last_p = s.ck_dir / LAST
-    if not s.opts.resume:
-        return Progress(), None
-    if not last_p.is_file():
-        log.warning("--resume: no %s yet, starting from scratch", last_p)
+    if not resumable(s):
+        if s.opts.resume:
+            log.warning("--resume: no %s yet, starting from scratch", last_p)
         return Progress(), None
     ck = load_checkpoint(last_p)
     if ck["model_config"] != s.model_cfg.to_dict() or ck["class_names"] != s.classes or ck["img_size"] != s.cfg.img_size:

@@ -402,3 +402,32 @@ def test_lung_focus_trains_records_itself_and_exports(mdt_subset, tmp_path, caps
     assert model_arch.main(train_args(mdt_subset, tmp_path / "bad", 32, 1, "--lung_focus", "crop")) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "--lung_focus" in err[0] and "lite0" in err[0]
+
+
+# ============================================================= --resume before the first checkpoint
+def test_resume_before_any_checkpoint_starts_with_the_same_weights_as_a_fresh_run(tmp_path):
+    """A queued or cluster job passes --resume every time, the first time included: that first start must get
+    the ImageNet encoder (lite0) like a run without the flag, not random weights under a recipe that says
+    pretrained (it trained to 0.41 held-out accuracy, all COVID, on cxr4 before this was fixed)."""
+    from cxrkit.core.config import RunOptions, TrainConfig, make_config
+    from cxrkit.training.train import init_model, resumable
+    ck_dir = tmp_path / "model_checkpoints"
+    mk = lambda resume: SimpleNamespace(cfg=TrainConfig(seed=3), opts=RunOptions(resume=resume),  # noqa: E731
+                                        model_cfg=make_config("lite0", num_classes=4), ck_dir=ck_dir, rank=0)
+    plain, queued = mk(False), mk(True)
+    assert not resumable(plain) and not resumable(queued)
+    a, b = init_model(plain).state_dict(), init_model(queued).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ck_dir.mkdir()
+    (ck_dir / "last_checkpoint.pth").write_bytes(b"x")
+    assert resumable(queued) and not resumable(plain)
+
+
+def test_resume_before_any_checkpoint_still_applies_init_from(run_1epoch, tmp_path):
+    src = run_1epoch.out / "model_checkpoints" / "best_covid_model.pth"
+    outs = {}
+    for name, extra in (("plain", ()), ("queued", ("--resume",))):
+        outs[name] = tmp_path / name
+        assert model_arch.main(train_args(run_1epoch.data, outs[name], 64, 1, "--init_from", str(src), *extra)) == 0
+    load = lambda d: torch.load(d / "model_checkpoints" / "last_checkpoint.pth", weights_only=True)  # noqa: E731
+    assert_same(load(outs["plain"])["state_dict"], load(outs["queued"])["state_dict"])
