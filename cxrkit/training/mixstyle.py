@@ -33,13 +33,14 @@ class StyleMix:
         if not module.training or self.draw is None:
             return None
         perm, lam = self.draw
-        lam = lam.to(out.device, out.dtype).view(-1, 1, 1, 1)
+        lam = lam.to(out.device).view(-1, 1, 1, 1)
+        x = out.float()  # statistics in FP32 also under CUDA autocast (BF16/FP16 activations)
         # the statistics are detached, as in the paper: the network is not trained through the mixing
-        mu = out.mean(dim=(2, 3), keepdim=True).detach()
-        sig = (out.var(dim=(2, 3), keepdim=True) + self.eps).sqrt().detach()
+        mu = x.mean(dim=(2, 3), keepdim=True).detach()
+        sig = (x.var(dim=(2, 3), keepdim=True) + self.eps).sqrt().detach()
         mu_mix = lam * mu + (1 - lam) * mu[perm]
         sig_mix = lam * sig + (1 - lam) * sig[perm]
-        return (out - mu) / sig * sig_mix + mu_mix
+        return ((x - mu) / sig * sig_mix + mu_mix).to(out.dtype)
 
     def remove(self) -> None:
         for h in self.handles:

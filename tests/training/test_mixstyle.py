@@ -94,3 +94,13 @@ def test_a_mixstyle_run_is_recorded_and_resumes_bit_identically(mdt_subset, tmp_
     assert any(not torch.equal(v, lp["state_dict"][k]) for k, v in la["state_dict"].items() if v.is_floating_point())
     best = torch.load(a / "model_checkpoints" / "best_covid_model.pth", weights_only=True)
     assert best["recipe"]["mixstyle"] == 1.0
+
+
+def test_half_precision_activations_keep_their_dtype():
+    layer = torch.nn.Identity()
+    holder = torch.nn.Module()
+    holder.style_layers = lambda: [layer]
+    mix = StyleMix(holder, p=1.0, alpha=0.1)
+    mix.next_batch(4, torch.Generator().manual_seed(0))
+    out = layer(torch.randn(4, 8, 6, 6).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
