@@ -8,7 +8,10 @@ same resample for both arms). An interval that excludes 0 is a measured effect; 
         --arm base=runs/lever/base/fold0/model_checkpoints/best_covid_model.pth \
         --arm aug=runs/lever/aug/fold0/model_checkpoints/best_covid_model.pth --out docs/levers/cross_pool
 
-An arm is NAME=FILE (.pth: PyTorch backend; .onnx: ONNX Runtime). Only images that no arm trained on
+An arm is NAME=FILE (.pth: PyTorch backend; .onnx: ONNX Runtime), or NAME=FILE,FILE,... for several
+training runs of one recipe (seeds): each image then counts as the share of those runs that got it right,
+so the arm's accuracy is their mean, its interval a bootstrap over images, and the paired difference
+compares the recipes over seeds as well as films (each run's own accuracy is in the JSON). Only images that no arm trained on
 give an honest figure (cross-pool: arms trained on cxr4, tested on db_extra). The gate is not applied:
 every image is scored, so the arms are compared on the same images. Writes <out>.json and <out>.md."""
 from __future__ import annotations
@@ -24,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from cxrkit.core.decode import read_gray  # noqa: E402
+from cxrkit.core.errors import ImageReadError  # noqa: E402
 from cxrkit.core.metrics import wilson_interval  # noqa: E402
 from cxrkit.training.shifts import apply_shift  # noqa: E402
 from robustness import labelled_images, predict  # noqa: E402
@@ -46,6 +50,13 @@ def paired_diff_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int =
     return float(b.mean() - a.mean()), float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
 
 
+def mean_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95% interval (images resampled) of the mean of per-image scores in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    m = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+    return float(np.percentile(m, 2.5)), float(np.percentile(m, 97.5))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True)
@@ -56,10 +67,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     arms = [tuple(s.split("=", 1)) for s in a.arm]
-    backends = {n: load(f) for n, f in arms}
-    names = list(next(iter(backends.values())).class_names)
+    backends = {n: [load(f) for f in files.split(",")] for n, files in arms}
+    names = list(next(iter(backends.values()))[0].class_names)
     paths, labels = labelled_images(a.data_dir, names, a.per_class, a.seed)
-    originals = [read_gray(q) for q in paths]
+    originals, keep = [], []
+    for i, q in enumerate(paths):
+        try:
+            originals.append(read_gray(q))
+            keep.append(i)
+        except ImageReadError as e:  # counted and named, never a traceback: the table is over the rest
+            print(f"skipped: {e}", file=sys.stderr)
+    if len(keep) < len(paths):
+        print(f"{len(paths) - len(keep)} of {len(paths)} images skipped (not decodable)", file=sys.stderr)
+    labels = np.asarray(labels)[keep]
     rep = {"data_dir": a.data_dir, "n": len(labels), "arms": dict(arms), "baseline": arms[0][0], "rows": {}}
     for cond in a.conditions.split(","):
         if cond == "none":
@@ -69,11 +89,15 @@ def main(argv=None) -> int:
             imgs = [apply_shift(im, name, float(lv), seed=a.seed + i) for i, im in enumerate(originals)]
         correct = {}
         row = {}
-        for n, b in backends.items():
-            probs, _ = predict(b, imgs, b.img_size)
-            correct[n] = (probs.argmax(1) == labels).astype(np.float64)
-            k = int(correct[n].sum())
-            row[n] = {"accuracy": k / len(labels), "ci95": list(wilson_interval(k, len(labels)))}
+        for n, runs in backends.items():
+            per_run = [(predict(b, imgs, b.img_size)[0].argmax(1) == labels).astype(np.float64) for b in runs]
+            correct[n] = np.mean(per_run, axis=0)
+            if len(runs) == 1:
+                k = int(correct[n].sum())
+                row[n] = {"accuracy": k / len(labels), "ci95": list(wilson_interval(k, len(labels)))}
+            else:
+                row[n] = {"accuracy": float(correct[n].mean()), "ci95": list(mean_ci(correct[n], seed=a.seed)),
+                          "per_run": [float(c.mean()) for c in per_run]}
         for n, _ in arms[1:]:
             d, lo, hi = paired_diff_ci(correct[arms[0][0]], correct[n], seed=a.seed)
             row[n]["diff_vs_baseline"] = {"diff": d, "ci95": [lo, hi]}

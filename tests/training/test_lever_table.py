@@ -1,0 +1,28 @@
+"""scripts/lever_table.py: arms of one run or of several seeds, compared on the same images."""
+import json
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+
+def test_a_multi_run_arm_is_the_mean_of_its_runs_and_pairs_with_the_baseline(tiny_model, cxr_eval_dir, tmp_path):
+    out = tmp_path / "table"
+    onnx, pth = str(tiny_model.onnx), str(tiny_model.checkpoint)
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "lever_table.py"), "--data_dir", str(cxr_eval_dir),
+                        "--per_class", "0", "--conditions", "none,noise@1", "--arm", f"one={onnx}",
+                        "--arm", f"two={onnx},{pth}", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.with_suffix(".json").read_text())
+    for cond in ("none", "noise@1"):
+        one, two = rep["rows"][cond]["one"], rep["rows"][cond]["two"]
+        assert "per_run" not in one and len(two["per_run"]) == 2
+        assert abs(two["accuracy"] - sum(two["per_run"]) / 2) < 1e-9
+        # the same weights through both backends: the runs agree with each other and with the one-run arm
+        assert abs(two["per_run"][0] - one["accuracy"]) < 1e-9
+        d = two["diff_vs_baseline"]
+        assert abs(d["diff"] - (two["accuracy"] - one["accuracy"])) < 1e-9 and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+        assert two["ci95"][0] <= two["accuracy"] <= two["ci95"][1]
+    assert "two - one" in out.with_suffix(".md").read_text()
+    assert rep["n"] == 12 and "1 of 13 images skipped" in r.stderr  # the fixture's corrupt file: counted, no traceback
+    assert "Traceback" not in r.stderr
