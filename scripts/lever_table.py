@@ -10,8 +10,10 @@ same resample for both arms). An interval that excludes 0 is a measured effect; 
 
 An arm is NAME=FILE (.pth: PyTorch backend; .onnx: ONNX Runtime), or NAME=FILE,FILE,... for several
 training runs of one recipe (seeds): each image then counts as the share of those runs that got it right,
-so the arm's accuracy is their mean, its interval a bootstrap over images, and the paired difference
-compares the recipes over seeds as well as films (each run's own accuracy is in the JSON). Only images that no arm trained on
+so the arm's accuracy is their mean and its interval a bootstrap over the images. That interval is for
+THESE runs: it does not cover what another seed would give. So the table also prints each run's own
+difference from the baseline's run of the same position (same seed, when the arms list them in one
+order); where those disagree in sign, the pooled interval is no evidence of an effect. Only images that no arm trained on
 give an honest figure (cross-pool: arms trained on cxr4, tested on db_extra). The gate is not applied:
 every image is scored, so the arms are compared on the same images. Writes <out>.json and <out>.md."""
 from __future__ import annotations
@@ -50,11 +52,15 @@ def paired_diff_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int =
     return float(b.mean() - a.mean()), float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
 
 
-def mean_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap 95% interval (images resampled) of the mean of per-image scores in [0, 1]."""
-    rng = np.random.default_rng(seed)
-    m = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
-    return float(np.percentile(m, 2.5)), float(np.percentile(m, 97.5))
+def mean_ci(x: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95% interval (images resampled) of the mean of per-image scores: paired_diff_ci against 0."""
+    return paired_diff_ci(np.zeros_like(x), x, seed=seed)[1:]
+
+
+def diff_cell(d: dict) -> str:
+    """'+0.012 [-0.010, +0.034]', and each run's own difference where the arms have several runs."""
+    cell = f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+    return cell + (f" ({', '.join(f'{v:+.3f}' for v in d['per_run'])} by run)" if "per_run" in d else "")
 
 
 def main(argv=None) -> int:
@@ -69,6 +75,11 @@ def main(argv=None) -> int:
     arms = [tuple(s.split("=", 1)) for s in a.arm]
     backends = {n: [load(f) for f in files.split(",")] for n, files in arms}
     names = list(next(iter(backends.values()))[0].class_names)
+    for (n, files), runs in zip(arms, backends.values()):
+        for f, b in zip(files.split(","), runs):
+            if list(b.class_names) != names:
+                sys.exit(f"error: {n}={f} has classes {list(b.class_names)}, the first arm {names}: arms must "
+                         f"share their classes, in one order")
     paths, labels = labelled_images(a.data_dir, names, a.per_class, a.seed)
     originals, keep = [], []
     for i, q in enumerate(paths):
@@ -77,21 +88,25 @@ def main(argv=None) -> int:
             keep.append(i)
         except ImageReadError as e:  # counted and named, never a traceback: the table is over the rest
             print(f"skipped: {e}", file=sys.stderr)
-    if len(keep) < len(paths):
-        print(f"{len(paths) - len(keep)} of {len(paths)} images skipped (not decodable)", file=sys.stderr)
+    skipped = [str(paths[i]) for i in range(len(paths)) if i not in set(keep)]
+    if skipped:
+        print(f"{len(skipped)} of {len(paths)} images skipped (not decodable)", file=sys.stderr)
+    if not keep:
+        sys.exit(f"error: no decodable image under {a.data_dir}")
     labels = np.asarray(labels)[keep]
-    rep = {"data_dir": a.data_dir, "n": len(labels), "arms": dict(arms), "baseline": arms[0][0], "rows": {}}
+    rep = {"data_dir": a.data_dir, "n": len(labels), "skipped": skipped, "arms": dict(arms), "baseline": arms[0][0],
+           "rows": {}}
     for cond in a.conditions.split(","):
         if cond == "none":
             imgs = originals
         else:
             name, lv = cond.split("@")
-            imgs = [apply_shift(im, name, float(lv), seed=a.seed + i) for i, im in enumerate(originals)]
-        correct = {}
+            imgs = [apply_shift(im, name, float(lv), seed=a.seed + i) for i, im in zip(keep, originals)]  # file's index
+        correct, runs_correct = {}, {}
         row = {}
         for n, runs in backends.items():
             per_run = [(predict(b, imgs, b.img_size)[0].argmax(1) == labels).astype(np.float64) for b in runs]
-            correct[n] = np.mean(per_run, axis=0)
+            correct[n], runs_correct[n] = np.mean(per_run, axis=0), per_run
             if len(runs) == 1:
                 k = int(correct[n].sum())
                 row[n] = {"accuracy": k / len(labels), "ci95": list(wilson_interval(k, len(labels)))}
@@ -101,6 +116,10 @@ def main(argv=None) -> int:
         for n, _ in arms[1:]:
             d, lo, hi = paired_diff_ci(correct[arms[0][0]], correct[n], seed=a.seed)
             row[n]["diff_vs_baseline"] = {"diff": d, "ci95": [lo, hi]}
+            base_runs = runs_correct[arms[0][0]]
+            if len(runs_correct[n]) > 1 and len(runs_correct[n]) == len(base_runs):
+                row[n]["diff_vs_baseline"]["per_run"] = [float(r.mean() - b.mean())
+                                                         for r, b in zip(runs_correct[n], base_runs)]
         rep["rows"][cond] = row
         print(cond, {n: round(r["accuracy"], 3) for n, r in row.items()}, flush=True)
     counts = ", ".join(f"{names[c]} {int((labels == c).sum())}" for c in sorted(set(labels.tolist())))
@@ -111,8 +130,7 @@ def main(argv=None) -> int:
           "|---|" + "---|" * (2 * len(arms) - 1)]
     for cond, row in rep["rows"].items():
         cells = [f"{row[n]['accuracy']:.3f} [{row[n]['ci95'][0]:.3f}, {row[n]['ci95'][1]:.3f}]" for n, _ in arms]
-        cells += [f"{row[n]['diff_vs_baseline']['diff']:+.3f} [{row[n]['diff_vs_baseline']['ci95'][0]:+.3f}, "
-                  f"{row[n]['diff_vs_baseline']['ci95'][1]:+.3f}]" for n, _ in arms[1:]]
+        cells += [diff_cell(row[n]["diff_vs_baseline"]) for n, _ in arms[1:]]
         md.append(f"| {cond} | " + " | ".join(cells) + " |")
     print("\n".join(md))
     write_result(a.out, rep, md)

@@ -159,6 +159,10 @@ def check_args(args) -> None:
             parse_fold(str(args.fold), args.folds)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if not 0 <= args.mixstyle <= 1:
+        raise UsageError(f"--mixstyle is a probability per batch, between 0 and 1; got {args.mixstyle}")
+    if args.mixstyle > 0 and args.mixstyle_alpha <= 0:
+        raise UsageError(f"--mixstyle_alpha must be > 0 (the Beta(A, A) mixing weight), got {args.mixstyle_alpha}")
     from ..core.model import check_img_size
     check_img_size(make_config(args.arch), args.img_size)  # the one size rule (also export's)
 

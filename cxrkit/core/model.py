@@ -350,6 +350,7 @@ class EnsembleNet(nn.Module):
         return [b for m in self.members for b in m.ood_layers()]
 
     def style_layers(self) -> list[nn.Module]:
+        """Every member's."""
         return [b for m in self.members for b in m.style_layers()]
 
     def forward(self, x: torch.Tensor) -> ModelOutput:

@@ -14,12 +14,15 @@ import torch.nn as nn
 class StyleMix:
     """Forward hooks on model.style_layers(). Call next_batch() before every training forward: it draws,
     from the epoch's generator (so --resume stays bit-identical), whether this batch is mixed, the
-    partner of each film and the weights."""
+    partner of each film and the weights. One draw serves every style layer of the batch (the paper's
+    code draws per layer): the same film is re-styled like the same partner throughout the encoder."""
 
     def __init__(self, model: nn.Module, p: float, alpha: float, eps: float = 1e-6):
         self.p, self.alpha, self.eps = p, alpha, eps
         self.draw: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.handles = [layer.register_forward_hook(self._hook) for layer in model.style_layers()]
+        # prepend: the mixed output is what every later hook sees too (the MONAI networks' multiscale
+        # classifier reads the levels' outputs through hooks of its own, registered when it was built)
+        self.handles = [layer.register_forward_hook(self._hook, prepend=True) for layer in model.style_layers()]
 
     def next_batch(self, b: int, gen: torch.Generator) -> None:
         self.draw = None

@@ -95,7 +95,7 @@ def prepare(cfg: TrainConfig, opts: RunOptions) -> Session:
 
 def check_output_dir(opts: RunOptions, out: Path, rank: int) -> None:
     """Creates <out>/model_checkpoints (rank 0); refuses an output folder inside the data, and an
-    existing best checkpoint unless --resume or --overwrite."""
+    existing best checkpoint unless --overwrite, or --resume with a last checkpoint to continue."""
     ck_dir = out / "model_checkpoints"
     if rank == 0:
         ck_dir.mkdir(parents=True, exist_ok=True)
@@ -104,9 +104,13 @@ def check_output_dir(opts: RunOptions, out: Path, rank: int) -> None:
         if out.resolve() == dd or dd in out.resolve().parents:
             raise DataError(f"--output_dir {out} is inside --data_dir {d}: its cache/ and model_checkpoints/ "
                             f"would be read as class folders; choose an output folder outside the data")
-    if not opts.resume and not opts.overwrite and (ck_dir / BEST).is_file():
-        raise CheckpointError(f"{ck_dir / BEST} already exists (an earlier run or the shipped model): pass --resume "
-                              f"to continue that run, --overwrite to replace it, or another --output_dir")
+    if not opts.overwrite and (ck_dir / BEST).is_file():
+        if not opts.resume:
+            raise CheckpointError(f"{ck_dir / BEST} already exists (an earlier run or the shipped model): pass "
+                                  f"--resume to continue that run, --overwrite to replace it, or another --output_dir")
+        if not (ck_dir / LAST).is_file():  # --resume would be a fresh start, and would write over it
+            raise CheckpointError(f"{ck_dir / BEST} exists but there is no {LAST} to continue from (the shipped model, "
+                                  f"or a run's best kept alone): pass --overwrite to replace it, or another --output_dir")
 
 
 def load_split(cfg: TrainConfig, data: CachedData, split_path: Path, rank: int, world: int) -> dict:

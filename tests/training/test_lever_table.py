@@ -24,5 +24,20 @@ def test_a_multi_run_arm_is_the_mean_of_its_runs_and_pairs_with_the_baseline(tin
         assert abs(d["diff"] - (two["accuracy"] - one["accuracy"])) < 1e-9 and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
         assert two["ci95"][0] <= two["accuracy"] <= two["ci95"][1]
     assert "two - one" in out.with_suffix(".md").read_text()
-    assert rep["n"] == 12 and "1 of 13 images skipped" in r.stderr  # the fixture's corrupt file: counted, no traceback
+    for cond in ("none", "noise@1"):  # each run's own difference from the baseline's run of the same position
+        per_run = rep["rows"][cond]["two"]["diff_vs_baseline"]
+        assert "per_run" not in per_run  # the baseline has one run, the arm two: no pairing by position
+    assert rep["n"] == 12 and len(rep["skipped"]) == 1 and "1 of 13 images skipped" in r.stderr  # the fixture's corrupt file: counted, no traceback
     assert "Traceback" not in r.stderr
+
+
+def test_arms_of_several_runs_each_show_every_run_s_own_difference(tiny_model, cxr_eval_dir, tmp_path):
+    out = tmp_path / "table"
+    onnx, pth = str(tiny_model.onnx), str(tiny_model.checkpoint)
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "lever_table.py"), "--data_dir", str(cxr_eval_dir),
+                        "--per_class", "0", "--conditions", "none", "--arm", f"a={onnx},{pth}",
+                        "--arm", f"b={pth},{onnx}", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.with_suffix(".json").read_text())["rows"]["none"]["b"]["diff_vs_baseline"]
+    assert len(d["per_run"]) == 2 and all(abs(v) < 1e-9 for v in d["per_run"])  # the same weights, both backends
+    assert "by run)" in out.with_suffix(".md").read_text()

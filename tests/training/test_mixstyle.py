@@ -2,7 +2,7 @@
 reproducibly, and never in eval mode, the checkpoint's weights' meaning or the exported graph."""
 import torch
 
-import model_arch
+from cxrkit.cli import train as model_arch
 from cxrkit.core.config import make_config
 from cxrkit.core.model import build_model
 from cxrkit.training.mixstyle import StyleMix
@@ -43,15 +43,14 @@ def test_mixing_gives_each_film_the_blend_of_its_own_and_its_partners_statistics
 def test_draws_are_reproducible_and_the_share_of_mixed_batches_follows_p():
     holder = torch.nn.Module()
     holder.style_layers = lambda: []
-    mix = StyleMix(holder, p=0.5, alpha=0.1)
+    always = StyleMix(holder, p=1.0, alpha=0.1)
     draws = []
-    for seed in (3, 3):
-        gen = torch.Generator().manual_seed(seed)
-        mix.next_batch(8, gen)
-        draws.append(mix.draw)
-    assert draws[0] is not None or draws[1] is None
-    if draws[0] is not None:
-        assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    for _ in range(2):
+        always.next_batch(8, torch.Generator().manual_seed(3))
+        draws.append(always.draw)
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+    assert sorted(draws[0][0].tolist()) == list(range(8)) and bool(((draws[0][1] >= 0) & (draws[0][1] <= 1)).all())
+    mix = StyleMix(holder, p=0.5, alpha=0.1)
     gen = torch.Generator().manual_seed(0)
     mixed = 0
     for _ in range(400):
@@ -68,13 +67,38 @@ def test_a_network_in_training_changes_and_in_eval_does_not():
         ref = model(x).classification
     mix = StyleMix(model, p=1.0, alpha=0.1)
     mix.next_batch(4, torch.Generator().manual_seed(0))
+
+    def train_forward():
+        torch.manual_seed(0)  # the same dropout masks: only the hooks can differ
+        return model(x)
     with torch.no_grad():
         assert torch.equal(model(x).classification, ref)  # eval (what is exported): no effect
         model.train()
-        mixed = model(x).classification
+        mixed, again = train_forward(), train_forward()
         mix.remove()
-        plain = model(x).classification
-    assert not torch.allclose(mixed, plain)
+        plain = train_forward()
+    assert torch.equal(mixed.classification, again.classification)
+    assert not torch.allclose(mixed.classification, plain.classification)
+    assert not torch.allclose(mixed.segmentation, plain.segmentation)
+
+
+def test_the_multiscale_classifier_pools_the_mixed_levels():
+    """The MONAI networks' multiscale head pools its levels' outputs through hooks registered at build
+    time; MixStyle's run first, so the pooled means (the style statistics themselves) are the mixed ones."""
+    torch.manual_seed(0)
+    model = build_model(make_config("tiny", num_classes=4)).train()
+    assert model.cfg.cls_source == "multiscale"
+    mix = StyleMix(model, p=1.0, alpha=0.1)
+    mix.next_batch(4, torch.Generator().manual_seed(0))
+    seen = {}
+    # the level's own output, before any other hook changes it
+    model.style_layers()[0].register_forward_hook(lambda _m, _i, out: seen.__setitem__("level0", out), prepend=True)
+    model.cls_head.register_forward_pre_hook(lambda _m, args: seen.__setitem__("pooled", args[0]))
+    with torch.no_grad():
+        model(torch.rand(4, 3, 32, 32))
+    perm, lam = mix.draw
+    mu, lam = seen["level0"].mean(dim=(2, 3)), lam.view(-1, 1)
+    torch.testing.assert_close(seen["pooled"][:, :mu.shape[1]], lam * mu + (1 - lam) * mu[perm], atol=1e-5, rtol=1e-4)
 
 
 def test_a_mixstyle_run_is_recorded_and_resumes_bit_identically(mdt_subset, tmp_path):

@@ -185,3 +185,29 @@ def test_r8_class_missing_from_validation_and_test_is_noted(tmp_path, caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert any("'B'" in m and "validation split" in m for m in msgs), msgs
     assert any("'B'" in m and "test split" in m for m in msgs), msgs
+
+
+# ======================================== --resume where a best checkpoint stands alone (the shipped one)
+def test_resume_refuses_to_start_afresh_over_a_best_checkpoint_it_cannot_continue(tiny_model, mdt_subset, tmp_path,
+                                                                                 capsys):
+    """`--resume` with no last checkpoint is a fresh start; over a best checkpoint kept alone (the repository's
+    shipped one, with the default --output_dir .) that start would write over it, so it is refused."""
+    out = tmp_path / "out"
+    (out / "model_checkpoints").mkdir(parents=True)
+    best = out / "model_checkpoints" / "best_covid_model.pth"
+    shutil.copy(tiny_model.checkpoint, best)
+    before = best.read_bytes()
+    args = ["--data_dir", str(mdt_subset), "--output_dir", str(out), "--arch", "tiny", "--img_size", "32",
+            "--num_epochs", "1", "--workers", "0", "--quiet", "--device", "cpu", "--resume"]
+    assert model_arch.main(args) == 2
+    line = error_line(capsys)
+    assert "best_covid_model.pth" in line and "--overwrite" in line
+    assert best.read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, word", [(["--mixstyle", "1.5"], "--mixstyle"),
+                                         (["--mixstyle", "0.5", "--mixstyle_alpha", "0"], "--mixstyle_alpha")])
+def test_mixstyle_values_that_would_fail_later_are_refused_up_front(mdt_subset, tmp_path, capsys, flags, word):
+    assert model_arch.main(["--data_dir", str(mdt_subset), "--output_dir", str(tmp_path / "o"), "--arch", "tiny",
+                            "--img_size", "32", "--workers", "0", "--quiet", "--device", "cpu", *flags]) == 2
+    assert word in error_line(capsys)
