@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from cxrkit.core import cpu  # noqa: E402
 from cxrkit.core.decode import read_gray  # noqa: E402
 from cxrkit.core.errors import ImageReadError  # noqa: E402
-from cxrkit.core.model_input import to_model_input_np  # noqa: E402
+from cxrkit.core.model_input import resize_gray, to_model_input_np  # noqa: E402
 from cxrkit.core.config import ONNX_PATH  # noqa: E402
 from cxrkit.core.shipped import resolve_default  # noqa: E402
 from cxrkit.inference.backends import OnnxBackend, physical_cores  # noqa: E402
@@ -27,13 +27,12 @@ from cxrkit.inference.backends import OnnxBackend, physical_cores  # noqa: E402
 
 def films(data_dir: Path, n: int, size: int) -> np.ndarray:
     """n films spread evenly over every class folder's images, resized to the model's input."""
-    import cv2
     paths = sorted(data_dir.glob("*/images/*.png"))
     paths = [paths[i] for i in np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int)] if paths else []
     u8 = []
     for p in paths:
         try:
-            u8.append(cv2.resize(read_gray(p), (size, size), interpolation=cv2.INTER_AREA))
+            u8.append(resize_gray(read_gray(p), size))
         except ImageReadError as e:
             print(f"skipped: {e}", file=sys.stderr)
     if not u8:

@@ -73,22 +73,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     arms = [tuple(s.split("=", 1)) for s in a.arm]
-    backends = {n: [load(f) for f in files.split(",")] for n, files in arms}
-    names = list(next(iter(backends.values()))[0].class_names)
-    for (n, files), runs in zip(arms, backends.values()):
-        for f, b in zip(files.split(","), runs):
+    backends = {n: [(f, load(f)) for f in files.split(",")] for n, files in arms}
+    names = list(backends[arms[0][0]][0][1].class_names)
+    for n, runs in backends.items():
+        for f, b in runs:
             if list(b.class_names) != names:
                 sys.exit(f"error: {n}={f} has classes {list(b.class_names)}, the first arm {names}: arms must "
                          f"share their classes, in one order")
     paths, labels = labelled_images(a.data_dir, names, a.per_class, a.seed)
-    originals, keep = [], []
+    originals, keep, skipped = [], [], []
     for i, q in enumerate(paths):
         try:
             originals.append(read_gray(q))
             keep.append(i)
         except ImageReadError as e:  # counted and named, never a traceback: the table is over the rest
             print(f"skipped: {e}", file=sys.stderr)
-    skipped = [str(paths[i]) for i in range(len(paths)) if i not in set(keep)]
+            skipped.append(str(q))
     if skipped:
         print(f"{len(skipped)} of {len(paths)} images skipped (not decodable)", file=sys.stderr)
     if not keep:
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         correct, runs_correct = {}, {}
         row = {}
         for n, runs in backends.items():
-            per_run = [(predict(b, imgs, b.img_size)[0].argmax(1) == labels).astype(np.float64) for b in runs]
+            per_run = [(predict(b, imgs, b.img_size)[0].argmax(1) == labels).astype(np.float64) for _, b in runs]
             correct[n], runs_correct[n] = np.mean(per_run, axis=0), per_run
             if len(runs) == 1:
                 k = int(correct[n].sum())

@@ -104,13 +104,13 @@ def check_output_dir(opts: RunOptions, out: Path, rank: int) -> None:
         if out.resolve() == dd or dd in out.resolve().parents:
             raise DataError(f"--output_dir {out} is inside --data_dir {d}: its cache/ and model_checkpoints/ "
                             f"would be read as class folders; choose an output folder outside the data")
-    if not opts.overwrite and (ck_dir / BEST).is_file():
+    if not opts.overwrite and (ck_dir / BEST).is_file() and not resumable(opts, ck_dir):
         if not opts.resume:
             raise CheckpointError(f"{ck_dir / BEST} already exists (an earlier run or the shipped model): pass "
                                   f"--resume to continue that run, --overwrite to replace it, or another --output_dir")
-        if not (ck_dir / LAST).is_file():  # --resume would be a fresh start, and would write over it
-            raise CheckpointError(f"{ck_dir / BEST} exists but there is no {LAST} to continue from (the shipped model, "
-                                  f"or a run's best kept alone): pass --overwrite to replace it, or another --output_dir")
+        raise CheckpointError(  # --resume would be a fresh start, and would write over it
+            f"{ck_dir / BEST} exists but there is no {LAST} to continue from (the shipped model, or a run's best "
+            f"kept alone): pass --overwrite to replace it, or another --output_dir")
 
 
 def load_split(cfg: TrainConfig, data: CachedData, split_path: Path, rank: int, world: int) -> dict:
@@ -147,7 +147,7 @@ def init_model(s: Session) -> torch.nn.Module:
     # ImageNet weights only for a fresh start: a resumed run and --init_from overwrite every weight anyway.
     # "--resume" before the first checkpoint exists is a fresh start (a queued or cluster job passes it
     # every time), so it gets the same starting weights as one without the flag
-    fresh = not resumable(s)
+    fresh = not resumable(s.opts, s.ck_dir)
     model = build_model(s.model_cfg, load_pretrained=fresh and not s.cfg.init_from)
     if s.cfg.init_from and fresh:
         init_from_checkpoint(model, s.model_cfg, s.classes, s.cfg.init_from)
@@ -157,16 +157,17 @@ def init_model(s: Session) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------- resume
-def resumable(s: Session) -> bool:
-    """--resume was given and there is a last checkpoint to continue from."""
-    return bool(s.opts.resume) and (s.ck_dir / LAST).is_file()
+def resumable(opts: RunOptions, ck_dir: Path) -> bool:
+    """--resume was given and there is a last checkpoint in ck_dir to continue from (otherwise --resume is a
+    fresh start)."""
+    return bool(opts.resume) and (ck_dir / LAST).is_file()
 
 
 def resume(s: Session, model: torch.nn.Module) -> tuple[Progress, dict | None]:
     """--resume: the raw weights and progress of <output_dir>/model_checkpoints/last_checkpoint.pth
     (its optimizer state etc. are returned for make_engine); a fresh start without one."""
     last_p = s.ck_dir / LAST
-    if not resumable(s):
+    if not resumable(s.opts, s.ck_dir):
         if s.opts.resume:
             log.warning("--resume: no %s yet, starting from scratch", last_p)
         return Progress(), None

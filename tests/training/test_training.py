@@ -415,12 +415,12 @@ def test_resume_before_any_checkpoint_starts_with_the_same_weights_as_a_fresh_ru
     mk = lambda resume: SimpleNamespace(cfg=TrainConfig(seed=3), opts=RunOptions(resume=resume),  # noqa: E731
                                         model_cfg=make_config("lite0", num_classes=4), ck_dir=ck_dir, rank=0)
     plain, queued = mk(False), mk(True)
-    assert not resumable(plain) and not resumable(queued)
+    assert not resumable(plain.opts, ck_dir) and not resumable(queued.opts, ck_dir)
     a, b = init_model(plain).state_dict(), init_model(queued).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     ck_dir.mkdir()
     (ck_dir / "last_checkpoint.pth").write_bytes(b"x")
-    assert resumable(queued) and not resumable(plain)
+    assert resumable(queued.opts, ck_dir) and not resumable(plain.opts, ck_dir)
 
 
 def test_resume_before_any_checkpoint_still_applies_init_from(run_1epoch, tmp_path):
