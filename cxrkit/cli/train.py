@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..core.config import LUNG_FOCUS_MODES, OUTSIDE_LUNG_FILLS, PRESETS, RunOptions, TrainConfig, make_config
 from ..core.io_utils import HelpFormatter
@@ -71,6 +72,13 @@ def parse_args(argv=None):
                    help="with --lung_focus: crop side in pixels (0: --img_size)")
     g.add_argument("--init_from", metavar="CHECKPOINT", default=D.init_from,
                    help="fine-tune: start from this checkpoint's weights (same --arch and classes; fresh optimizer)")
+    g.add_argument("--teacher", metavar="CHECKPOINT", default=D.teacher,
+                   help="distil: the classifier also learns this checkpoint's class probabilities (an ensemble, say; "
+                        "same classes and --img_size) on every augmented batch")
+    g.add_argument("--distill_alpha", type=float, default=D.distill_alpha, metavar="A",
+                   help="with --teacher: share of the classification loss that matches the teacher (rest: the labels)")
+    g.add_argument("--distill_temperature", type=float, default=D.distill_temperature, metavar="T",
+                   help="with --teacher: both sides' probabilities at temperature T (loss scaled by T^2)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--num_epochs", type=int, default=D.num_epochs)
     g.add_argument("--batch_size", type=int, default=D.batch_size, help="per process")
@@ -163,6 +171,12 @@ def check_args(args) -> None:
         raise UsageError(f"--mixstyle is a probability per batch, between 0 and 1; got {args.mixstyle}")
     if args.mixstyle > 0 and args.mixstyle_alpha <= 0:
         raise UsageError(f"--mixstyle_alpha must be > 0 (the Beta(A, A) mixing weight), got {args.mixstyle_alpha}")
+    if not 0 <= args.distill_alpha <= 1:
+        raise UsageError(f"--distill_alpha is a share of the classification loss, between 0 and 1; got {args.distill_alpha}")
+    if args.distill_temperature <= 0:
+        raise UsageError(f"--distill_temperature must be > 0, got {args.distill_temperature}")
+    if args.teacher and not Path(args.teacher).is_file():
+        raise UsageError(f"--teacher {args.teacher}: no such file; pass a cxrkit checkpoint (.pth)")
     from ..core.model import check_img_size
     check_img_size(make_config(args.arch), args.img_size)  # the one size rule (also export's)
 

@@ -168,6 +168,13 @@ class TrainConfig:
     # recipe), or every weight from a checkpoint of the same config and classes (fresh optimizer)
     pretrained: bool | None = None
     init_from: str | None = None
+    # distillation (issue 26 lever c, cxrkit.training.losses): the classification loss is, for this share,
+    # T^2 x KL(teacher || student) at temperature T on the same augmented batch (the rest: the labels'
+    # cross-entropy); the teacher is a checkpoint of the same classes and input size (an ensemble, say),
+    # read without its prior correction. Segmentation still learns from the masks.
+    teacher: str | None = None
+    distill_alpha: float = 1.0
+    distill_temperature: float = 1.0
     input_zscore: bool = False     # ModelConfig.input_zscore (issue 22 lever c)
     lung_focus: str = "off"        # ModelConfig.lung_focus, focus_margin, focus_size (issue 22 levers b, e)
     focus_margin: float = 0.10

@@ -52,6 +52,10 @@ class MultiTaskNet(Protocol):
         """The early encoder blocks whose outputs' feature statistics training may mix across films
         (--mixstyle, cxrkit.training.mixstyle): shallow enough that their statistics are a film's look."""
 
+    def class_outputs(self) -> list[nn.Linear]:
+        """The classifier's last layer (an ensemble: each member's), whose bias carries the prior correction
+        (cxrkit.training.calibration)."""
+
     def forward(self, x: torch.Tensor) -> "ModelOutput": ...
 
 
@@ -184,6 +188,9 @@ class CXRMultiTaskNet(nn.Module):
         """The encoder levels at strides 2 and 4."""
         return self._levels[:2]
 
+    def class_outputs(self) -> list[nn.Linear]:
+        return [self.cls_head.mlp[-1]]
+
     def forward(self, x: torch.Tensor) -> ModelOutput:
         self._captured = []
         feats = self.unet(_normalised(self, x))
@@ -297,6 +304,9 @@ class Lite0MultiTaskNet(nn.Module):
         stages)."""
         return [e._blocks[i] for e in (self.encoder, self.focus_encoder) if e is not None for i in LITE0_TAPS[:3]]
 
+    def class_outputs(self) -> list[nn.Linear]:
+        return [self.cls_head.mlp[-1]]
+
     def load_pretrained_encoder(self) -> None:
         for e in (self.encoder, self.focus_encoder):
             if e is not None:
@@ -352,6 +362,10 @@ class EnsembleNet(nn.Module):
     def style_layers(self) -> list[nn.Module]:
         """Every member's."""
         return [b for m in self.members for b in m.style_layers()]
+
+    def class_outputs(self) -> list[nn.Linear]:
+        """Every member's (each carries the same prior correction)."""
+        return [b for m in self.members for b in m.class_outputs()]
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         outs = [m(x) for m in self.members]

@@ -42,8 +42,20 @@ def apply_prior_correction(model, ck: dict, train_labels: np.ndarray) -> None:
     n = len(ck["class_names"])
     w = inverse_frequency_weights(train_labels, n).double()
     offset = torch.where(w > 0, -torch.log(w.clamp(min=1e-12)), torch.zeros_like(w)).float()
-    last = model.cls_head.mlp[-1]
-    last.bias += offset.to(last.bias.device)
+    for last in model.class_outputs():
+        last.bias += offset.to(last.bias.device)
     ck["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ck["prior_correction"] = {"logit_offset": offset.tolist(), "method": "logit adjustment: -log(inverse-frequency "
                               "class weight), added to the classifier's output bias"}
+
+
+@torch.no_grad()
+def remove_prior_correction(model, ck: dict) -> None:
+    """The inverse of apply_prior_correction on a model built from `ck` (every member of an ensemble): its
+    classifier as trained, for a fine-tuning start (--init_from) or a teacher (--teacher), whose outputs
+    must not carry a correction that finalize applies again. Leaves `ck` as it is."""
+    pc = ck.get("prior_correction")
+    if not pc:
+        return
+    for last in model.class_outputs():
+        last.bias -= torch.tensor(pc["logit_offset"], dtype=last.bias.dtype, device=last.bias.device)

@@ -109,6 +109,7 @@ class Engine:
     loader: torch.utils.data.DataLoader
     mem_fmt: torch.memory_format
     style_mix: StyleMix | None  # --mixstyle's hooks on the trained (not the EMA) model
+    teacher: torch.nn.Module | None  # --teacher, in eval mode on the device (its prior correction removed)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -155,7 +156,8 @@ def make_engine(s: Session, model: torch.nn.Module, train_state: dict | None) ->
             model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
     tr_idx = s.split["train"]
     class_w = inverse_frequency_weights(s.data.labels[tr_idx], len(s.classes)).to(s.device)
-    criterion = MultiTaskLoss(class_w, cfg.seg_weight, cfg.cls_weight).to(s.device)
+    criterion = MultiTaskLoss(class_w, cfg.seg_weight, cfg.cls_weight, cfg.distill_alpha if cfg.teacher else 0.0,
+                              cfg.distill_temperature).to(s.device)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.encoder_lr_mult), lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     per_rank = -(-len(tr_idx) // s.world)
@@ -171,7 +173,24 @@ def make_engine(s: Session, model: torch.nn.Module, train_state: dict | None) ->
                          s.device.type == "cuda", drop_last=per_rank >= cfg.batch_size,
                          balance_sources=cfg.balance_sources)
     style_mix = StyleMix(model, cfg.mixstyle, cfg.mixstyle_alpha) if cfg.mixstyle > 0 else None
-    return Engine(model, ema, ddp_model, class_w, criterion, opt, sched, scaler, loader, mem_fmt, style_mix)
+    teacher = load_teacher(cfg.teacher, s.classes, cfg.img_size, s.device, mem_fmt) if cfg.teacher else None
+    return Engine(model, ema, ddp_model, class_w, criterion, opt, sched, scaler, loader, mem_fmt, style_mix, teacher)
+
+
+def load_teacher(path, classes, img_size: int, device, mem_fmt) -> torch.nn.Module:
+    """--teacher: a checkpoint of the same classes and input size (any architecture, an ensemble too), frozen;
+    its prior correction is removed, since the student is corrected by its own training prior after training."""
+    from ..core.checkpoint import CheckpointError, model_from_checkpoint
+    from .calibration import remove_prior_correction
+    teacher, ck = model_from_checkpoint(path)
+    if ck["class_names"] != list(classes) or ck["img_size"] != img_size:
+        raise CheckpointError(f"--teacher {path}: made for classes {ck['class_names']} at {ck['img_size']} px, this run "
+                              f"trains {list(classes)} at {img_size} px; pass a teacher trained on the same classes "
+                              f"and --img_size")
+    remove_prior_correction(teacher, ck)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).to(memory_format=mem_fmt).eval()
 
 
 # ------------------------------------------------------------------------------------- training
@@ -193,7 +212,9 @@ def train_one_epoch(s: Session, e: Engine, batches, gen: torch.Generator) -> tup
             e.style_mix.next_batch(len(y), gen)
         with torch.autocast(device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
             out = e.ddp_model(x)
-        parts = e.criterion(out.segmentation, out.classification, m, hm, y)
+            with torch.no_grad():  # the teacher sees the student's augmented batch (consistent teaching)
+                t_logits = e.teacher(x).classification if e.teacher is not None else None
+        parts = e.criterion(out.segmentation, out.classification, m, hm, y, t_logits)
         e.opt.zero_grad(set_to_none=True)
         e.scaler.scale(parts.total).backward()
         e.scaler.unscale_(e.opt)

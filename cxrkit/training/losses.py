@@ -41,15 +41,31 @@ def seg_loss(logits, target, has_mask) -> torch.Tensor:
     return (per * w).sum() / w.sum().clamp(min=1.0)
 
 
+def distill_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
+    """T^2 x KL(teacher || student) of the class probabilities at temperature T, averaged over the batch
+    (Hinton et al. 2015: the T^2 keeps the gradients' scale as T changes)."""
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student_logits.float() / t, 1), F.log_softmax(teacher_logits.float() / t, 1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
 class MultiTaskLoss(torch.nn.Module):
-    def __init__(self, class_weights: torch.Tensor | None, seg_weight: float = 1.0, cls_weight: float = 2.0):
+    """distill_alpha: with teacher logits, that share of the classification term is distill_loss (the rest
+    the labels' cross-entropy)."""
+
+    def __init__(self, class_weights: torch.Tensor | None, seg_weight: float = 1.0, cls_weight: float = 2.0,
+                 distill_alpha: float = 0.0, distill_temperature: float = 1.0):
         super().__init__()
         self.register_buffer("class_weights", class_weights if class_weights is not None else None)
         self.seg_weight, self.cls_weight = seg_weight, cls_weight
+        self.distill_alpha, self.distill_temperature = distill_alpha, distill_temperature
 
-    def forward(self, seg_logits, cls_logits, masks, has_mask, labels) -> LossParts:
+    def forward(self, seg_logits, cls_logits, masks, has_mask, labels, teacher_logits=None) -> LossParts:
         s = seg_loss(seg_logits, masks, has_mask)
         c = F.cross_entropy(cls_logits.float(), labels, weight=self.class_weights)
+        if teacher_logits is not None:
+            a = self.distill_alpha
+            c = (1 - a) * c + a * distill_loss(cls_logits, teacher_logits, self.distill_temperature)
         return LossParts(self.seg_weight * s + self.cls_weight * c, s, c)
 
 

@@ -27,6 +27,7 @@ from ..core.device import amp_dtype_for, barrier, pick_device, setup_distributed
 from .engine import (NO_VALIDATION, Engine, Progress, Session, make_engine, selection_score,
                      train_one_epoch, validate)
 from ..core.errors import DataError
+from .calibration import remove_prior_correction
 from .finalize import finalize
 from ..core.errors import UsageError
 from ..core.io_utils import write_json_atomic
@@ -316,7 +317,4 @@ def init_from_checkpoint(model, cfg: ModelConfig, classes, path) -> None:
         raise CheckpointError(f"--init_from {path}: made for arch {ck['model_config'].get('preset')} with classes "
                               f"{ck['class_names']}; pass the matching --arch and data")
     model.load_state_dict(ck["state_dict"])
-    pc = ck.get("prior_correction")
-    if pc:
-        last = model.cls_head.mlp[-1]
-        last.bias -= torch.tensor(pc["logit_offset"], dtype=last.bias.dtype)
+    remove_prior_correction(model, ck)
