@@ -15,20 +15,48 @@ REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_b
 
 
 @functools.lru_cache(maxsize=1)
-def _cpuinfo() -> tuple[str, frozenset]:
-    model, flags = platform.processor() or platform.machine(), frozenset()
+def _cpuinfo_lines() -> tuple[str, ...]:
+    """/proc/cpuinfo, read once per process (empty where there is none: no flags known, so no fast path is
+    assumed)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                k = k.strip()
-                if k == "model name" and model in ("", platform.machine(), platform.processor()):
-                    model = v.strip()
-                elif k in ("flags", "Features") and not flags:
-                    flags = frozenset(v.split())
-    except OSError:  # not Linux: no flags known, so no fast path is assumed
-        pass
+            return tuple(f)
+    except OSError:
+        return ()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset]:
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    for line in _cpuinfo_lines():
+        k, _, v = line.partition(":")
+        k = k.strip()
+        if k == "model name" and model in ("", platform.machine(), platform.processor()):
+            model = v.strip()
+        elif k in ("flags", "Features") and not flags:
+            flags = frozenset(v.split())
     return model, flags
+
+
+def cores_of(allowed: set) -> int | None:
+    """Physical cores among the logical CPUs `allowed` (hyper-threads counted once); None where cpuinfo does
+    not say which core each CPU is."""
+    cores, cur, complete = set(), {}, True
+    for line in list(_cpuinfo_lines()) + [""]:
+        if not line.strip():
+            if "processor" in cur and cur["processor"] in allowed:
+                if "core id" not in cur:
+                    complete = False
+                cores.add((cur.get("physical id"), cur.get("core id")))
+            cur = {}
+            continue
+        k, _, v = line.partition(":")
+        k, v = k.strip(), v.strip()
+        if k == "processor" and v.isdigit():
+            cur["processor"] = int(v)
+        elif k in ("physical id", "core id"):
+            cur[k] = v
+    return len(cores) if cores and complete else None
 
 
 def cpu_model() -> str:

@@ -123,32 +123,12 @@ def physical_cores() -> int:
 
 
 def _physical_cores() -> int:
+    from ..core.cpu import cores_of
     try:
         allowed = os.sched_getaffinity(0)
     except AttributeError:  # pragma: no cover - not Linux
         allowed = set(range(os.cpu_count() or 1))
-    try:
-        cores, cur, complete = set(), {}, True
-        with open("/proc/cpuinfo") as f:
-            for line in list(f) + [""]:
-                if not line.strip():
-                    if "processor" in cur and cur["processor"] in allowed:
-                        if "core id" not in cur:
-                            complete = False
-                        cores.add((cur.get("physical id"), cur.get("core id")))
-                    cur = {}
-                    continue
-                k, _, v = line.partition(":")
-                k, v = k.strip(), v.strip()
-                if k == "processor" and v.isdigit():
-                    cur["processor"] = int(v)
-                elif k in ("physical id", "core id"):
-                    cur[k] = v
-        if cores and complete:
-            return len(cores)
-    except OSError:  # pragma: no cover
-        pass
-    return max(1, len(allowed))
+    return cores_of(allowed) or max(1, len(allowed))
 
 
 class TorchBackend(_MetaView):

@@ -352,3 +352,12 @@ def test_shipped_model_is_found_from_another_working_directory(tmp_path, monkeyp
         pytest.skip(f"shipped model {SHIPPED} not found")
     monkeypatch.chdir(tmp_path)
     assert resolve_default(ONNX_PATH, ONNX_PATH, "--onnx_path").resolve() == SHIPPED.resolve()
+
+
+def test_physical_cores_count_hyper_threads_once_from_one_read_of_cpuinfo(monkeypatch):
+    two_cores_four_threads = "".join(f"processor\t: {p}\nphysical id\t: 0\ncore id\t\t: {p // 2}\n\n" for p in range(4))
+    monkeypatch.setattr(cpu, "_cpuinfo_lines", lambda: tuple(two_cores_four_threads.splitlines(keepends=True)))
+    assert cpu.cores_of({0, 1, 2, 3}) == 2
+    assert cpu.cores_of({0, 1}) == 1  # the process may run on one core's two threads only
+    monkeypatch.setattr(cpu, "_cpuinfo_lines", lambda: ("processor\t: 0\n", "\n"))
+    assert cpu.cores_of({0}) is None  # cpuinfo without core ids: the caller counts logical CPUs
