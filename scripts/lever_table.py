@@ -105,14 +105,19 @@ def main(argv=None) -> int:
         correct, runs_correct = {}, {}
         row = {}
         for n, runs in backends.items():
-            per_run = [(predict(b, imgs, b.img_size)[0].argmax(1) == labels).astype(np.float64) for _, b in runs]
+            preds = [predict(b, imgs, b.img_size)[0].argmax(1) for _, b in runs]
+            per_run = [(pr == labels).astype(np.float64) for pr in preds]
             correct[n], runs_correct[n] = np.mean(per_run, axis=0), per_run
+            # where the films went: true class -> predicted class counts, summed over the arm's runs
+            confusion = sum(np.bincount(labels * len(names) + pr, minlength=len(names) ** 2) for pr in preds)
             if len(runs) == 1:
                 k = int(correct[n].sum())
                 row[n] = {"accuracy": k / len(labels), "ci95": list(wilson_interval(k, len(labels)))}
             else:
                 row[n] = {"accuracy": float(correct[n].mean()), "ci95": list(mean_ci(correct[n], seed=a.seed)),
                           "per_run": [float(c.mean()) for c in per_run]}
+            row[n]["predicted"] = {names[t]: {names[q]: int(confusion[t * len(names) + q]) for q in range(len(names))}
+                                   for t in sorted(set(labels.tolist()))}
         for n, _ in arms[1:]:
             d, lo, hi = paired_diff_ci(correct[arms[0][0]], correct[n], seed=a.seed)
             row[n]["diff_vs_baseline"] = {"diff": d, "ci95": [lo, hi]}
@@ -132,6 +137,11 @@ def main(argv=None) -> int:
         cells = [f"{row[n]['accuracy']:.3f} [{row[n]['ci95'][0]:.3f}, {row[n]['ci95'][1]:.3f}]" for n, _ in arms]
         cells += [diff_cell(row[n]["diff_vs_baseline"]) for n, _ in arms[1:]]
         md.append(f"| {cond} | " + " | ".join(cells) + " |")
+    clean = rep["rows"].get("none")
+    if clean:
+        md += ["", "Where the clean films went (true class: predicted counts, summed over each arm's runs):", ""]
+        md += [f"- {n}: " + "; ".join(f"{t} -> " + ", ".join(f"{q} {k}" for q, k in got.items() if k)
+                                     for t, got in clean[n]["predicted"].items()) for n, _ in arms]
     print("\n".join(md))
     write_result(a.out, rep, md)
     return 0

@@ -42,3 +42,15 @@ def test_arms_of_several_runs_each_show_every_run_s_own_difference(tiny_model, c
     d = rep["rows"]["none"]["b"]["diff_vs_baseline"]
     assert len(d["per_run"]) == 2 and all(abs(v) < 1e-9 for v in d["per_run"])  # the same weights, both backends
     assert "by run)" in md
+
+
+def test_where_the_films_went_adds_up_to_each_class_once_per_run(tiny_model, cxr_eval_dir, tmp_path):
+    onnx, pth = str(tiny_model.onnx), str(tiny_model.checkpoint)
+    _, rep, md = run_table(cxr_eval_dir, tmp_path, "none", f"one={onnx}", f"two={onnx},{pth}")
+    for arm, runs in (("one", 1), ("two", 2)):
+        row = rep["rows"]["none"][arm]
+        got = row["predicted"]
+        assert sum(sum(v.values()) for v in got.values()) == runs * rep["n"]
+        right = sum(got[t].get(t, 0) for t in got)  # the diagonal is the accuracy's numerator
+        assert abs(right / (runs * rep["n"]) - row["accuracy"]) < 1e-9
+    assert "Where the clean films went" in md and "- two: " in md
