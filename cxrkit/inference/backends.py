@@ -310,6 +310,31 @@ def model_cache_dir() -> Path | None:
     return d if os.access(d, os.W_OK) else None
 
 
+def import_openvino():
+    """`import openvino`, without its model-conversion tools: the package's __init__ imports
+    openvino.tools.ovc (convert_model, and its telemetry) inside `try: ... except ImportError`, 70 to 100 ms of
+    every run's start-up here (docs/SPEED.md), for a converter this package never calls (it compiles the ONNX
+    file). A None entry in sys.modules makes that import fail into the except; it is removed afterwards, and
+    `openvino.convert_model` is still there for other code in the process, imported when first read."""
+    import sys
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    sys.modules.setdefault("openvino.tools.ovc", None)
+    try:
+        import openvino as ov
+    finally:
+        if sys.modules.get("openvino.tools.ovc", 0) is None:
+            del sys.modules["openvino.tools.ovc"]
+    if not hasattr(ov, "convert_model") and not hasattr(ov, "__getattr__"):
+        def _lazy(name):
+            if name == "convert_model":
+                from openvino.tools.ovc import convert_model
+                return convert_model
+            raise AttributeError(f"module 'openvino' has no attribute {name!r}")
+        ov.__getattr__ = _lazy
+    return ov
+
+
 def _ov_shape(ps) -> list:
     return [d.get_length() if d.is_static else None for d in ps]
 
@@ -347,7 +372,7 @@ class _OpenVinoEngine:
 
     def __init__(self, path: Path, threads: int, digest: Callable[[], str]):
         import threading
-        import openvino as ov
+        ov = import_openvino()
         core = ov.Core()
         cache = model_cache_dir()
         if cache is not None:  # one folder per model content (digest(): its SHA-256). Compiled from the path,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -361,3 +363,14 @@ def test_physical_cores_count_hyper_threads_once_from_one_read_of_cpuinfo(monkey
     assert cpu.cores_of({0, 1}) == 1  # the process may run on one core's two threads only
     monkeypatch.setattr(cpu, "_cpuinfo_lines", lambda: ("processor\t: 0\n", "\n"))
     assert cpu.cores_of({0}) is None  # cpuinfo without core ids: the caller counts logical CPUs
+
+
+@pytest.mark.skipif(not openvino_version(), reason="OpenVINO is not installed (the [fast] extra)")
+def test_openvino_starts_without_its_converter_which_stays_reachable():
+    code = ("import sys\nfrom cxrkit.inference.backends import import_openvino\nov = import_openvino()\n"
+            "assert 'openvino.tools.ovc' not in sys.modules, 'the converter was imported at start-up'\n"
+            "assert ov.Core is not None\n"
+            "from openvino.tools.ovc import convert_model\nassert ov.convert_model is convert_model\n"
+            "assert import_openvino() is ov\nprint('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-1500:]
