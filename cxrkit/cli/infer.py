@@ -53,7 +53,8 @@ def add_run_args(p):
     g.add_argument("--decode", default=D.decode, choices=["auto", "threads", "processes"],
                    help="where images are decoded: worker processes (no shared interpreter lock; auto takes them "
                         "for 64+ inputs whose files are 1 MB or more, i.e. full-size films) or threads")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress bar (none is drawn either where stderr is not a terminal: a job log, a pipe)")
     g.add_argument("--ood_threshold", type=float, default=None, metavar="SCORE",
                    help="out-of-distribution threshold: ood_score above it is flagged not_chest_xray (default: the "
                         "one stored with the model, 1.2 x the 99th percentile of its validation scores)")

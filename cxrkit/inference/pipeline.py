@@ -397,10 +397,33 @@ def _predict_batch(run: _Run, batch: list[Decoded]) -> list[tuple]:
     return jobs
 
 
+class _NoBar:
+    """The progress bar where none is drawn."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _progress_bar(run: _Run, total: int):
+    """tqdm's bar on a terminal; none with --quiet or where stderr is not a terminal (a cluster job's log, a
+    script's pipe), where a bar is only carriage returns, and importing tqdm (it reads its package metadata) is
+    40 ms of start-up (docs/SPEED.md)."""
+    import sys
+    if not (run.opts.progress and sys.stderr.isatty()):
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=f"{run.backend.name} inference", unit="img", dynamic_ncols=True)
+
+
 def _batch_loop(run: _Run, items) -> None:
     """Decode threads -> model -> writer thread over every item. On failure the claim is released
     (the manifest stays "running": the next run needs --overwrite)."""
-    from tqdm import tqdm
     opts = run.opts
     per_image_files = opts.annotate or opts.save_masks or opts.save_cams or opts.dicom_out
     pool = _decode_pool(opts.decode, opts.workers)
@@ -408,8 +431,7 @@ def _batch_loop(run: _Run, items) -> None:
     writer.start()
     ok = False
     try:
-        with tqdm(total=len(items), desc=f"{run.backend.name} inference", unit="img", disable=not opts.progress,
-                  dynamic_ncols=True) as bar:
+        with _progress_bar(run, len(items)) as bar:
             for batch in _decoded_batches(run, items, pool, bar):
                 for job in _predict_batch(run, batch):
                     if per_image_files:

@@ -374,3 +374,19 @@ def test_openvino_starts_without_its_converter_which_stays_reachable():
             "assert import_openvino() is ov\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-1500:]
+
+
+def test_a_run_whose_stderr_is_not_a_terminal_draws_no_bar_and_never_imports_tqdm(tmp_path):
+    if not SHIPPED.is_file():
+        pytest.skip(f"shipped model {SHIPPED} not found")
+    img = tmp_path / "in" / "a.png"
+    img.parent.mkdir()
+    cv2.imwrite(str(img), (np.random.default_rng(0).random((256, 256)) * 255).astype(np.uint8))
+    code = ("import sys, run_onnx_inference\nrc = run_onnx_inference.main(['--data_dir', sys.argv[1], '--save_dir', "
+            "sys.argv[2], '--outputs', 'csv', '--precision', 'fp32'])\n"
+            "assert 'tqdm' not in sys.modules, 'tqdm was imported'\nsys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, str(img.parent), str(tmp_path / "out")], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "\r" not in r.stderr and "inference:" not in r.stderr  # no bar in a captured log
+    assert (tmp_path / "out" / "summary.json").is_file()
