@@ -4,8 +4,9 @@ single model that a distilled student (--teacher) is compared with.
     python scripts/extract_member.py --checkpoint model_checkpoints/best_covid_model.pth --member 0 --out member0.pth
 
 The member keeps its own weights (with the ensemble's prior correction, which each member carries) and the
-ensemble's class names, input size, normalisation and recipe; the ensemble-level parts (temperature, gate,
-shift statistics) are dropped, since they were fitted on the ensemble's outputs, not this member's."""
+ensemble's class names, input size, normalisation, lung-area range (from the training masks) and recipe; the
+ensemble-level parts (temperature, gate, shift statistics) are dropped, since they were fitted on the
+ensemble's outputs, not this member's."""
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ def extract(ck: dict, k: int) -> dict:
     pre = f"members.{k}."
     sd = {key[len(pre):]: v for key, v in ck["state_dict"].items() if key.startswith(pre)}
     member = (ck.get("ensemble") or {}).get("members", [{}] * n)[k]
+    pc = member["prior_correction"] if "prior_correction" in member else ck.get("prior_correction")  # older: member 0's
     return make_checkpoint(sd, cfg, ck["class_names"], ck["img_size"], normalization=ck["normalization"],
-                           recipe=member.get("recipe") or ck.get("recipe"), prior_correction=ck.get("prior_correction"),
+                           recipe=member.get("recipe") or ck.get("recipe"), prior_correction=pc,
                            lung_area_range=ck.get("lung_area_range"), extracted_from={"member": k, **member})
 
 
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         atomic_torch_save(extract(load_checkpoint(a.checkpoint), a.member), a.out)
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:  # a wrong --checkpoint or --out: one line, no traceback
         print(f"error: {a.checkpoint}: {e}", file=sys.stderr)
         return 2
     print(f"wrote {a.out} (member {a.member} of {a.checkpoint})")

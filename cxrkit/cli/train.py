@@ -10,6 +10,7 @@ Research software: not for diagnosis.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -173,8 +174,10 @@ def check_args(args) -> None:
         raise UsageError(f"--mixstyle_alpha must be > 0 (the Beta(A, A) mixing weight), got {args.mixstyle_alpha}")
     if not 0 <= args.distill_alpha <= 1:
         raise UsageError(f"--distill_alpha is a share of the classification loss, between 0 and 1; got {args.distill_alpha}")
-    if args.distill_temperature <= 0:
-        raise UsageError(f"--distill_temperature must be > 0, got {args.distill_temperature}")
+    if not (math.isfinite(args.distill_temperature) and args.distill_temperature > 0):
+        raise UsageError(f"--distill_temperature must be a number > 0, got {args.distill_temperature}")
+    if not args.teacher and (args.distill_alpha, args.distill_temperature) != (D.distill_alpha, D.distill_temperature):
+        raise UsageError("--distill_alpha and --distill_temperature need --teacher CHECKPOINT (the model to distil from)")
     if args.teacher and not Path(args.teacher).is_file():
         raise UsageError(f"--teacher {args.teacher}: no such file; pass a cxrkit checkpoint (.pth)")
     from ..core.model import check_img_size

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Protocol, runtime_checkable
@@ -310,6 +311,9 @@ def model_cache_dir() -> Path | None:
     return d if os.access(d, os.W_OK) else None
 
 
+_OV_IMPORT_LOCK = threading.Lock()
+
+
 def import_openvino():
     """`import openvino`, without its model-conversion tools: the package's __init__ imports
     openvino.tools.ovc (convert_model, and its telemetry) inside `try: ... except ImportError`, 70 to 100 ms of
@@ -317,22 +321,24 @@ def import_openvino():
     file). A None entry in sys.modules makes that import fail into the except; it is removed afterwards, and
     `openvino.convert_model` is still there for other code in the process, imported when first read."""
     import sys
-    if "openvino" in sys.modules:
-        return sys.modules["openvino"]
-    sys.modules.setdefault("openvino.tools.ovc", None)
-    try:
-        import openvino as ov
-    finally:
-        if sys.modules.get("openvino.tools.ovc", 0) is None:
-            del sys.modules["openvino.tools.ovc"]
-    if not hasattr(ov, "convert_model") and not hasattr(ov, "__getattr__"):
-        def _lazy(name):
-            if name == "convert_model":
-                from openvino.tools.ovc import convert_model
-                return convert_model
-            raise AttributeError(f"module 'openvino' has no attribute {name!r}")
-        ov.__getattr__ = _lazy
-    return ov
+    with _OV_IMPORT_LOCK:  # engines are built on background threads; the None entry must not outlive the import
+        if "openvino" in sys.modules:
+            import openvino as ov  # waits for an import another thread has begun
+            return ov
+        sys.modules.setdefault("openvino.tools.ovc", None)
+        try:
+            import openvino as ov
+        finally:
+            if sys.modules.get("openvino.tools.ovc", 0) is None:
+                del sys.modules["openvino.tools.ovc"]
+        if not hasattr(ov, "convert_model") and not hasattr(ov, "__getattr__"):
+            def _lazy(name):
+                if name == "convert_model":
+                    from openvino.tools.ovc import convert_model
+                    return convert_model
+                raise AttributeError(f"module 'openvino' has no attribute {name!r}")
+            ov.__getattr__ = _lazy
+        return ov
 
 
 def _ov_shape(ps) -> list:

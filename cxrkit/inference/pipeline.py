@@ -415,7 +415,7 @@ def _progress_bar(run: _Run, total: int):
     script's pipe), where a bar is only carriage returns, and importing tqdm (it reads its package metadata) is
     40 ms of start-up (docs/SPEED.md)."""
     import sys
-    if not (run.opts.progress and sys.stderr.isatty()):
+    if not (run.opts.progress and getattr(sys.stderr, "isatty", lambda: False)()):  # None under pythonw
         return _NoBar()
     from tqdm import tqdm
     return tqdm(total=total, desc=f"{run.backend.name} inference", unit="img", dynamic_ncols=True)

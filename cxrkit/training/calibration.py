@@ -54,8 +54,11 @@ def remove_prior_correction(model, ck: dict) -> None:
     """The inverse of apply_prior_correction on a model built from `ck` (every member of an ensemble): its
     classifier as trained, for a fine-tuning start (--init_from) or a teacher (--teacher), whose outputs
     must not carry a correction that finalize applies again. Leaves `ck` as it is."""
-    pc = ck.get("prior_correction")
-    if not pc:
-        return
-    for last in model.class_outputs():
-        last.bias -= torch.tensor(pc["logit_offset"], dtype=last.bias.dtype, device=last.bias.device)
+    layers = model.class_outputs()
+    members = (ck.get("ensemble") or {}).get("members") or []
+    # an ensemble records each member's own (ensembles built before that: the first member's, for all)
+    pcs = ([m.get("prior_correction") for m in members] if len(members) == len(layers)
+           and all("prior_correction" in m for m in members) else [ck.get("prior_correction")] * len(layers))
+    for last, pc in zip(layers, pcs):
+        if pc:
+            last.bias -= torch.tensor(pc["logit_offset"], dtype=last.bias.dtype, device=last.bias.device)

@@ -100,8 +100,10 @@ def build_ensemble(member_paths, oof_dirs=None, allow_incomplete: bool = False) 
         raise CheckpointError(f"{member_paths[0]} is already an ensemble; pass single-model checkpoints")
     cfg = dataclasses.replace(ModelConfig.from_dict(first["model_config"]), ensemble_size=len(cks))
     sd = {f"members.{i}.{k}": v for i, ck in enumerate(cks) for k, v in ck["state_dict"].items()}
-    members = [{"file": str(p), "sha256": h, "recipe": c.get("recipe"),
-                "epochs_run": len(c.get("history") or [])} for p, h, c in zip(member_paths, hashes, cks)]
+    # each member's own prior correction (baked into its bias; members of other folds differ a little): the
+    # checkpoint-level entry is the first member's
+    members = [{"file": str(p), "sha256": h, "recipe": c.get("recipe"), "epochs_run": len(c.get("history") or []),
+                "prior_correction": c.get("prior_correction")} for p, h, c in zip(member_paths, hashes, cks)]
     ck = make_checkpoint(sd, cfg, first["class_names"], first["img_size"], normalization=first["normalization"],
                          recipe=first.get("recipe"), prior_correction=first.get("prior_correction"),
                          lung_area_range=first.get("lung_area_range"), history=first.get("history"),

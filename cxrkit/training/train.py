@@ -176,6 +176,11 @@ def resume(s: Session, model: torch.nn.Module) -> tuple[Progress, dict | None]:
     if ck["model_config"] != s.model_cfg.to_dict() or ck["class_names"] != s.classes or ck["img_size"] != s.cfg.img_size:
         raise CheckpointError(f"{last_p}: made with another configuration (arch/classes/img_size); "
                               f"use a new --output_dir or the original flags")
+    rec, now = ck.get("recipe") or {}, dataclasses.asdict(s.cfg)
+    changed = [k for k in ("teacher", "distill_alpha", "distill_temperature") if k in rec and rec[k] != now[k]]
+    if changed:  # a run must not switch its teacher halfway (or drop it) and still be recorded as one recipe
+        raise CheckpointError(f"{last_p}: made with " + ", ".join(f"--{k} {rec[k]}" for k in changed)
+                              + "; resume with the same distillation flags, or use a new --output_dir")
     model.load_state_dict(ck.get("train_state_dict", ck["state_dict"]))
     progress = Progress(ck["epoch"] + 1, ck["history"], ck["best_score"], ck["bad_epochs"])
     if s.rank == 0:

@@ -25,6 +25,14 @@ def test_distill_loss_is_zero_only_when_the_student_matches_the_teacher():
     assert distill_loss(torch.randn(6, 4), t, 1.0).item() > 1e-3
 
 
+def test_distill_loss_is_the_teachers_kl_to_the_student_scaled_by_t_squared():
+    torch.manual_seed(1)
+    s, t, temp = torch.randn(5, 4), torch.randn(5, 4), 2.0
+    pt, log_pt, log_qs = (t / temp).softmax(1), (t / temp).log_softmax(1), (s / temp).log_softmax(1)
+    expected = temp ** 2 * (pt * (log_pt - log_qs)).sum(1).mean()  # KL(teacher || student), not the reverse
+    assert distill_loss(s, t, temp).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_with_alpha_one_the_labels_do_not_enter_and_with_alpha_zero_only_they_do():
     torch.manual_seed(0)
     seg, m, hm = torch.randn(4, 1, 8, 8), torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.bool)
@@ -74,6 +82,8 @@ def test_a_distilled_run_records_its_teacher_and_resumes_bit_identically(mdt_sub
 
 @pytest.mark.parametrize("flags, word", [(["--distill_alpha", "1.5"], "--distill_alpha"),
                                          (["--distill_temperature", "0"], "--distill_temperature"),
+                                         (["--distill_temperature", "nan"], "--distill_temperature"),
+                                         (["--distill_alpha", "0.5"], "--teacher"),
                                          (["--teacher", "no_such_teacher.pth"], "no_such_teacher.pth")])
 def test_distillation_values_that_would_fail_later_are_refused_up_front(mdt_subset, tmp_path, capsys, flags, word):
     assert model_arch.main(_args(mdt_subset, tmp_path / "o", 32, *flags)) == 2
@@ -106,3 +116,33 @@ def test_extract_member_writes_one_member_that_computes_what_it_did_inside_the_e
     bad = run(str(src), "--member", "2", "--out", str(tmp_path / "x.pth"))
     assert bad.returncode == 2 and "members 0 to 1" in bad.stderr and "Traceback" not in bad.stderr
     assert load_checkpoint(out)["class_names"] == names
+
+
+def test_a_distilled_run_resumes_only_with_its_own_teacher(mdt_subset, tiny_model, tmp_path, capsys):
+    out = tmp_path / "r"
+    teach = ["--teacher", str(tiny_model.checkpoint)]
+    assert model_arch.main(_args(mdt_subset, out, 64, *teach, "--stop_after_epoch", "1")) == 0
+    before = (out / "model_checkpoints" / "last_checkpoint.pth").read_bytes()
+    assert model_arch.main(_args(mdt_subset, out, 64, "--resume")) == 2  # the teacher dropped halfway
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "--teacher" in err[-1] and "Traceback" not in "\n".join(err)
+    assert (out / "model_checkpoints" / "last_checkpoint.pth").read_bytes() == before
+
+
+def test_extract_member_names_a_missing_checkpoint_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "extract_member.py"), "--checkpoint",
+                        str(tmp_path / "nope.pth"), "--out", str(tmp_path / "m.pth")], capture_output=True, text=True)
+    assert r.returncode == 2 and "nope.pth" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_each_member_loses_its_own_prior_correction():
+    """Members of other folds carry slightly different offsets; the ensemble records each one."""
+    torch.manual_seed(0)
+    ens = build_model(make_config("tiny", num_classes=4, ensemble_size=2))
+    before = [b.bias.detach().clone() for b in ens.class_outputs()]
+    offsets = [[1.0, 0.0, 0.0, -1.0], [0.0, 2.0, 0.0, 0.0]]
+    ck = {"prior_correction": {"logit_offset": offsets[0]},
+          "ensemble": {"members": [{"prior_correction": {"logit_offset": o}} for o in offsets]}}
+    remove_prior_correction(ens, ck)
+    for b, o, off in zip(ens.class_outputs(), before, offsets):
+        torch.testing.assert_close(b.bias, o - torch.tensor(off))
