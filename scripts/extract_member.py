@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from cxrkit.core.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, make_checkpoint  # noqa: E402
 from cxrkit.core.config import CHECKPOINT_PATH, ModelConfig  # noqa: E402
+from cxrkit.training.calibration import member_prior_corrections  # noqa: E402
 
 
 def extract(ck: dict, k: int) -> dict:
@@ -31,9 +32,9 @@ def extract(ck: dict, k: int) -> dict:
     pre = f"members.{k}."
     sd = {key[len(pre):]: v for key, v in ck["state_dict"].items() if key.startswith(pre)}
     member = (ck.get("ensemble") or {}).get("members", [{}] * n)[k]
-    pc = member["prior_correction"] if "prior_correction" in member else ck.get("prior_correction")  # older: member 0's
     return make_checkpoint(sd, cfg, ck["class_names"], ck["img_size"], normalization=ck["normalization"],
-                           recipe=member.get("recipe") or ck.get("recipe"), prior_correction=pc,
+                           recipe=member.get("recipe") or ck.get("recipe"),
+                           prior_correction=member_prior_corrections(ck, n)[k],
                            lung_area_range=ck.get("lung_area_range"), extracted_from={"member": k, **member})
 
 

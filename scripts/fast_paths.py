@@ -73,7 +73,8 @@ def held_out(roots, class_names):
 
 
 def outputs(backend, images, batch: int = 64, lungs: bool = True):
-    """(lung masks at each image's size, class logits, gate scores) of grey images."""
+    """(lung masks at each image's size, class logits, gate scores or None for a model without a gate) of grey
+    images."""
     masks, logits, scores = [], [], []
     for s in range(0, len(images), batch):
         chunk = images[s:s + batch]
@@ -81,8 +82,9 @@ def outputs(backend, images, batch: int = 64, lungs: bool = True):
         seg, lg, score = backend.forward_ood(x)
         masks += [lung_mask(seg[i, 0], a.shape[:2]) for i, a in enumerate(chunk)] if lungs else []
         logits.append(lg)
-        scores.append(np.asarray(score, np.float64))
-    return masks, np.concatenate(logits), np.concatenate(scores)
+        if score is not None:
+            scores.append(np.asarray(score, np.float64))
+    return masks, np.concatenate(logits), np.concatenate(scores) if scores else None
 
 
 def refereed(bf16_logits, fp32_logits, temperature: float, margin: float):

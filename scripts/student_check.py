@@ -30,23 +30,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from cxrkit.core.config import ONNX_PATH  # noqa: E402
 from cxrkit.core.decode import list_images, read_gray  # noqa: E402
 from cxrkit.core.metrics import binary_dice_iou, classification_metrics, softmax  # noqa: E402
-from cxrkit.core.model_input import lung_mask, resize_gray, to_model_input_np  # noqa: E402
 from cxrkit.training.shifts import SHIFTS, apply_shift  # noqa: E402
 from fast_paths import GUARDS, held_out, not_judged, outputs  # noqa: E402
 from lever_table import paired_diff_ci  # noqa: E402
 from ood_eval import pictures, random_crops  # noqa: E402
 from script_io import write_result  # noqa: E402
-
-
-def class_and_lungs(backend, images, batch: int = 64, lungs: bool = True):
-    """(lung masks at each image's size, class logits) of grey images; any model, gate or not."""
-    masks, logits = [], []
-    for s in range(0, len(images), batch):
-        chunk = images[s:s + batch]
-        seg, lg = backend.forward(to_model_input_np(np.stack([resize_gray(a, backend.img_size) for a in chunk])))
-        masks += [lung_mask(seg[i, 0], a.shape[:2]) for i, a in enumerate(chunk)] if lungs else []
-        logits.append(lg)
-    return masks, np.concatenate(logits)
 
 
 def main(argv=None) -> int:
@@ -75,16 +63,16 @@ def main(argv=None) -> int:
     non_chest = non_chest + random_crops(non_chest)
     rows, ref = {}, {}
     for k, b in models.items():
-        lungs, logits = class_and_lungs(b, imgs)
+        lungs, logits, scores = outputs(b, imgs)
         m = classification_metrics(y, softmax(logits, b.temperature), names)
         dice = [binary_dice_iou(lz, t)[0] for lz, t in zip(lungs, masks) if t is not None]
         row = {"file": str(b.onnx_path), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                "dice": float(np.mean(dice)) if dice else float("nan"), "n_masks": len(dice),
                "correct": (logits.argmax(1) == y), "pred": logits.argmax(1)}
-        row["set_pred"] = {s: class_and_lungs(b, g, lungs=False)[1].argmax(1) for s, g in sets.items()}
+        row["set_pred"] = {s: outputs(b, g, lungs=False)[1].argmax(1) for s, g in sets.items()}
         gate = b.meta.resolve_gate()
         if gate is not None:
-            row["not_judged_heldout"] = not_judged(b, gate, imgs, outputs(b, imgs, lungs=False)[2])
+            row["not_judged_heldout"] = not_judged(b, gate, imgs, scores)
             row["not_judged_non_chest"] = not_judged(b, gate, non_chest, outputs(b, non_chest, lungs=False)[2])
         rows[k] = row
     ref = rows["ensemble"]

@@ -364,7 +364,7 @@ class EnsembleNet(nn.Module):
         return [b for m in self.members for b in m.style_layers()]
 
     def class_outputs(self) -> list[nn.Linear]:
-        """Every member's (each carries the same prior correction)."""
+        """Every member's, in member order (each carries its own prior correction)."""
         return [b for m in self.members for b in m.class_outputs()]
 
     def forward(self, x: torch.Tensor) -> ModelOutput:

@@ -377,7 +377,6 @@ class _OpenVinoEngine:
     name = "openvino"
 
     def __init__(self, path: Path, threads: int, digest: Callable[[], str]):
-        import threading
         ov = import_openvino()
         core = ov.Core()
         cache = model_cache_dir()

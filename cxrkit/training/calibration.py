@@ -49,16 +49,21 @@ def apply_prior_correction(model, ck: dict, train_labels: np.ndarray) -> None:
                               "class weight), added to the classifier's output bias"}
 
 
+def member_prior_corrections(ck: dict, n: int) -> list:
+    """The prior correction baked into each of a checkpoint's n networks: an ensemble records each member's own
+    (members of other folds differ a little); a single model, or an ensemble built before members recorded
+    theirs, has the checkpoint's one (for those ensembles: the first member's)."""
+    members = (ck.get("ensemble") or {}).get("members") or []
+    members = members if len(members) == n else [{}] * n
+    return [m["prior_correction"] if "prior_correction" in m else ck.get("prior_correction") for m in members]
+
+
 @torch.no_grad()
 def remove_prior_correction(model, ck: dict) -> None:
     """The inverse of apply_prior_correction on a model built from `ck` (every member of an ensemble): its
     classifier as trained, for a fine-tuning start (--init_from) or a teacher (--teacher), whose outputs
     must not carry a correction that finalize applies again. Leaves `ck` as it is."""
     layers = model.class_outputs()
-    members = (ck.get("ensemble") or {}).get("members") or []
-    # an ensemble records each member's own (ensembles built before that: the first member's, for all)
-    pcs = ([m.get("prior_correction") for m in members] if len(members) == len(layers)
-           and all("prior_correction" in m for m in members) else [ck.get("prior_correction")] * len(layers))
-    for last, pc in zip(layers, pcs):
+    for last, pc in zip(layers, member_prior_corrections(ck, len(layers))):
         if pc:
             last.bias -= torch.tensor(pc["logit_offset"], dtype=last.bias.dtype, device=last.bias.device)
